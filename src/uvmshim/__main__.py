@@ -1,0 +1,3 @@
+from uvmshim.cli.main import main
+
+main()

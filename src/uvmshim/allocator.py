@@ -1,0 +1,310 @@
+"""The allocator: hcsshim's ``CreateContainer`` resource steps and ``allocateLinuxResources``.
+
+Given a container's OCI spec and a UVM, this mounts the layers and scratch (or shares a host
+directory as the root), turns bind mounts into Plan9 shares, attaches ``virtual-disk`` and
+``physical-disk`` mounts over SCSI, passes ``sandbox://`` and ``hugepages://`` through, assigns
+devices, and returns a *new* spec with the paths the guest sees, plus the resources to release.
+
+It keeps hcsshim's branch order, paths, rewrites and error texts, and does better where
+``design.md`` says so: the allocation is transactional (on failure everything allocated by the
+call is released and the caller's spec is untouched), the container root uses the effective id,
+and without a UVM the mounts are validated and left as they are instead of crashing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import stat
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+from uvmshim import guestpath
+from uvmshim.devices import add_spec_guest_drivers, handle_assigned_devices
+from uvmshim.errors import AllocationError, ReleaseError, UvmshimError, os_error_text
+from uvmshim.layers import mount_lcow_layers
+from uvmshim.oci.spec import Root, Spec
+from uvmshim.resources import ContainerResources
+from uvmshim.uvm.utilityvm import UtilityVM
+
+log = logging.getLogger(__name__)
+
+MOUNT_TYPE_BIND = "bind"
+MOUNT_TYPE_PHYSICAL_DISK = "physical-disk"
+MOUNT_TYPE_VIRTUAL_DISK = "virtual-disk"
+
+ANNOTATION_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+ANNOTATION_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+ANNOTATION_PRIVILEGED = "io.microsoft.virtualmachine.lcow.privileged"
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """The CRI container type and sandbox id from the annotations."""
+
+    type: str  # "", "sandbox" or "container"
+    sandbox_id: str
+
+    @property
+    def is_sandbox(self) -> bool:
+        return self.type == "sandbox"
+
+
+def sandbox_type_and_id(annotations: dict[str, str] | Any) -> SandboxInfo:
+    """hcsshim's ``oci.GetSandboxTypeAndID``."""
+    kind = annotations.get(ANNOTATION_CONTAINER_TYPE)
+    sandbox_id = annotations.get(ANNOTATION_SANDBOX_ID)
+    if kind is not None and kind not in ("sandbox", "container"):
+        raise AllocationError(f"invalid '{ANNOTATION_CONTAINER_TYPE}': '{kind}'",
+                              where=f"annotations[{ANNOTATION_CONTAINER_TYPE!r}]",
+                              hint="use \"sandbox\" or \"container\"")
+    if kind is not None and sandbox_id is None:
+        raise AllocationError(
+            f"cannot specify '{ANNOTATION_CONTAINER_TYPE}' without '{ANNOTATION_SANDBOX_ID}'",
+            where="annotations")
+    if sandbox_id is not None and kind is None:
+        raise AllocationError(
+            f"cannot specify '{ANNOTATION_SANDBOX_ID}' without '{ANNOTATION_CONTAINER_TYPE}'",
+            where="annotations")
+    return SandboxInfo(kind or "", sandbox_id or "")
+
+
+@dataclass
+class Allocation:
+    """The result of :func:`create_container_resources`."""
+
+    container_id: str
+    spec: Spec  # the rewritten spec (a new object)
+    resources: ContainerResources
+    sandbox: SandboxInfo
+    guest_document: dict[str, Any] | None
+
+
+def _bind_split(source: str) -> tuple[str, str]:
+    """Split a file path into (directory with its trailing separator kept, file name)."""
+    cut = source.rfind("/") + 1
+    return source[:cut], source[cut:]
+
+
+async def allocate_linux_resources(
+    spec: Spec,
+    vm: UtilityVM | None,
+    r: ContainerResources,
+    *,
+    container_id: str,
+) -> Spec:
+    """Allocate what ``spec`` needs in ``vm``; return the rewritten spec.
+
+    Resources are added to ``r`` as they are allocated; the caller releases ``r`` on failure
+    (:func:`create_container_resources` does). Errors keep hcsshim's wording, prefixed with
+    the field they are about.
+    """
+    root = spec.root or Root()
+    container_root = r.container_root_in_uvm
+    windows = spec.windows
+    if windows is not None and windows.layer_folders:
+        if vm is not None:
+            log.debug("allocateLinuxResources mounting storage")
+            try:
+                rootfs, scratch_path, layers = await mount_lcow_layers(
+                    vm, container_id, windows.layer_folders, container_root)
+            except UvmshimError as err:
+                err.wrap("failed to mount container storage")
+                err.where = err.where or "windows.layerFolders"
+                raise
+            root = replace(root, path=rootfs)
+            # A pod sandbox's layers live as long as the UVM (hcsshim drops the closer). They
+            # stay in ``r`` until the whole allocation succeeded, so that a failure releases
+            # them; create_container_resources then hands them to the UVM.
+            r.set_layers(layers)
+            r.lcow_scratch_path = scratch_path
+    elif root.path:
+        if vm is not None:
+            guest_rootfs = guestpath.rootfs_path(container_root)
+            try:
+                share = await vm.add_plan9(root.path, guest_rootfs, read_only=root.readonly)
+            except UvmshimError as err:
+                err.wrap("adding plan9 root")
+                err.where = err.where or "root.path"
+                raise
+            root = replace(root, path=guest_rootfs)
+            r.add(share)
+    else:
+        raise AllocationError("must provide either Windows.LayerFolders or Root.Path",
+                              where="root.path",
+                              hint="set root.path to a rootfs directory, or "
+                                   "windows.layerFolders to layers plus a scratch folder")
+
+    mounts = list(spec.mounts)
+    for i, mount in enumerate(spec.mounts):
+        if mount.type not in (MOUNT_TYPE_BIND, MOUNT_TYPE_PHYSICAL_DISK, MOUNT_TYPE_VIRTUAL_DISK):
+            continue  # other types (tmpfs, proc, ...) pass through untouched
+        if not mount.destination or not mount.source:
+            field_name = "destination" if not mount.destination else "source"
+            raise AllocationError(
+                "invalid OCI spec - a mount must have both source and a destination: "
+                + mount.go_repr(),
+                where=f"mounts[{i}].{field_name}",
+                hint=f"give mounts[{i}] a source and a destination",
+            )
+        if vm is None:
+            continue
+        share_path = guestpath.share_path(container_root, i)
+        file_path = share_path
+        read_only = mount.read_only
+        try:
+            if mount.type == MOUNT_TYPE_PHYSICAL_DISK:
+                disk_path = guestpath.global_mount_path(vm.mount_counter())
+                try:
+                    sm = await vm.add_scsi_physical_disk(mount.source, disk_path,
+                                                         read_only=read_only,
+                                                         options=mount.options)
+                except UvmshimError as err:
+                    err.wrap(f"adding SCSI physical disk mount {mount.go_repr()}")
+                    raise
+                r.add(sm)
+                mounts[i] = replace(mount, source=sm.guest_path, type="none")
+                continue
+            if mount.type == MOUNT_TYPE_VIRTUAL_DISK:
+                disk_path = guestpath.global_mount_path(vm.mount_counter())
+                try:
+                    sm = await vm.add_scsi(mount.source, disk_path, read_only=read_only,
+                                           options=mount.options)
+                except UvmshimError as err:
+                    err.wrap(f"adding SCSI virtual disk mount {mount.go_repr()}")
+                    raise
+                r.add(sm)
+                mounts[i] = replace(mount, source=sm.guest_path, type="none")
+                continue
+            if mount.source.startswith(guestpath.SANDBOX_MOUNT_PREFIX):
+                continue  # a UVM path shared by the pod; the guest resolves it
+            if mount.source.startswith(guestpath.HUGEPAGES_MOUNT_PREFIX):
+                _check_hugepages(mount.source)
+                continue
+            host_path = mount.source
+            try:
+                st = os.stat(host_path)
+            except OSError as err:
+                raise AllocationError(
+                    f"could not open bind mount target: {os_error_text('stat', err)}",
+                    hint="the source of a bind mount must exist on the host",
+                ) from err
+            allowed: list[str] = []
+            restrict = False
+            if not stat.S_ISDIR(st.st_mode):
+                # Share the containing directory, restricted to this one file.
+                host_path, file_name = _bind_split(host_path)
+                allowed.append(file_name)
+                restrict = True
+                file_path = guestpath.join(share_path, file_name)
+            try:
+                share = await vm.add_plan9(host_path, share_path, read_only=read_only,
+                                           restrict=restrict, allowed_names=allowed)
+            except UvmshimError as err:
+                err.wrap(f"adding plan9 mount {mount.go_repr()}")
+                raise
+            r.add(share)
+            mounts[i] = replace(mount, source=file_path)
+        except UvmshimError as err:
+            err.where = err.where or f"mounts[{i}]"
+            raise
+
+    new_spec = replace(spec, root=root, mounts=tuple(mounts))
+    if vm is None:
+        return new_spec
+    if spec.has_assigned_devices and spec.windows is not None and spec.windows.devices:
+        devices, closers = await handle_assigned_devices(vm, spec.annotations,
+                                                         spec.windows.devices)
+        r.add(*closers)
+        new_spec = replace(new_spec, windows=replace(spec.windows, devices=devices))
+    return new_spec
+
+
+def _check_hugepages(source: str) -> None:
+    prefix = guestpath.HUGEPAGES_MOUNT_PREFIX
+    parts = source[len(prefix):].split("/")
+    if len(parts) < 2:
+        raise AllocationError(
+            f"{source} mount path is invalid, expected format: "
+            f"{prefix}<hugepage-size>/<hugepage-src-location>",
+            hint=f"write it as {prefix}2M/<name>",
+        )
+    if parts[0] != "2M":
+        raise AllocationError(f"only 2M (megabytes) pagesize is supported, got {parts[0]}",
+                              hint=f"write it as {prefix}2M/<name>")
+
+
+def linux_container_document(spec: Spec, container_root: str, scratch_path: str) -> dict[str, Any]:
+    """The guest's document for a Linux container (§2.4, ``createLinuxContainerDocument``)."""
+    raw = spec.to_json()
+    oci = copy.deepcopy(raw)
+    oci.pop("windows", None)
+    if spec.windows is not None:
+        windows: dict[str, Any] = {}
+        if spec.windows.network_namespace:
+            windows["network"] = {"networkNamespace": spec.windows.network_namespace}
+        if spec.windows.devices is not None:
+            windows["devices"] = [d.to_json() for d in spec.windows.devices]
+        if windows:
+            oci["windows"] = windows
+    oci.pop("hooks", None)
+    linux = oci.get("linux")
+    if isinstance(linux, dict):
+        if "cgroupsPath" in linux:
+            linux["cgroupsPath"] = ""
+        resources = linux.get("resources")
+        if isinstance(resources, dict):
+            for key in ("devices", "pids", "blockIO", "hugepageLimits", "network"):
+                resources.pop(key, None)
+        if spec.annotations.get(ANNOTATION_PRIVILEGED, "").strip().lower() in ("true", "1", "t"):
+            linux.pop("seccomp", None)
+    return {
+        "SchemaVersion": {"Major": 2, "Minor": 1},
+        "OciBundlePath": container_root,
+        "OciSpecification": oci,
+        "ScratchDirPath": scratch_path,
+    }
+
+
+async def create_container_resources(
+    spec: Spec, vm: UtilityVM | None, container_id: str = ""
+) -> Allocation:
+    """hcsshim's ``CreateContainer`` up to (not including) the guest's create, transactionally.
+
+    :param container_id: the container id; a random GUID if empty.
+    :raises UvmshimError: the spec is wrong or an allocation failed. Everything allocated by
+        this call has been released by then, and ``spec`` is unchanged (it is never changed).
+    """
+    effective_id = container_id or str(uuid.uuid4())
+    r = ContainerResources(effective_id)
+    try:
+        if vm is not None:
+            if spec.linux is None:
+                raise AllocationError(
+                    "the spec has no \"linux\" section; uvmshim runs Linux containers only",
+                    where="linux", hint="add \"linux\": {} to config.json")
+            r.container_root_in_uvm = guestpath.container_root(effective_id)
+            r.add(*await add_spec_guest_drivers(vm, spec.annotations))
+        sandbox = sandbox_type_and_id(spec.annotations)
+        if spec.windows is not None and spec.windows.has_network:
+            r.network_namespace = spec.windows.network_namespace
+        new_spec = await allocate_linux_resources(
+            spec, vm, r, container_id=effective_id)
+        document = None
+        if vm is not None:
+            document = linux_container_document(new_spec, r.container_root_in_uvm,
+                                                r.lcow_scratch_path)
+    except BaseException as err:
+        try:
+            await r.release()
+        except ReleaseError as release_err:
+            log.warning("rolling back a failed allocation: %s", release_err)
+            err.add_note(f"cleanup after the failure also failed: {release_err}")
+        raise
+    if vm is not None and sandbox.is_sandbox:
+        layers = r.take_layers()
+        if layers is not None:
+            vm.adopt(layers)
+    return Allocation(effective_id, new_spec, r, sandbox, document)

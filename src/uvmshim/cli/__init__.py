@@ -1,0 +1,1 @@
+"""The command line: the only place that turns errors into messages and exit codes."""

@@ -1,0 +1,156 @@
+"""Image layers and scratch combined into a container root (hcsshim's ``internal/layers``).
+
+``layer_folders`` is top-most read-only layer first and the scratch folder last. Each layer's
+``layer.vhd`` is attached read-only (vPMEM first if the UVM has it, falling back to SCSI), the
+scratch's ``sandbox.vhdx`` is attached read-write at the container root, and the guest is asked
+to combine them into an overlay at ``<root>/rootfs`` with upper/work under
+``<scratch mount>/scratch/<id>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from uvmshim import guestpath
+from uvmshim.errors import (
+    NoAvailableLocation,
+    ReleaseError,
+    UvmError,
+    UvmshimError,
+    VPMemTooLarge,
+    os_error_text,
+)
+from uvmshim.resources import Resource
+from uvmshim.uvm.scsi import ScsiMount, VMAccess
+from uvmshim.uvm.utilityvm import UtilityVM
+
+log = logging.getLogger(__name__)
+
+LAYER_FILE = "layer.vhd"
+SCRATCH_FILE = "sandbox.vhdx"
+
+
+class LayersHandle:
+    """Undoes :func:`mount_lcow_layers`: overlay, then scratch, then each layer (top-most first).
+
+    Every step runs even if an earlier one failed; all failures are reported together, and a
+    step that succeeded is not run again by a later call.
+    """
+
+    kind = "layers"
+
+    def __init__(self, vm: UtilityVM, rootfs: str, scratch_dir: str, scratch: ScsiMount,
+                 layers: list[tuple[str, Resource]]) -> None:
+        self._vm = vm
+        self.rootfs = rootfs
+        self.scratch_dir = scratch_dir
+        self._scratch = scratch
+        self._layers = layers
+        self._combined = True
+
+    async def release(self) -> None:
+        errors: list[BaseException] = []
+        if self._combined:
+            try:
+                await self._vm.remove_combined_layers(self.rootfs)
+                self._combined = False
+            except Exception as err:
+                errors.append(err)
+        try:
+            await self._scratch.release()
+        except Exception as err:
+            errors.append(err)
+        for _, layer in self._layers:
+            try:
+                await layer.release()
+            except Exception as err:
+                errors.append(err)
+        if errors:
+            raise ReleaseError("failed to release container layers", errors)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "layers",
+            "host_path": self._scratch.requested_host_path,
+            "guest_path": self.rootfs,
+            "read_only": False,
+            "scratch_dir": self.scratch_dir,
+            "layers": [p for p, _ in self._layers],
+        }
+
+    def parts(self) -> list[Resource]:
+        """The layer and scratch handles (for inventories), top-most layer first."""
+        return [r for _, r in self._layers] + [self._scratch]
+
+
+async def add_lcow_layer(vm: UtilityVM, vhd_path: str) -> tuple[str, Resource]:
+    """Attach one read-only layer; return its guest path and handle."""
+    if not vm.devices_physically_backed and vm.vpmem.count > 0:
+        try:
+            mount = await vm.add_vpmem(vhd_path)
+            return mount.guest_path, mount
+        except (NoAvailableLocation, VPMemTooLarge):
+            pass  # fall back to SCSI, exactly on these two
+        except UvmshimError as err:
+            err.wrap("failed to add VPMEM layer")
+            raise
+    uvm_path = guestpath.global_mount_path(vm.mount_counter())
+    try:
+        sm = await vm.add_scsi(vhd_path, uvm_path, read_only=True, options=("ro",),
+                               access=VMAccess.NOOP)
+    except UvmshimError as err:
+        err.wrap("failed to add SCSI layer")
+        raise
+    return sm.guest_path, sm
+
+
+async def mount_lcow_layers(
+    vm: UtilityVM, container_id: str, layer_folders: tuple[str, ...], guest_root: str
+) -> tuple[str, str, LayersHandle]:
+    """Mount the layers and scratch; return ``(rootfs, scratch_dir, handle)``.
+
+    On failure everything this call attached is released before the error is raised.
+    """
+    if not layer_folders:
+        raise UvmError("at least one layer folder (the scratch folder) is required",
+                       where="windows.layerFolders")
+    added: list[tuple[str, Resource]] = []
+    scratch: ScsiMount | None = None
+    try:
+        for folder in layer_folders[:-1]:
+            try:
+                added.append(await add_lcow_layer(vm, os.path.join(folder, LAYER_FILE)))
+            except UvmshimError as err:
+                err.wrap("failed to add LCOW layer")
+                if err.hint is None:
+                    err.hint = f"each layer folder must hold a {LAYER_FILE}"
+                raise
+        scratch_file = os.path.join(layer_folders[-1], SCRATCH_FILE)
+        try:
+            scratch_host = os.path.realpath(scratch_file, strict=True)
+        except OSError as err:
+            raise UvmError(
+                "failed to eval symlinks on scratch path: failed to resolve path: "
+                + os_error_text("open", err),
+                hint=f"the last layer folder is the scratch folder; it must hold {SCRATCH_FILE}",
+            ) from err
+        try:
+            scratch = await vm.add_scsi(scratch_host, guest_root, read_only=False,
+                                        access=VMAccess.INDIVIDUAL)
+        except UvmshimError as err:
+            err.wrap("failed to add SCSI scratch VHD")
+            raise
+        scratch_dir = guestpath.scratch_dir(scratch.guest_path, container_id)
+        rootfs = guestpath.rootfs_path(guest_root)
+        await vm.combine_layers(container_id, [p for p, _ in added], scratch_dir, rootfs)
+    except BaseException:
+        # Scratch first, then the layers in the order they were added (hcsshim's order).
+        for _, r in ([("", scratch)] if scratch is not None else []) + added:
+            try:
+                await r.release()
+            except Exception as cleanup_err:
+                log.warning("failed to remove lcow layer on cleanup: %s", cleanup_err)
+        raise
+    return rootfs, scratch_dir, LayersHandle(vm, rootfs, scratch_dir, scratch, added)

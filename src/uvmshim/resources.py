@@ -1,0 +1,93 @@
+"""Container resources: the handles one container holds, released newest first.
+
+This is hcsshim's ``internal/resources``, with the defects of §11.9 fixed: releasing never
+stops halfway (every handle is attempted and all failures are reported together), the layers
+are released even when another release failed, and a handle that was released is never
+released again, so a second :meth:`ContainerResources.release` after a clean one is a no-op.
+A handle whose release failed stays tracked, so releasing again retries exactly those.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from uvmshim.errors import ReleaseError
+
+log = logging.getLogger(__name__)
+
+
+class Resource(Protocol):
+    """Something a container holds in the UVM (hcsshim's ``ResourceCloser``)."""
+
+    async def release(self) -> None:
+        """Give the resource back. Calling it again after it succeeded does nothing."""
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description: ``kind`` plus kind-specific fields (for ``uvmshim plan``)."""
+
+
+class ContainerResources:
+    """One container's resources (hcsshim's ``resources.Resources``).
+
+    :param container_id: the container's effective id.
+    """
+
+    def __init__(self, container_id: str) -> None:
+        self.id = container_id
+        self.container_root_in_uvm = ""
+        self.lcow_scratch_path = ""
+        self.network_namespace = ""
+        self._layers: Resource | None = None
+        self._resources: list[Resource] = []
+
+    @property
+    def layers(self) -> Resource | None:
+        return self._layers
+
+    def set_layers(self, layers: Resource) -> None:
+        self._layers = layers
+
+    def take_layers(self) -> Resource | None:
+        """Stop tracking the layers and return them (a pod sandbox hands them to its UVM)."""
+        layers, self._layers = self._layers, None
+        return layers
+
+    def add(self, *resources: Resource) -> None:
+        self._resources.extend(resources)
+
+    def __iter__(self) -> Iterator[Resource]:
+        """Every live handle in the order added, the layers first (they were added first)."""
+        if self._layers is not None:
+            yield self._layers
+        yield from self._resources
+
+    def __len__(self) -> int:
+        return len(self._resources) + (self._layers is not None)
+
+    async def release(self) -> None:
+        """Release everything, newest first, then the layers.
+
+        :raises ReleaseError: one or more releases failed; ``errors`` holds each failure.
+            The failed handles stay tracked, so calling this again retries them.
+        """
+        errors: list[BaseException] = []
+        kept: list[Resource] = []
+        for resource in reversed(self._resources):
+            try:
+                await resource.release()
+            except Exception as err:  # keep going: every handle gets its chance
+                log.warning("failed to release container resource: %s", err)
+                errors.append(err)
+                kept.append(resource)
+        self._resources = list(reversed(kept))
+        if self._layers is not None:
+            try:
+                await self._layers.release()
+                self._layers = None
+            except Exception as err:
+                log.warning("failed to release container layers: %s", err)
+                errors.append(err)
+        if errors:
+            raise ReleaseError("failed to release one or more container resources", errors)

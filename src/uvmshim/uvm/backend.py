@@ -1,0 +1,95 @@
+"""The seam between the device managers and a concrete UVM.
+
+hcsshim sends each change as one ``ModifySettingRequest`` with a host part (HCS) and a guest part
+(GCS). We keep the two apart: a :class:`HostBackend` changes the virtual hardware (QMP, host bind
+mounts) and a :class:`GuestBackend` changes the guest (the agent). The managers decide the order,
+as hcsshim's ``modify`` does: on add the host step runs first and is rolled back if the guest step
+fails; on remove the guest step runs first.
+
+Two implementations exist: the simulated UVM (:mod:`uvmshim.uvm.sim`) and the QEMU UVM.
+Every method raises :class:`uvmshim.errors.BackendError` (or a subclass) on failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """One read-only layer of a combined-layers (overlay) request, top-most first."""
+
+    path: str
+
+
+class HostBackend(Protocol):
+    """Virtual hardware changes: the HCS half of hcsshim's ``modify``."""
+
+    async def scsi_attach(
+        self, controller: int, lun: int, host_path: str, *, read_only: bool, passthrough: bool
+    ) -> None:
+        """Hot-add ``host_path`` (an image file, or a block device if ``passthrough``)."""
+
+    async def scsi_detach(self, controller: int, lun: int) -> None:
+        """Hot-remove the disk at (controller, LUN)."""
+
+    async def plan9_add(
+        self, name: str, host_path: str, *, read_only: bool, allowed_files: Sequence[str]
+    ) -> None:
+        """Share ``host_path`` as ``name``; if ``allowed_files`` is non-empty, only those files."""
+
+    async def plan9_remove(self, name: str) -> None:
+        """Stop sharing ``name``."""
+
+    async def vpmem_add(self, device: int, host_path: str) -> None:
+        """Expose ``host_path`` read-only as vPMEM device ``device``."""
+
+    async def vpmem_remove(self, device: int) -> None:
+        """Remove vPMEM device ``device``."""
+
+    async def vpci_add(self, vmbus_guid: str, instance_id: str, function: int) -> None:
+        """Assign host PCI device ``instance_id`` (virtual function ``function``)."""
+
+    async def vpci_remove(self, vmbus_guid: str) -> None:
+        """Unassign the device assigned as ``vmbus_guid``."""
+
+
+class GuestBackend(Protocol):
+    """Changes inside the guest: the GCS half of hcsshim's ``modify``."""
+
+    async def mount_scsi(
+        self, controller: int, lun: int, guest_path: str, *, read_only: bool,
+        options: Sequence[str],
+    ) -> None:
+        """Mount the disk at (controller, LUN) on ``guest_path``."""
+
+    async def unmount_scsi(self, controller: int, lun: int, guest_path: str) -> None:
+        """Unmount ``guest_path`` (if non-empty) and let go of the disk at (controller, LUN)."""
+
+    async def mount_plan9(self, name: str, guest_path: str, *, read_only: bool) -> None:
+        """Mount share ``name`` on ``guest_path``."""
+
+    async def unmount_plan9(self, name: str, guest_path: str) -> None:
+        """Unmount share ``name`` from ``guest_path`` and remove the directory."""
+
+    async def mount_vpmem(self, device: int, guest_path: str) -> None:
+        """Mount vPMEM device ``device`` read-only on ``guest_path``."""
+
+    async def unmount_vpmem(self, device: int, guest_path: str) -> None:
+        """Unmount vPMEM device ``device`` from ``guest_path``."""
+
+    async def add_vpci(self, vmbus_guid: str) -> None:
+        """Wait for the assigned PCI device ``vmbus_guid`` to show up in the guest."""
+
+    async def combine_layers(
+        self, container_id: str, rootfs: str, layers: Sequence[LayerRef], scratch_dir: str
+    ) -> None:
+        """Mount an overlay on ``rootfs``: ``layers`` below, upper/work in ``scratch_dir``."""
+
+    async def remove_combined_layers(self, rootfs: str) -> None:
+        """Unmount the overlay on ``rootfs``."""
+
+    async def install_drivers(self, rw_path: str, disk_path: str) -> None:
+        """Run ``install-drivers <rw_path> <disk_path>`` in the UVM (hcsshim's InstallDrivers)."""

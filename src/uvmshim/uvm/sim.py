@@ -1,0 +1,246 @@
+"""The simulated UVM: an in-memory, deterministic backend with a real UVM's limits.
+
+It is a product backend, not a test mock: ``uvmshim plan`` runs allocations on it to show what
+a spec will do. It keeps the state a real UVM would have (which disks sit in which slots, which
+shares exist, what is mounted where in the guest, which overlays exist), refuses what a real one
+refuses (a missing image, a busy slot, mounting over a mount, an overlay over unmounted layers),
+records every host and guest operation in order, and can be told to fail at operation *N*.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from uvmshim.errors import BackendError, os_error_text
+from uvmshim.uvm.backend import LayerRef
+from uvmshim.uvm.options import LUNS_PER_CONTROLLER, UvmOptions
+from uvmshim.uvm.utilityvm import UtilityVM
+
+_GUID_NAMESPACE = uuid.UUID("6c4f6f0e-2f0b-4d43-9a57-2b1d0c6f1a11")
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One recorded operation: ``side`` is ``host`` or ``guest``."""
+
+    seq: int
+    side: str
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "side": self.side, "op": self.op, **self.args}
+
+    def __str__(self) -> str:
+        detail = " ".join(f"{k}={v!r}" for k, v in self.args.items())
+        return f"{self.seq:>4} {self.side:<5} {self.op} {detail}"
+
+
+class SimulatedBackend:
+    """Host and guest backend in one object (it implements both Protocols)."""
+
+    def __init__(self, options: UvmOptions | None = None, *,
+                 fail_at: Iterable[int] = ()) -> None:
+        self.options = options or UvmOptions()
+        self.operations: list[Operation] = []
+        self._fail_at = set(fail_at)
+        self._seq = itertools.count(1)
+        # host state
+        self.disks: dict[tuple[int, int], dict[str, Any]] = {}
+        self.shares: dict[str, dict[str, Any]] = {}
+        self.pmem: dict[int, str] = {}
+        self.pci: dict[str, str] = {}
+        # guest state
+        self.mounts: dict[str, dict[str, Any]] = {}
+        self.guest_devices: set[str] = set()
+
+    def fail_at(self, *numbers: int) -> None:
+        """Make operation number ``n`` (1-based, counting from the start) fail once."""
+        self._fail_at.update(numbers)
+
+    def _record(self, side: str, op: str, **args: Any) -> None:
+        seq = next(self._seq)
+        self.operations.append(Operation(seq, side, op, args))
+        if seq in self._fail_at:
+            self._fail_at.discard(seq)
+            raise BackendError(f"injected failure of operation {seq} ({side} {op})")
+
+    def live(self) -> dict[str, Any]:
+        """Everything still attached, shared or mounted (empty when all was released)."""
+        state = {"disks": self.disks, "shares": self.shares, "pmem": self.pmem,
+                 "pci": self.pci, "mounts": self.mounts}
+        return {k: v for k, v in state.items() if v}
+
+    # Section: host side
+
+    async def scsi_attach(self, controller: int, lun: int, host_path: str, *, read_only: bool,
+                          passthrough: bool) -> None:
+        self._record("host", "scsi-attach", controller=controller, lun=lun, path=host_path,
+                     read_only=read_only, passthrough=passthrough)
+        if not 0 <= controller < self.options.scsi_controller_count:
+            raise BackendError(f"no SCSI controller {controller}")
+        if not 0 <= lun < LUNS_PER_CONTROLLER:
+            raise BackendError(f"bad SCSI LUN {lun}")
+        if (controller, lun) in self.disks:
+            raise BackendError(f"SCSI slot {controller}:{lun} is in use")
+        try:
+            os.stat(host_path)
+        except OSError as err:
+            raise BackendError(f"could not open disk image: {os_error_text('open', err)}") from err
+        self.disks[(controller, lun)] = {"path": host_path, "read_only": read_only,
+                                         "passthrough": passthrough}
+
+    async def scsi_detach(self, controller: int, lun: int) -> None:
+        self._record("host", "scsi-detach", controller=controller, lun=lun)
+        if (controller, lun) not in self.disks:
+            raise BackendError(f"no disk at SCSI slot {controller}:{lun}")
+        if f"scsi:{controller}:{lun}" in self.guest_devices:
+            raise BackendError(f"the guest still uses the disk at {controller}:{lun}")
+        del self.disks[(controller, lun)]
+
+    async def plan9_add(self, name: str, host_path: str, *, read_only: bool,
+                        allowed_files: Sequence[str]) -> None:
+        self._record("host", "plan9-add", name=name, path=host_path, read_only=read_only,
+                     allowed_files=list(allowed_files))
+        if name in self.shares:
+            raise BackendError(f"plan9 share {name} exists")
+        for path in [host_path, *(os.path.join(host_path, f) for f in allowed_files)]:
+            try:
+                os.stat(path)
+            except OSError as err:
+                raise BackendError(os_error_text("stat", err)) from err
+        self.shares[name] = {"path": host_path, "read_only": read_only,
+                             "allowed_files": list(allowed_files)}
+
+    async def plan9_remove(self, name: str) -> None:
+        self._record("host", "plan9-remove", name=name)
+        if name not in self.shares:
+            raise BackendError(f"no plan9 share {name}")
+        if any(m.get("share") == name for m in self.mounts.values()):
+            raise BackendError(f"plan9 share {name} is still mounted in the guest")
+        del self.shares[name]
+
+    async def vpmem_add(self, device: int, host_path: str) -> None:
+        self._record("host", "vpmem-add", device=device, path=host_path)
+        if not 0 <= device < self.options.effective_vpmem_count:
+            raise BackendError(f"no vPMEM device {device}")
+        if device in self.pmem:
+            raise BackendError(f"vPMEM device {device} is in use")
+        self.pmem[device] = host_path
+
+    async def vpmem_remove(self, device: int) -> None:
+        self._record("host", "vpmem-remove", device=device)
+        if device not in self.pmem:
+            raise BackendError(f"no vPMEM device {device}")
+        del self.pmem[device]
+
+    async def vpci_add(self, vmbus_guid: str, instance_id: str, function: int) -> None:
+        self._record("host", "vpci-add", vmbus_guid=vmbus_guid, instance_id=instance_id,
+                     function=function)
+        self.pci[vmbus_guid] = instance_id
+
+    async def vpci_remove(self, vmbus_guid: str) -> None:
+        self._record("host", "vpci-remove", vmbus_guid=vmbus_guid)
+        if vmbus_guid not in self.pci:
+            raise BackendError(f"no assigned device {vmbus_guid}")
+        del self.pci[vmbus_guid]
+
+    # Section: guest side
+
+    def _mount(self, path: str, **what: Any) -> None:
+        if path in self.mounts:
+            raise BackendError(f"mount on {path}: device or resource busy")
+        self.mounts[path] = what
+
+    def _unmount(self, path: str, kind: str) -> None:
+        mount = self.mounts.get(path)
+        if mount is None or mount["kind"] != kind:
+            raise BackendError(f"umount {path}: not mounted")
+        nested = [p for p in self.mounts if p.startswith(path.rstrip("/") + "/")]
+        if nested:
+            raise BackendError(f"umount {path}: target is busy ({nested[0]} is mounted below)")
+        del self.mounts[path]
+
+    async def mount_scsi(self, controller: int, lun: int, guest_path: str, *, read_only: bool,
+                         options: Sequence[str]) -> None:
+        self._record("guest", "mount-scsi", controller=controller, lun=lun, path=guest_path,
+                     read_only=read_only, options=list(options))
+        if (controller, lun) not in self.disks:
+            raise BackendError(f"no disk at SCSI {controller}:{lun} in the guest")
+        self._mount(guest_path, kind="scsi", controller=controller, lun=lun,
+                    read_only=read_only)
+        self.guest_devices.add(f"scsi:{controller}:{lun}")
+
+    async def unmount_scsi(self, controller: int, lun: int, guest_path: str) -> None:
+        self._record("guest", "unmount-scsi", controller=controller, lun=lun, path=guest_path)
+        if guest_path:
+            self._unmount(guest_path, "scsi")
+        self.guest_devices.discard(f"scsi:{controller}:{lun}")
+
+    async def mount_plan9(self, name: str, guest_path: str, *, read_only: bool) -> None:
+        self._record("guest", "mount-plan9", name=name, path=guest_path, read_only=read_only)
+        if name not in self.shares:
+            raise BackendError(f"no plan9 share {name} to mount")
+        self._mount(guest_path, kind="plan9", share=name, read_only=read_only)
+
+    async def unmount_plan9(self, name: str, guest_path: str) -> None:
+        self._record("guest", "unmount-plan9", name=name, path=guest_path)
+        self._unmount(guest_path, "plan9")
+
+    async def mount_vpmem(self, device: int, guest_path: str) -> None:
+        self._record("guest", "mount-vpmem", device=device, path=guest_path)
+        if device not in self.pmem:
+            raise BackendError(f"no /dev/pmem{device} in the guest")
+        self._mount(guest_path, kind="vpmem", device=device, read_only=True)
+
+    async def unmount_vpmem(self, device: int, guest_path: str) -> None:
+        self._record("guest", "unmount-vpmem", device=device, path=guest_path)
+        self._unmount(guest_path, "vpmem")
+
+    async def add_vpci(self, vmbus_guid: str) -> None:
+        self._record("guest", "add-vpci", vmbus_guid=vmbus_guid)
+        if vmbus_guid not in self.pci:
+            raise BackendError(f"assigned device {vmbus_guid} never showed up in the guest")
+
+    async def combine_layers(self, container_id: str, rootfs: str, layers: Sequence[LayerRef],
+                             scratch_dir: str) -> None:
+        paths = [layer.path for layer in layers]
+        self._record("guest", "combine-layers", container_id=container_id, rootfs=rootfs,
+                     layers=paths, scratch=scratch_dir)
+        for p in paths:
+            if p not in self.mounts:
+                raise BackendError(f"overlay on {rootfs}: layer {p} is not mounted")
+        if scratch_dir and not any(
+            scratch_dir.startswith(m.rstrip("/") + "/") and not info["read_only"]
+            for m, info in self.mounts.items()
+        ):
+            raise BackendError(f"overlay on {rootfs}: scratch {scratch_dir} is not on a "
+                               "writable mount")
+        self._mount(rootfs, kind="overlay", layers=paths, scratch=scratch_dir, read_only=False)
+
+    async def remove_combined_layers(self, rootfs: str) -> None:
+        self._record("guest", "remove-combined-layers", rootfs=rootfs)
+        self._unmount(rootfs, "overlay")
+
+    async def install_drivers(self, rw_path: str, disk_path: str) -> None:
+        self._record("guest", "install-drivers", rw_path=rw_path, disk_path=disk_path)
+        if disk_path not in self.mounts:
+            raise BackendError(f"install-drivers: {disk_path} is not mounted")
+
+
+def simulated_uvm(options: UvmOptions | None = None, *, vm_id: str = "sim-uvm",
+                  fail_at: Iterable[int] = ()) -> tuple[UtilityVM, SimulatedBackend]:
+    """A fresh simulated UVM and its backend (to inspect operations and live state)."""
+    opts = options or UvmOptions()
+    backend = SimulatedBackend(opts, fail_at=fail_at)
+    counter = itertools.count(1)
+
+    def new_guid() -> str:
+        return str(uuid.uuid5(_GUID_NAMESPACE, f"{vm_id}/{next(counter)}"))
+
+    return UtilityVM(vm_id, backend, backend, opts, new_guid=new_guid), backend
