@@ -13,7 +13,6 @@ and without a UVM the mounts are validated and left as they are instead of crash
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import stat
@@ -80,6 +79,11 @@ class Allocation:
     resources: ContainerResources
     sandbox: SandboxInfo
     guest_document: dict[str, Any] | None
+
+    def __repr__(self) -> str:
+        # Short on purpose: asyncio formats the result of a task in some paths, and the full
+        # dataclass repr of a 10,000-mount spec costs more than allocating it.
+        return f"Allocation(container_id={self.container_id!r}, resources={len(self.resources)})"
 
 
 def _bind_split(source: str) -> tuple[str, str]:
@@ -211,9 +215,9 @@ async def allocate_linux_resources(
             err.where = err.where or f"mounts[{i}]"
             raise
 
-    new_spec = replace(spec, root=root, mounts=tuple(mounts))
     if vm is None:
-        return new_spec
+        return spec  # process isolation: validated, and left exactly as given
+    new_spec = replace(spec, root=root, mounts=tuple(mounts))
     if spec.has_assigned_devices and spec.windows is not None and spec.windows.devices:
         devices, closers = await handle_assigned_devices(vm, spec.annotations,
                                                          spec.windows.devices)
@@ -238,8 +242,7 @@ def _check_hugepages(source: str) -> None:
 
 def linux_container_document(spec: Spec, container_root: str, scratch_path: str) -> dict[str, Any]:
     """The guest's document for a Linux container (§2.4, ``createLinuxContainerDocument``)."""
-    raw = spec.to_json()
-    oci = copy.deepcopy(raw)
+    oci = spec.to_json()  # a fresh copy: ours to change
     oci.pop("windows", None)
     if spec.windows is not None:
         windows: dict[str, Any] = {}

@@ -110,7 +110,11 @@ class ToolError(UvmshimError):
         super().__init__(msg)
 
 
-def os_error_text(op: str, err: OSError) -> str:
-    """An ``OSError`` worded as Go words a ``PathError``: ``stat /x: no such file or directory``."""
+def os_error_text(op: str, err: OSError, path: str | None = None) -> str:
+    """An ``OSError`` worded as Go words a ``PathError``: ``stat /x: no such file or directory``.
+
+    :param path: the path to name (default: the one the error carries).
+    """
     reason = (err.strerror or str(err)).lower()
-    return f"{op} {err.filename}: {reason}" if err.filename is not None else f"{op}: {reason}"
+    name = path if path is not None else err.filename
+    return f"{op} {name}: {reason}" if name is not None else f"{op}: {reason}"

@@ -133,7 +133,7 @@ async def mount_lcow_layers(
         except OSError as err:
             raise UvmError(
                 "failed to eval symlinks on scratch path: failed to resolve path: "
-                + os_error_text("open", err),
+                + os_error_text("open", err, scratch_file),
                 hint=f"the last layer folder is the scratch folder; it must hold {SCRATCH_FILE}",
             ) from err
         try:

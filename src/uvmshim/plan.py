@@ -24,6 +24,9 @@ class PlanResult:
     release_operations: list[Operation] = field(default_factory=list)
     leftovers: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return f"PlanResult({self.allocation!r}, operations={len(self.operations)})"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "container_id": self.allocation.container_id,

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import click
@@ -57,14 +57,12 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
-    from uvmshim.cli import plan_cmd
+    # Commands live in their own modules and are imported here, at start-up, so that each
+    # module can import ``cli`` helpers from this one without a cycle.
+    import importlib
 
-    cli.add_command(plan_cmd.plan_command)
-    try:
-        from uvmshim.cli import uvm_cmd
-    except ImportError:  # the QEMU side is optional for a plan-only install
-        return
-    cli.add_command(uvm_cmd.uvm_group)
+    for module, name in (("plan_cmd", "plan_command"),):
+        cli.add_command(getattr(importlib.import_module(f"uvmshim.cli.{module}"), name))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,5 +93,3 @@ def main(argv: list[str] | None = None) -> None:
 def dump_json(obj: object) -> None:
     click.echo(json.dumps(obj, indent=2))
 
-
-Handler = Callable[..., None]

@@ -11,7 +11,6 @@ and never changes the caller's.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Mapping
@@ -23,6 +22,15 @@ from uvmshim.errors import SpecError
 
 JSON: TypeAlias = Any  # a value decoded by the json module
 JSONObject: TypeAlias = dict[str, Any]
+
+
+def json_copy(value: JSON) -> JSON:
+    """A deep copy of decoded JSON (dicts, lists and scalars only); much faster than deepcopy."""
+    if isinstance(value, dict):
+        return {k: json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_copy(v) for v in value]
+    return value
 
 
 def _type_name(value: JSON) -> str:
@@ -100,7 +108,7 @@ class Root:
         return cls(path=_str(obj, "path", where), readonly=_bool(obj, "readonly", where), raw=obj)
 
     def to_json(self) -> JSONObject:
-        out = copy.deepcopy(self.raw)
+        out = json_copy(self.raw)
         out["path"] = self.path
         if self.readonly or "readonly" in out:
             out["readonly"] = self.readonly
@@ -128,7 +136,7 @@ class Mount:
         )
 
     def to_json(self) -> JSONObject:
-        out = copy.deepcopy(self.raw)
+        out = json_copy(self.raw)
         out["destination"] = self.destination
         for key, value in (("type", self.type), ("source", self.source)):
             if value or key in out:
@@ -163,7 +171,7 @@ class WindowsDevice:
         return cls(id=_str(obj, "id", where), id_type=_str(obj, "idType", where), raw=obj)
 
     def to_json(self) -> JSONObject:
-        out = copy.deepcopy(self.raw)
+        out = json_copy(self.raw)
         out["id"] = self.id
         out["idType"] = self.id_type
         return out
@@ -202,7 +210,7 @@ class Windows:
         return self.raw.get("network") is not None
 
     def to_json(self) -> JSONObject:
-        out = copy.deepcopy(self.raw)
+        out = json_copy(self.raw)
         if self.layer_folders is not None:
             out["layerFolders"] = list(self.layer_folders)
         if self.devices is not None:
@@ -256,7 +264,7 @@ class Spec:
 
     def to_json(self) -> JSONObject:
         """The spec as JSON: ``raw`` with the modelled fields written back (key order kept)."""
-        out = copy.deepcopy(self.raw)
+        out = json_copy(self.raw)
         if self.root is not None:
             out["root"] = self.root.to_json()
         if self.mounts or "mounts" in out:
@@ -271,7 +279,7 @@ class Spec:
             elif isinstance(value, Windows):
                 out[key] = value.to_json()
             else:
-                out[key] = copy.deepcopy(value)
+                out[key] = json_copy(value)
         return out
 
     @property

@@ -197,7 +197,7 @@ class ScsiManager:
         try:
             resolved = os.path.realpath(host_path, strict=True)
         except OSError as err:
-            raise UvmError(os_error_text("stat", err),
+            raise UvmError(os_error_text("stat", err, host_path),
                            hint="the disk or layer file must exist on the host") from err
         self._check_access(resolved, read_only, access)
         opts = tuple(options)

@@ -84,7 +84,7 @@ class VPMemManager:
             resolved = os.path.realpath(host_path, strict=True)
             size = os.stat(resolved).st_size
         except OSError as err:
-            raise UvmError(os_error_text("stat", err)) from err
+            raise UvmError(os_error_text("stat", err, host_path)) from err
         for d in self._devices:
             if d is not None and d.host_path == resolved:
                 d.refcount += 1
