@@ -6,7 +6,6 @@ import copy
 from typing import Any
 
 import pytest
-from helpers import HostFiles, make_spec, run, spec_json
 
 from uvmshim.allocator import create_container_resources
 from uvmshim.devices import device_info_from_path
@@ -14,6 +13,8 @@ from uvmshim.errors import UvmshimError
 from uvmshim.oci.spec import Spec
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.sim import SimulatedBackend, simulated_uvm
+
+from helpers import HostFiles, make_spec, run, spec_json
 
 
 def alloc(spec: Spec, cid: str = "C1", options: UvmOptions | None = None,
@@ -63,7 +64,7 @@ def test_layer_branch(host: HostFiles) -> None:
 
 
 def test_scratch_only(host: HostFiles) -> None:
-    a, backend = alloc(make_spec(layers=[host.scratch()]))
+    _a, backend = alloc(make_spec(layers=[host.scratch()]))
     assert backend.operations[-1].args["layers"] == []
 
 
@@ -280,7 +281,7 @@ def test_gpu_needs_the_driver_vhd(host: HostFiles) -> None:
 
 def test_kernel_drivers_annotation(host: HostFiles) -> None:
     d1, d2 = host.disk("drv1.vhd"), host.disk("drv2.vhd")
-    a, backend = alloc(make_spec(root_path=host.dir("r"), annotations={
+    _a, backend = alloc(make_spec(root_path=host.dir("r"), annotations={
         "io.microsoft.virtualmachine.kerneldrivers": f"{d1},{d2}"}))
     install = [o.args for o in backend.operations if o.op == "install-drivers"]
     assert [i["disk_path"] for i in install] == ["/run/mounts/m1", "/run/mounts/m2"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from helpers import HostFiles, spec_json, write_bundle
 
 
@@ -100,7 +101,8 @@ def bad(tmp_path: Path, h: HostFiles, case: str) -> tuple[Path, str]:
     if case == "wrong-type":
         return bundle({"mounts": [{"destination": 1}]}), "mounts[0].destination: expected a string"
     if case == "no-source":
-        return bundle(spec_json(layers=[scratch], mounts=[{"destination": "/x", "type": "bind"}])), \
+        no_source = [{"destination": "/x", "type": "bind"}]
+        return bundle(spec_json(layers=[scratch], mounts=no_source)), \
             "mounts[0].source: invalid OCI spec - a mount must have both source and a destination"
     if case == "no-destination":
         return bundle(spec_json(layers=[scratch], mounts=[{"source": "/x", "type": "bind"}])), \

@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 
 import pytest
-from helpers import HostFiles, make_spec, run
 
 from uvmshim.allocator import create_container_resources
 from uvmshim.errors import UvmshimError
 from uvmshim.oci.spec import Spec
 from uvmshim.uvm.sim import simulated_uvm
+
+from helpers import HostFiles, make_spec, run
 
 
 def everything(h: HostFiles) -> Spec:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import HostFiles, run
 
 from uvmshim.errors import (
     NoAvailableLocation,
@@ -18,6 +17,8 @@ from uvmshim.layers import add_lcow_layer
 from uvmshim.resources import ContainerResources
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.sim import simulated_uvm
+
+from helpers import HostFiles, run
 
 # --- Plan9 ---------------------------------------------------------------------------------
 
@@ -113,7 +114,7 @@ def test_vpmem_too_large_falls_back_to_scsi(host: HostFiles) -> None:
     async def go() -> None:
         vm, backend = simulated_uvm(UvmOptions(vpmem_count=2, vpmem_max_size=4096))
         big = host.disk("big/layer.vhd", size=4097)
-        path, handle = await add_lcow_layer(vm, big)
+        path, _handle = await add_lcow_layer(vm, big)
         assert path == "/run/mounts/m1" and not backend.pmem
         with pytest.raises(VPMemTooLarge, match="layer size is to large for VPMEM max size"):
             await vm.add_vpmem(big)

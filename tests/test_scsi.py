@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import HostFiles, run
 
 from uvmshim.errors import ConflictingAttachment, NoAvailableLocation, UvmError, UvmshimError
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.scsi import ScsiMount
 from uvmshim.uvm.sim import simulated_uvm
 
+from helpers import HostFiles, run
+
 
 def test_first_free_slot_controller_then_lun(host: HostFiles) -> None:
     async def go() -> None:
-        vm, backend = simulated_uvm(UvmOptions(scsi_controllers=2))
+        vm, _backend = simulated_uvm(UvmOptions(scsi_controllers=2))
         mounts = [await vm.add_scsi(host.disk(f"d{i}"), f"/m{i}", read_only=False)
                   for i in range(66)]
         assert [(m.controller, m.lun) for m in mounts[:2]] == [(0, 0), (0, 1)]

@@ -3,13 +3,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from uvmshim.errors import SpecError
 from uvmshim.oci.spec import Mount, Spec, load_spec
 
-FULL = {
+FULL: dict[str, Any] = {
     "ociVersion": "1.1.0",
     "process": {"terminal": False, "args": ["sh"], "env": ["A=1"], "x-unknown": [1, 2]},
     "root": {"path": "rootfs", "readonly": True, "someday": "field"},
@@ -55,7 +56,7 @@ def test_rewrite_changes_only_the_rewritten_fields() -> None:
     m = replace(spec.mounts[1], source="/guest", type="none")
     new = replace(spec, mounts=(spec.mounts[0], m, spec.mounts[2]))
     out = new.to_json()
-    assert out["mounts"][1] == {**FULL["mounts"][1], "source": "/guest", "type": "none"}  # type: ignore[dict-item]
+    assert out["mounts"][1] == {**FULL["mounts"][1], "source": "/guest", "type": "none"}
     assert spec.to_json() == FULL  # the original is untouched
 
 

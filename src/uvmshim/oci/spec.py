@@ -33,6 +33,10 @@ def json_copy(value: JSON) -> JSON:
     return value
 
 
+def _copy_object(obj: JSONObject) -> JSONObject:
+    return {k: json_copy(v) for k, v in obj.items()}
+
+
 def _type_name(value: JSON) -> str:
     if value is None:
         return "null"
@@ -108,7 +112,7 @@ class Root:
         return cls(path=_str(obj, "path", where), readonly=_bool(obj, "readonly", where), raw=obj)
 
     def to_json(self) -> JSONObject:
-        out = json_copy(self.raw)
+        out = _copy_object(self.raw)
         out["path"] = self.path
         if self.readonly or "readonly" in out:
             out["readonly"] = self.readonly
@@ -136,7 +140,7 @@ class Mount:
         )
 
     def to_json(self) -> JSONObject:
-        out = json_copy(self.raw)
+        out = _copy_object(self.raw)
         out["destination"] = self.destination
         for key, value in (("type", self.type), ("source", self.source)):
             if value or key in out:
@@ -171,7 +175,7 @@ class WindowsDevice:
         return cls(id=_str(obj, "id", where), id_type=_str(obj, "idType", where), raw=obj)
 
     def to_json(self) -> JSONObject:
-        out = json_copy(self.raw)
+        out = _copy_object(self.raw)
         out["id"] = self.id
         out["idType"] = self.id_type
         return out
@@ -210,7 +214,7 @@ class Windows:
         return self.raw.get("network") is not None
 
     def to_json(self) -> JSONObject:
-        out = json_copy(self.raw)
+        out = _copy_object(self.raw)
         if self.layer_folders is not None:
             out["layerFolders"] = list(self.layer_folders)
         if self.devices is not None:
@@ -264,7 +268,7 @@ class Spec:
 
     def to_json(self) -> JSONObject:
         """The spec as JSON: ``raw`` with the modelled fields written back (key order kept)."""
-        out = json_copy(self.raw)
+        out = _copy_object(self.raw)
         if self.root is not None:
             out["root"] = self.root.to_json()
         if self.mounts or "mounts" in out:
