@@ -22,7 +22,13 @@ from typing import Any
 
 from uvmshim import guestpath
 from uvmshim.devices import add_spec_guest_drivers, handle_assigned_devices
-from uvmshim.errors import AllocationError, ReleaseError, UvmshimError, os_error_text
+from uvmshim.errors import (
+    AllocationError,
+    ReleaseError,
+    UvmshimError,
+    error_context,
+    os_error_text,
+)
 from uvmshim.layers import mount_lcow_layers
 from uvmshim.oci.spec import Root, Spec
 from uvmshim.resources import ContainerResources
@@ -111,13 +117,10 @@ async def allocate_linux_resources(
     if windows is not None and windows.layer_folders:
         if vm is not None:
             log.debug("allocateLinuxResources mounting storage")
-            try:
+            with error_context("failed to mount container storage",
+                               where="windows.layerFolders"):
                 rootfs, scratch_path, layers = await mount_lcow_layers(
                     vm, container_id, windows.layer_folders, container_root)
-            except UvmshimError as err:
-                err.wrap("failed to mount container storage")
-                err.where = err.where or "windows.layerFolders"
-                raise
             root = replace(root, path=rootfs)
             # A pod sandbox's layers live as long as the UVM (hcsshim drops the closer). They
             # stay in ``r`` until the whole allocation succeeded, so that a failure releases
@@ -127,12 +130,8 @@ async def allocate_linux_resources(
     elif root.path:
         if vm is not None:
             guest_rootfs = guestpath.rootfs_path(container_root)
-            try:
+            with error_context("adding plan9 root", where="root.path"):
                 share = await vm.add_plan9(root.path, guest_rootfs, read_only=root.readonly)
-            except UvmshimError as err:
-                err.wrap("adding plan9 root")
-                err.where = err.where or "root.path"
-                raise
             root = replace(root, path=guest_rootfs)
             r.add(share)
     else:
@@ -159,26 +158,15 @@ async def allocate_linux_resources(
         file_path = share_path
         read_only = mount.read_only
         try:
-            if mount.type == MOUNT_TYPE_PHYSICAL_DISK:
+            if mount.type in (MOUNT_TYPE_PHYSICAL_DISK, MOUNT_TYPE_VIRTUAL_DISK):
+                physical = mount.type == MOUNT_TYPE_PHYSICAL_DISK
+                # The counter is used up even when the disk turns out to be attached already.
                 disk_path = guestpath.global_mount_path(vm.mount_counter())
-                try:
-                    sm = await vm.add_scsi_physical_disk(mount.source, disk_path,
-                                                         read_only=read_only,
-                                                         options=mount.options)
-                except UvmshimError as err:
-                    err.wrap(f"adding SCSI physical disk mount {mount.go_repr()}")
-                    raise
-                r.add(sm)
-                mounts[i] = replace(mount, source=sm.guest_path, type="none")
-                continue
-            if mount.type == MOUNT_TYPE_VIRTUAL_DISK:
-                disk_path = guestpath.global_mount_path(vm.mount_counter())
-                try:
-                    sm = await vm.add_scsi(mount.source, disk_path, read_only=read_only,
-                                           options=mount.options)
-                except UvmshimError as err:
-                    err.wrap(f"adding SCSI virtual disk mount {mount.go_repr()}")
-                    raise
+                add = vm.add_scsi_physical_disk if physical else vm.add_scsi
+                kind = "physical" if physical else "virtual"
+                with error_context(f"adding SCSI {kind} disk mount {mount.go_repr()}"):
+                    sm = await add(mount.source, disk_path, read_only=read_only,
+                                   options=mount.options)
                 r.add(sm)
                 mounts[i] = replace(mount, source=sm.guest_path, type="none")
                 continue
@@ -203,12 +191,9 @@ async def allocate_linux_resources(
                 allowed.append(file_name)
                 restrict = True
                 file_path = guestpath.join(share_path, file_name)
-            try:
+            with error_context(f"adding plan9 mount {mount.go_repr()}"):
                 share = await vm.add_plan9(host_path, share_path, read_only=read_only,
                                            restrict=restrict, allowed_names=allowed)
-            except UvmshimError as err:
-                err.wrap(f"adding plan9 mount {mount.go_repr()}")
-                raise
             r.add(share)
             mounts[i] = replace(mount, source=file_path)
         except UvmshimError as err:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from uvmshim import guestpath
-from uvmshim.errors import AllocationError, UvmshimError, os_error_text
+from uvmshim.errors import AllocationError, UvmshimError, error_context, os_error_text
 from uvmshim.oci.spec import WindowsDevice
 from uvmshim.resources import Resource
 from uvmshim.uvm.scsi import VMAccess
@@ -51,11 +51,8 @@ async def release_all(resources: Sequence[Resource]) -> None:
 async def install_drivers(vm: UtilityVM, share: str, *, gpu: bool) -> Resource:
     """Attach a driver disk read-only and run ``install-drivers`` on it in the UVM."""
     uvm_path = guestpath.global_mount_path(vm.mount_counter())
-    try:
+    with error_context(f"failed to add SCSI disk to utility VM for path {share}"):
         mount = await vm.add_scsi(share, uvm_path, read_only=True, access=VMAccess.INDIVIDUAL)
-    except UvmshimError as err:
-        err.wrap(f"failed to add SCSI disk to utility VM for path {share}")
-        raise
     if gpu:
         rw_path = guestpath.LCOW_NVIDIA_MOUNT_PATH
     else:
@@ -110,12 +107,9 @@ async def handle_assigned_devices(
                 )
             gpu = gpu or d.id_type == "gpu"
             pci_id, index = device_info_from_path(d.id)
-            try:
+            with error_context(f"failed to assign device {pci_id}, function {index} to pod "
+                               f"{vm.id}", where=f"windows.devices[{i}]"):
                 vpci = await vm.assign_device(pci_id, index)
-            except UvmshimError as err:
-                err.wrap(f"failed to assign device {pci_id}, function {index} to pod {vm.id}")
-                err.where = err.where or f"windows.devices[{i}]"
-                raise
             closers.append(vpci)
             result.append(replace(d, id=vpci.vmbus_guid))
         if gpu:

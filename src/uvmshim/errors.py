@@ -20,7 +20,8 @@ Cancellation (``asyncio.CancelledError``, ``KeyboardInterrupt``) is never wrappe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 
 class UvmshimError(Exception):
@@ -118,3 +119,17 @@ def os_error_text(op: str, err: OSError, path: str | None = None) -> str:
     reason = (err.strerror or str(err)).lower()
     name = path if path is not None else err.filename
     return f"{op} {name}: {reason}" if name is not None else f"{op}: {reason}"
+
+
+@contextmanager
+def error_context(context: str, *, where: str | None = None) -> Iterator[None]:
+    """Prefix any :class:`UvmshimError` raised inside with ``context: `` (Go's ``errors.Wrap``),
+    and give it ``where`` if it has none yet. Other exceptions pass through untouched."""
+    try:
+        yield
+    except UvmshimError as err:
+        err.wrap(context)
+        if where is not None and err.where is None:
+            err.where = where
+            err.args = (str(err),)
+        raise

@@ -20,6 +20,7 @@ from uvmshim.errors import (
     UvmError,
     UvmshimError,
     VPMemTooLarge,
+    error_context,
     os_error_text,
 )
 from uvmshim.resources import Resource
@@ -97,12 +98,9 @@ async def add_lcow_layer(vm: UtilityVM, vhd_path: str) -> tuple[str, Resource]:
             err.wrap("failed to add VPMEM layer")
             raise
     uvm_path = guestpath.global_mount_path(vm.mount_counter())
-    try:
+    with error_context("failed to add SCSI layer"):
         sm = await vm.add_scsi(vhd_path, uvm_path, read_only=True, options=("ro",),
                                access=VMAccess.NOOP)
-    except UvmshimError as err:
-        err.wrap("failed to add SCSI layer")
-        raise
     return sm.guest_path, sm
 
 
@@ -136,12 +134,9 @@ async def mount_lcow_layers(
                 + os_error_text("open", err, scratch_file),
                 hint=f"the last layer folder is the scratch folder; it must hold {SCRATCH_FILE}",
             ) from err
-        try:
+        with error_context("failed to add SCSI scratch VHD"):
             scratch = await vm.add_scsi(scratch_host, guest_root, read_only=False,
                                         access=VMAccess.INDIVIDUAL)
-        except UvmshimError as err:
-            err.wrap("failed to add SCSI scratch VHD")
-            raise
         scratch_dir = guestpath.scratch_dir(scratch.guest_path, container_id)
         rootfs = guestpath.rootfs_path(guest_root)
         await vm.combine_layers(container_id, [p for p, _ in added], scratch_dir, rootfs)

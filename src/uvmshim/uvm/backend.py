@@ -12,9 +12,12 @@ Every method raises :class:`uvmshim.errors.BackendError` (or a subclass) on fail
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,3 +96,23 @@ class GuestBackend(Protocol):
 
     async def install_drivers(self, rw_path: str, disk_path: str) -> None:
         """Run ``install-drivers <rw_path> <disk_path>`` in the UVM (hcsshim's InstallDrivers)."""
+
+
+async def host_then_guest(
+    host_add: Callable[[], Awaitable[None]],
+    guest_add: Callable[[], Awaitable[None]] | None,
+    host_undo: Callable[[], Awaitable[None]],
+) -> None:
+    """hcsshim's ``modify`` for an add: the host step, then the guest step; if the guest step
+    fails (or is cancelled), the host step is undone and the guest's error is raised."""
+    await host_add()
+    if guest_add is None:
+        return
+    try:
+        await guest_add()
+    except BaseException:
+        try:
+            await host_undo()
+        except Exception as rollback_err:
+            log.warning("failed to roll back resource add: %s", rollback_err)
+        raise

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from uvmshim.errors import UvmError, UvmshimError
+from uvmshim.uvm.backend import host_then_guest
 
 if TYPE_CHECKING:
     from uvmshim.uvm.utilityvm import UtilityVM
@@ -100,15 +101,11 @@ class Plan9Manager:
         self._counter += 1
         allowed = tuple(allowed_names or ()) if restrict else ()
         host, guest = self._vm.host, self._vm.guest
-        await host.plan9_add(name, host_path, read_only=read_only, allowed_files=allowed)
-        try:
-            await guest.mount_plan9(name, guest_path, read_only=read_only)
-        except BaseException:
-            try:
-                await host.plan9_remove(name)
-            except Exception as rollback_err:
-                log.warning("failed to roll back resource add: %s", rollback_err)
-            raise
+        await host_then_guest(
+            lambda: host.plan9_add(name, host_path, read_only=read_only, allowed_files=allowed),
+            lambda: guest.mount_plan9(name, guest_path, read_only=read_only),
+            lambda: host.plan9_remove(name),
+        )
         share = Plan9Share(self, name, host_path, guest_path, read_only, allowed)
         self._shares[name] = share
         return share

@@ -29,6 +29,7 @@ from uvmshim.errors import (
     UvmshimError,
     os_error_text,
 )
+from uvmshim.uvm.backend import host_then_guest
 from uvmshim.uvm.options import LUNS_PER_CONTROLLER
 
 if TYPE_CHECKING:
@@ -240,20 +241,15 @@ class ScsiManager:
 
     async def _attach_and_mount(self, a: _Attachment) -> None:
         host, guest = self._vm.host, self._vm.guest
-        await host.scsi_attach(a.controller, a.lun, a.host_path, read_only=a.read_only,
-                               passthrough=a.passthrough)
-        if not a.guest_path:
-            return
-        try:
-            await guest.mount_scsi(a.controller, a.lun, a.guest_path, read_only=a.read_only,
-                                   options=a.options)
-        except BaseException:
-            try:
-                await host.scsi_detach(a.controller, a.lun)
-            except Exception as rollback_err:
-                log.warning("failed to roll back resource add: %s", rollback_err)
-            raise
-        a.guest_mounted = True
+        await host_then_guest(
+            lambda: host.scsi_attach(a.controller, a.lun, a.host_path, read_only=a.read_only,
+                                     passthrough=a.passthrough),
+            (lambda: guest.mount_scsi(a.controller, a.lun, a.guest_path,
+                                      read_only=a.read_only, options=a.options))
+            if a.guest_path else None,
+            lambda: host.scsi_detach(a.controller, a.lun),
+        )
+        a.guest_mounted = bool(a.guest_path)
 
     async def _reuse(
         self, a: _Attachment, requested: str, guest_path: str, read_only: bool,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from uvmshim.errors import UvmError, UvmshimError
+from uvmshim.uvm.backend import host_then_guest
 
 if TYPE_CHECKING:
     from uvmshim.uvm.utilityvm import UtilityVM
@@ -72,13 +73,13 @@ class VPCIManager:
             return VPCIDevice(self, existing)
         device = _Assigned(instance_id, function, vmbus_guid or self._vm.new_guid())
         self._devices[key] = device
+        host, guid = self._vm.host, device.vmbus_guid
         try:
-            await self._vm.host.vpci_add(device.vmbus_guid, instance_id, function)
-            try:
-                await self._vm.guest.add_vpci(device.vmbus_guid)
-            except BaseException:
-                await self._vm.host.vpci_remove(device.vmbus_guid)
-                raise
+            await host_then_guest(
+                lambda: host.vpci_add(guid, instance_id, function),
+                lambda: self._vm.guest.add_vpci(guid),
+                lambda: host.vpci_remove(guid),
+            )
         except BaseException:
             del self._devices[key]
             raise

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvmshim import guestpath
 from uvmshim.errors import NoAvailableLocation, UvmError, UvmshimError, VPMemTooLarge, os_error_text
+from uvmshim.uvm.backend import host_then_guest
 
 if TYPE_CHECKING:
     from uvmshim.uvm.utilityvm import UtilityVM
@@ -96,16 +97,13 @@ class VPMemManager:
             raise NoAvailableLocation()
         device = _Device(number, resolved, guestpath.vpmem_layer_path(number), size)
         self._devices[number] = device  # reserve the slot across the awaits below
+        host, guest = self._vm.host, self._vm.guest
         try:
-            await self._vm.host.vpmem_add(number, resolved)
-            try:
-                await self._vm.guest.mount_vpmem(number, device.guest_path)
-            except BaseException:
-                try:
-                    await self._vm.host.vpmem_remove(number)
-                except Exception as rollback_err:
-                    log.warning("failed to roll back resource add: %s", rollback_err)
-                raise
+            await host_then_guest(
+                lambda: host.vpmem_add(number, resolved),
+                lambda: guest.mount_vpmem(number, device.guest_path),
+                lambda: host.vpmem_remove(number),
+            )
         except UvmshimError as err:
             self._devices[number] = None
             err.wrap("uvm::addVPMemDefault: failed to modify utility VM configuration")
