@@ -1,0 +1,217 @@
+"""Containers in the guest, driven through crun. STDLIB ONLY.
+
+The host sends hcsshim-style requests: ``container_create`` (write the bundle's config.json
+from the rewritten OCI spec, resolving ``sandbox://`` and ``hugepages://`` mount sources the
+way hcsshim's guest does), ``container_start``, ``container_exec``, ``container_signal`` and
+``container_delete``.
+
+Why ``crun run`` at start (rather than ``crun create`` + ``crun start``): the container's init
+must be a child of something that can wait for it. After ``crun create`` exits, the init is
+re-parented to PID 1, and becoming a child subreaper needs prctl(2), i.e. ctypes, which the
+initrd does not ship. ``crun run`` stays the init's parent and exits with its status, so the
+agent simply waits for crun. ``container_create`` therefore only prepares the bundle.
+
+A started process is named by a *process key* (``<container id>`` for the init,
+``<container id>/<exec id>`` for an exec); its output and exit arrive as ``output`` and ``exit``
+events carrying that key, and ``process_stdin`` feeds its stdin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+from uvmshim.agent import paths
+from uvmshim.agent.storage import Storage
+from uvmshim.agent.util import AgentError, makedirs, run
+
+TYPE_CHECKING = False  # not from typing: importing typing costs guest boot time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, BinaryIO
+
+    SendEvent = Callable[[str, dict[str, Any]], None]
+
+#: crun's state directory (on the /run tmpfs).
+CRUN_ROOT = "/run/crun"
+
+OUTPUT_CHUNK = 32 * 1024
+
+
+class _Container:
+    def __init__(self, bundle: str, stdin: bool, scratch_dir: str) -> None:
+        self.bundle = bundle
+        self.stdin = stdin
+        self.scratch_dir = scratch_dir
+        self.started = False
+
+
+class Runtime:
+    """Containers and their processes.
+
+    :param storage: resolves ``sandbox://`` and ``hugepages://`` mount sources.
+    :param send_event: sends one event (name, fields) to the host.
+    """
+
+    def __init__(self, storage: Storage, send_event: SendEvent) -> None:
+        self._storage = storage
+        self._send_event = send_event
+        self._lock = threading.Lock()
+        self._containers: dict[str, _Container] = {}
+        self._procs: dict[str, Any] = {}  # process key -> subprocess.Popen
+
+    def _crun(self, *args: str) -> list[str]:
+        return ["crun", "--root", CRUN_ROOT, *args]
+
+    def create(self, container_id: str, bundle: str, spec: dict[str, Any], *, sandbox_id: str,
+               scratch_dir: str, stdin: bool) -> None:
+        """Write ``<bundle>/config.json`` from ``spec``; the container starts at :meth:`start`."""
+        _check_id(container_id)
+        if not bundle:
+            raise AgentError(f"container {container_id}: no bundle path")
+        with self._lock:
+            if container_id in self._containers:
+                raise AgentError(f"container {container_id} already exists")
+            self._containers[container_id] = _Container(bundle, stdin, scratch_dir)
+        try:
+            spec = dict(spec)
+            process = dict(spec.get("process") or {})
+            process["terminal"] = False  # no console socket: stdio are pipes to the agent
+            spec["process"] = process
+            spec["mounts"] = [self._resolve_mount(m, sandbox_id or container_id)
+                              for m in spec.get("mounts") or []]
+            makedirs(bundle)
+            with open(os.path.join(bundle, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(spec, f)
+        except BaseException:
+            with self._lock:
+                self._containers.pop(container_id, None)
+            raise
+
+    def _resolve_mount(self, mount: dict[str, Any], sandbox_id: str) -> dict[str, Any]:
+        source = mount.get("source")
+        if not isinstance(source, str):
+            return mount
+        if source.startswith(paths.SANDBOX_PREFIX):
+            return {**mount, "source": self._storage.sandbox_dir(sandbox_id, source)}
+        if source.startswith(paths.HUGEPAGES_PREFIX):
+            return {**mount, "source": self._storage.hugepages_dir(sandbox_id, source)}
+        return mount
+
+    def start(self, container_id: str) -> None:
+        """Run the container's init (``crun run``); its output and exit arrive as events."""
+        with self._lock:
+            c = self._containers.get(container_id)
+            if c is None:
+                raise AgentError(f"container {container_id} does not exist")
+            if c.started:
+                raise AgentError(f"container {container_id} was already started")
+            c.started = True
+        self._spawn(container_id, self._crun("run", "--bundle", c.bundle, container_id),
+                    stdin=c.stdin, cwd=c.bundle)
+
+    def exec(self, container_id: str, exec_id: str, process: dict[str, Any], *,
+             stdin: bool) -> None:
+        """Run ``process`` (an OCI process object) in the running container."""
+        _check_id(exec_id)
+        with self._lock:
+            c = self._containers.get(container_id)
+            if c is None or not c.started:
+                raise AgentError(f"container {container_id} is not running")
+        spec = {**process, "terminal": False}
+        path = os.path.join(c.bundle, f"exec-{exec_id}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        self._spawn(f"{container_id}/{exec_id}",
+                    self._crun("exec", "--process", path, container_id), stdin=stdin,
+                    cwd=c.bundle)
+
+    def signal(self, container_id: str, signal: int, *, all_processes: bool) -> None:
+        """``crun kill [--all] <id> <signal>``."""
+        if container_id not in self._containers:
+            raise AgentError(f"container {container_id} does not exist")
+        argv = self._crun("kill", *(["--all"] if all_processes else []), container_id,
+                          str(signal))
+        try:
+            run(argv)
+        except AgentError as err:
+            raise AgentError(f"signal container {container_id}: {err}") from None
+
+    def delete(self, container_id: str) -> None:
+        """Kill (if running) and delete the container; forget it."""
+        with self._lock:
+            c = self._containers.get(container_id)
+        if c is None:
+            raise AgentError(f"container {container_id} does not exist")
+        if c.started:
+            try:
+                run(self._crun("delete", "--force", container_id))
+            except AgentError as err:
+                # crun run removes the container itself when the init exits; that is fine.
+                if "does not exist" not in str(err):
+                    raise AgentError(f"delete container {container_id}: {err}") from None
+        with self._lock:
+            self._containers.pop(container_id, None)
+
+    def write_stdin(self, key: str, data: bytes, *, eof: bool) -> None:
+        """Write ``data`` to a process's stdin, then close it if ``eof``."""
+        with self._lock:
+            proc = self._procs.get(key)
+        if proc is None or proc.stdin is None:
+            raise AgentError(f"process {key} has no open stdin")
+        try:
+            if data:
+                proc.stdin.write(data)
+                proc.stdin.flush()
+            if eof:
+                proc.stdin.close()
+        except (OSError, ValueError) as err:
+            raise AgentError(f"stdin of {key}: {err}") from None
+
+    # Processes ----------------------------------------------------------------------------
+
+    def _spawn(self, key: str, argv: list[str], *, stdin: bool, cwd: str) -> None:
+        import subprocess
+
+        with self._lock:
+            if key in self._procs:
+                raise AgentError(f"process {key} already exists")
+            try:
+                proc = subprocess.Popen(
+                    argv, cwd=cwd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            except OSError as err:
+                raise AgentError(f"{argv[0]}: {err.strerror or err}") from None
+            self._procs[key] = proc
+        threading.Thread(target=self._watch, args=(key, proc), daemon=True,
+                         name=f"proc-{key}").start()
+
+    def _watch(self, key: str, proc: Any) -> None:
+        pumps = [threading.Thread(target=self._pump, args=(key, name, pipe), daemon=True)
+                 for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+        for t in pumps:
+            t.start()
+        rc = proc.wait()
+        for t in pumps:
+            t.join()  # all output before the exit event
+        with self._lock:
+            self._procs.pop(key, None)
+        self._send_event("exit", {"process": key, "exit_code": rc})
+
+    def _pump(self, key: str, stream: str, pipe: BinaryIO) -> None:
+        import base64
+
+        fd = pipe.fileno()
+        while True:
+            chunk = os.read(fd, OUTPUT_CHUNK)
+            if not chunk:
+                break
+            self._send_event("output", {"process": key, "stream": stream,
+                                        "data": base64.b64encode(chunk).decode("ascii")})
+        pipe.close()
+
+
+def _check_id(value: str) -> None:
+    if not value or value in (".", "..") or "/" in value or "\0" in value:
+        raise AgentError(f"invalid id {value!r}")

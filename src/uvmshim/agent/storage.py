@@ -1,0 +1,340 @@
+"""Guest storage: SCSI disks, the 9p export, vPMEM, overlays, sandbox/hugepage dirs. STDLIB ONLY.
+
+How a disk is found: the host creates virtio-scsi controller ``i`` at PCI address
+``scsi_controller_pci_address(i)`` and hot-adds each disk at target ``SCSI_TARGET``, LUN
+``lun``. The guest-side SCSI host number is assigned by Linux, so we start from the PCI device
+in sysfs: ``/sys/bus/pci/devices/<addr>/virtio*/host*/target*:0:<T>/*:0:<T>:<L>/block/<sdX>``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import struct
+import threading
+from collections.abc import Sequence
+
+from uvmshim.agent import paths
+from uvmshim.agent.kmods import ModuleLoader
+from uvmshim.agent.util import (
+    AgentError,
+    is_mountpoint,
+    makedirs,
+    mount,
+    mounts,
+    remove_dir,
+    umount,
+    wait_for,
+)
+from uvmshim.protocol.messages import (
+    PLAN9_GUEST_ROOT,
+    PLAN9_MOUNT_OPTIONS,
+    PLAN9_MOUNT_TAG,
+    SCSI_TARGET,
+    check_share_name,
+    plan9_share_guest_path,
+    scsi_controller_pci_address,
+    scsi_linux_lun,
+    vpmem_root_port_pci_address,
+)
+
+#: How long to wait for a hot-added disk or pmem device (seen in ~50 ms normally).
+DEVICE_TIMEOUT = 5.0
+
+#: 2 MiB pages reserved when a hugetlbfs mount finds none free (64 MiB).
+DEFAULT_HUGEPAGES = 32
+
+
+def find_scsi_block_device(controller: int, lun: int, *, sysfs: str = "/sys") -> str | None:
+    """Return the block device name (``sdb``) at (controller, LUN), or None if absent."""
+    try:
+        addr = scsi_controller_pci_address(controller)
+    except ValueError as err:
+        raise AgentError(str(err)) from None
+    t, lun_l = SCSI_TARGET, scsi_linux_lun(lun)
+    pattern = f"{sysfs}/bus/pci/devices/{addr}/virtio*/host*/target*:0:{t}/*:0:{t}:{lun_l}/block/*"
+    for hit in sorted(glob.glob(pattern)):
+        return os.path.basename(hit)
+    return None
+
+
+def find_pmem_device(device: int, *, sysfs: str = "/sys") -> str | None:
+    """Return the block device name (``pmem1``) of vPMEM device ``device``, or None.
+
+    The device sits behind root port ``vpmem_root_port_pci_address(device)``. If that PCI
+    address does not exist at all (a VM with boot-time pmem devices on the root bus), fall
+    back to ``pmem<device>``, which matches probe order there.
+    """
+    try:
+        port = f"{sysfs}/bus/pci/devices/{vpmem_root_port_pci_address(device)}"
+    except ValueError as err:
+        raise AgentError(str(err)) from None
+    if not os.path.exists(port):
+        name = f"pmem{device}"
+        return name if os.path.exists(f"{sysfs}/block/{name}") else None
+    pattern = f"{port}/0000:*/virtio*/ndbus*/region*/namespace*/block/pmem*"
+    for hit in sorted(glob.glob(pattern)):
+        return os.path.basename(hit)
+    return None
+
+
+def scsi_host_name(controller: int, *, sysfs: str = "/sys") -> str | None:
+    """Return the SCSI host (``host1``) of controller ``controller``, or None."""
+    addr = scsi_controller_pci_address(controller)
+    for hit in sorted(glob.glob(f"{sysfs}/bus/pci/devices/{addr}/virtio*/host*")):
+        return os.path.basename(hit)
+    return None
+
+
+def detect_fstype(device: str) -> str:
+    """Return ``ext4``, ``xfs`` or ``erofs`` from the superblock of ``device``.
+
+    :raises AgentError: if the device cannot be read or holds none of these.
+    """
+    try:
+        with open(device, "rb") as f:
+            head = f.read(2048)
+    except OSError as err:
+        raise AgentError(f"read {device}: {err.strerror}") from None
+    if head[:4] == b"XFSB":
+        return "xfs"
+    if len(head) >= 1028 and struct.unpack_from("<I", head, 1024)[0] == 0xE0F5E1E2:
+        return "erofs"
+    if len(head) >= 1082 and struct.unpack_from("<H", head, 1024 + 56)[0] == 0xEF53:
+        return "ext4"  # ext2/3 images mount fine with the ext4 driver
+    raise AgentError(f"{device}: no ext4, xfs or erofs file system found")
+
+
+def read_only_options(fstype: str) -> list[str]:
+    """Mount options for a read-only mount that never writes to the device.
+
+    A read-only ext4/xfs mount still replays a dirty journal unless told not to, which fails
+    on a read-only disk: ``noload`` / ``norecovery`` skip that.
+    """
+    extra = {"ext4": ["noload"], "xfs": ["norecovery"]}.get(fstype, [])
+    return ["ro", *extra]
+
+
+class Storage:
+    """Mount and unmount everything the host asks for.
+
+    :param loader: loads kernel modules on demand.
+    :param sysfs: sysfs root (tests point it at a fake tree).
+    :param dev: /dev root.
+    """
+
+    def __init__(self, loader: ModuleLoader, *, sysfs: str = "/sys", dev: str = "/dev") -> None:
+        self._loader = loader
+        self._sysfs = sysfs
+        self._dev = dev
+        self._share_lock = threading.Lock()
+
+    # SCSI ------------------------------------------------------------------------------------
+
+    def _wait_scsi(self, controller: int, lun: int) -> str:
+        def check() -> str | None:
+            name = find_scsi_block_device(controller, lun, sysfs=self._sysfs)
+            if name and os.path.exists(f"{self._dev}/{name}"):
+                return name
+            return None
+
+        def rescan() -> None:
+            # A disk the guest let go of (unmount_scsi deletes it) is not re-probed by the
+            # kernel if the host did not re-plug it; ask the SCSI host to scan that LUN.
+            host = scsi_host_name(controller, sysfs=self._sysfs)
+            if host:
+                try:
+                    with open(f"{self._sysfs}/class/scsi_host/{host}/scan", "w") as f:
+                        f.write(f"0 {SCSI_TARGET} {scsi_linux_lun(lun)}")
+                except OSError:
+                    pass
+
+        name = wait_for(check, timeout=DEVICE_TIMEOUT, on_slow=rescan)
+        if name is None:
+            raise AgentError(
+                f"no SCSI disk at controller {controller} LUN {lun} after {DEVICE_TIMEOUT:g} s"
+            )
+        return name
+
+    def mount_scsi(self, controller: int, lun: int, guest_path: str, *, read_only: bool,
+                   options: Sequence[str]) -> dict[str, str]:
+        """Wait for the disk at (controller, LUN) and mount it (or only wait, if no path)."""
+        self._loader.ensure_group("scsi")
+        name = self._wait_scsi(controller, lun)
+        device = f"{self._dev}/{name}"
+        if not guest_path:
+            return {"device": device}
+        fstype = detect_fstype(device)
+        self._loader.ensure_group(fstype)
+        opts = read_only_options(fstype) if read_only else []
+        opts += [o for o in options if o and o not in opts]
+        makedirs(guest_path)
+        mount(device, guest_path, fstype=fstype, options=",".join(opts))
+        return {"device": device, "fstype": fstype}
+
+    def unmount_scsi(self, controller: int, lun: int, guest_path: str) -> None:
+        """Unmount ``guest_path`` (if given) and detach the disk from the guest kernel.
+
+        Deleting the SCSI device makes the later hot-unplug clean: the kernel has flushed and
+        forgotten the disk instead of seeing it vanish under it.
+        """
+        if guest_path:
+            umount(guest_path)
+            remove_dir(guest_path)
+        name = find_scsi_block_device(controller, lun, sysfs=self._sysfs)
+        if name is None:
+            return
+        device = f"{self._dev}/{name}"
+        if any(src == device or src.startswith(device + "p") for src, *_ in mounts()):
+            return  # still mounted elsewhere: keep it
+        try:
+            with open(f"{self._sysfs}/block/{name}/device/delete", "w") as f:
+                f.write("1")
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise AgentError(f"delete SCSI device {name}: {err.strerror}") from None
+
+    # Plan 9 ----------------------------------------------------------------------------------
+
+    def _ensure_share_root(self) -> None:
+        # One virtio-9p device allows one guest mount (a second gives EBUSY), so the export is
+        # mounted once and every share is a bind mount of one of its subdirectories.
+        with self._share_lock:
+            if is_mountpoint(PLAN9_GUEST_ROOT):
+                return
+            self._loader.ensure_group("9p")
+            makedirs(PLAN9_GUEST_ROOT)
+            mount(PLAN9_MOUNT_TAG, PLAN9_GUEST_ROOT, fstype="9p", options=PLAN9_MOUNT_OPTIONS)
+
+    def mount_plan9(self, name: str, guest_path: str, *, read_only: bool) -> None:
+        """Bind share ``name`` (``PLAN9_GUEST_ROOT/<name>``) onto ``guest_path``."""
+        try:
+            check_share_name(name)
+        except ValueError as err:
+            raise AgentError(str(err)) from None
+        if not guest_path:
+            raise AgentError("mount_plan9 needs a guest path")
+        self._ensure_share_root()
+        src = plan9_share_guest_path(name)
+        if not os.path.lexists(src):
+            raise AgentError(f"share {name} not found in the 9p export ({src})")
+        if os.path.isdir(src):
+            makedirs(guest_path)
+        else:
+            makedirs(os.path.dirname(guest_path) or "/")
+            if not os.path.exists(guest_path):
+                open(guest_path, "a").close()  # an empty file as the bind target
+        mount(src, guest_path, options="bind")
+        if read_only:
+            # The host already enforces read-only shares; this makes the guest view match.
+            try:
+                mount(src, guest_path, options="remount,bind,ro")
+            except AgentError:
+                umount(guest_path)
+                raise
+
+    def unmount_plan9(self, name: str, guest_path: str) -> None:
+        """Unmount share ``name`` from ``guest_path`` and remove the mount point."""
+        if guest_path:
+            umount(guest_path)
+            remove_dir(guest_path)
+
+    # vPMEM -----------------------------------------------------------------------------------
+
+    def mount_vpmem(self, device: int, guest_path: str) -> None:
+        """Mount ``/dev/pmem<device>`` read-only on ``guest_path``."""
+        self._loader.ensure_group("pmem")
+
+        def check() -> str | None:
+            name = find_pmem_device(device, sysfs=self._sysfs)
+            node = f"{self._dev}/{name}" if name else None
+            return node if node and os.path.exists(node) else None
+
+        node = wait_for(check, timeout=DEVICE_TIMEOUT)
+        if node is None:
+            raise AgentError(f"vPMEM device {device} did not appear after {DEVICE_TIMEOUT:g} s")
+        fstype = detect_fstype(node)
+        self._loader.ensure_group(fstype)
+        makedirs(guest_path)
+        mount(node, guest_path, fstype=fstype, options=",".join(read_only_options(fstype)))
+
+    def unmount_vpmem(self, device: int, guest_path: str) -> None:
+        """Unmount vPMEM device ``device`` from ``guest_path``."""
+        if guest_path:
+            umount(guest_path)
+            remove_dir(guest_path)
+
+    # Overlay ---------------------------------------------------------------------------------
+
+    def combine_layers(self, container_id: str, rootfs: str, layers: Sequence[str],
+                       scratch_dir: str) -> None:
+        """Mount an overlay of ``layers`` (top-most first) on ``rootfs``.
+
+        With ``scratch_dir`` the overlay is writable (``upper``/``work`` below it, one pair per
+        container: reusing a pair is undefined behaviour). Without it the overlay is
+        read-only; a single read-only layer is bind-mounted read-only instead, because
+        overlayfs needs two lower dirs when there is no upper dir.
+        """
+        if not layers:
+            raise AgentError(f"combine_layers for {container_id}: no layers")
+        if not rootfs:
+            raise AgentError(f"combine_layers for {container_id}: no rootfs path")
+        for layer in layers:
+            if ":" in layer or "," in layer:
+                # overlayfs splits lowerdir on ':' and options on ','
+                raise AgentError(f"layer path {layer!r} contains ':' or ','")
+        makedirs(rootfs)
+        if not scratch_dir and len(layers) == 1:
+            mount(layers[0], rootfs, options="bind")
+            mount(layers[0], rootfs, options="remount,bind,ro")
+            return
+        self._loader.ensure_group("overlay")
+        opts = [f"lowerdir={':'.join(layers)}"]
+        if scratch_dir:
+            upper, work = f"{scratch_dir}/upper", f"{scratch_dir}/work"
+            makedirs(upper)
+            makedirs(work)
+            opts += [f"upperdir={upper}", f"workdir={work}"]
+        else:
+            opts.insert(0, "ro")
+        mount("overlay", rootfs, fstype="overlay", options=",".join(opts))
+
+    def remove_combined_layers(self, rootfs: str) -> None:
+        """Unmount the overlay (or bind) on ``rootfs``."""
+        umount(rootfs)
+
+    # Sandbox and hugepages -------------------------------------------------------------------
+
+    def sandbox_dir(self, sandbox_id: str, source: str) -> str:
+        """Create (mode 0777) and return the guest directory for a ``sandbox://`` source."""
+        path = paths.sandbox_mount_path(sandbox_id, source)
+        makedirs(path, 0o777)
+        return path
+
+    def hugepages_dir(self, sandbox_id: str, source: str) -> str:
+        """Create the directory for a ``hugepages://`` source, with hugetlbfs mounted on it."""
+        path, size = paths.hugepages_mount_path(sandbox_id, source)
+        if is_mountpoint(path):
+            return path
+        self._reserve_hugepages(paths.hugepage_size_kb(size))
+        makedirs(path)
+        mount("none", path, fstype="hugetlbfs", options=f"pagesize={size}")
+        return path
+
+    def _reserve_hugepages(self, size_kb: int) -> None:
+        base = f"{self._sysfs}/kernel/mm/hugepages/hugepages-{size_kb}kB"
+        if not os.path.isdir(base):
+            raise AgentError(f"the guest does not support {size_kb} kB huge pages")
+        try:
+            with open(f"{base}/free_hugepages") as f:
+                if int(f.read()) > 0:
+                    return
+            with open(f"{base}/nr_hugepages") as f:
+                total = int(f.read())
+            # A 1G page needs RAM the small UVM usually lacks; reserve only a few small ones.
+            want = DEFAULT_HUGEPAGES if size_kb <= 2048 else 1
+            with open(f"{base}/nr_hugepages", "w") as f:
+                f.write(str(total + want))
+        except (OSError, ValueError) as err:
+            raise AgentError(f"reserve huge pages: {err}") from None
