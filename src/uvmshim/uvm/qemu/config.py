@@ -1,0 +1,170 @@
+"""The QEMU utility VM's description (:class:`QemuConfig`) and file layout (:class:`MachinePaths`).
+
+Both are frozen; the argv builder (:mod:`uvmshim.uvm.qemu.cmdline`) turns them into a command line
+without touching the file system.
+
+State directory layout (one private directory per VM, mode 0700)::
+
+    <base>/<id>/
+        console.log     the guest serial console (ttyS0)
+        qemu.log        QEMU's own stderr (launch errors)
+        agent.sock      virtio-serial port "agent" (created by us, listening fd passed to QEMU)
+        qemu.pid        "<pid> <start time>" of the QEMU process (for leak checks)
+        exports/        the real directory behind the 9p export; share mount points are made here
+        share/          read-only bind mount of exports/: the 9p export root (mount_tag share0).
+                        Shares are bind mounts at share/<name> (directory) or
+                        share/<name>/<file> (single-file share).
+
+QMP goes over a socketpair (no socket file). Nothing else of the host is visible to QEMU except the
+boot files, the disks hot-added over QMP and the shares bind-mounted under ``share/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+#: ``auto`` means: use KVM only if a short probe shows it really runs a guest, else TCG.
+Accel = Literal["kvm", "tcg"]
+AccelChoice = Literal["kvm", "tcg", "auto"]
+SecurityModel = Literal["none", "mapped-xattr"]
+
+#: The guest finds SCSI controller ``i`` at PCI ``0000:00:0{5+i}.0``. Contract with the agent.
+SCSI_PCI_SLOT_BASE = 0x5
+#: Maximum number of virtio-scsi controllers (PCI slots 0x5..0x8).
+MAX_SCSI_CONTROLLERS = 4
+#: Fixed PCI slots of the other boot-time devices.
+SERIAL_PCI_SLOT = 0x3
+P9_PCI_SLOT = 0x4
+#: Hot-plug root ports start at this slot (one per slot, ``rp0`` at 0x10, ``rp1`` at 0x11, ...).
+ROOT_PORT_PCI_SLOT_BASE = 0x10
+#: The 9p mount tag of the one share device. Contract with the agent.
+P9_MOUNT_TAG = "share0"
+#: The virtio-serial port name the guest agent opens. Contract with the agent.
+AGENT_PORT_NAME = "agent"
+
+#: Kernel arguments measured to boot fastest under TCG (see qemu-notes section 1); ``panic=-1``
+#: makes a guest panic end the QEMU process (``-no-reboot``) instead of hanging.
+DEFAULT_KERNEL_ARGS: tuple[str, ...] = (
+    "console=ttyS0",
+    "quiet",
+    "cryptomgr.notests",
+    "tsc=reliable",
+    "no_timer_check",
+    "panic=-1",
+)
+
+#: ``nobody:nogroup`` on Debian.
+NOBODY = (65534, 65534)
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """Everything that decides the QEMU command line of one utility VM.
+
+    :param kernel: the guest kernel (an uncompressed PVH ``vmlinux`` boots ~3 s faster under TCG).
+    :param initrd: the guest initrd.
+    :param memory_mb: guest RAM.
+    :param cpus: guest vCPUs.
+    :param accel: ``kvm``, ``tcg`` or ``auto`` (probe KVM once per host boot, see :mod:`.kvm`).
+    :param scsi_controllers: number of ``virtio-scsi-pci`` controllers ``scsi0..`` (at most 4).
+    :param hotplug_ports: spare ``pcie-root-port`` slots for vPMEM / VFIO hot-plug. The first
+        ``vpmem_slots`` of them are reserved: vPMEM device ``n`` always sits behind ``rp<n>``.
+    :param vpmem_slots: vPMEM devices (and memory hot-plug slots); 0 disables vPMEM.
+    :param vpmem_max_mb: total size of all vPMEM devices together (``maxmem`` headroom).
+    :param kernel_args: extra guest kernel arguments, appended to :data:`DEFAULT_KERNEL_ARGS`.
+    :param run_as: ``(uid, gid)`` QEMU runs as; ``None`` keeps root (not recommended: a guest
+        could then create root-owned files through a writable 9p share).
+    :param p9_security_model: the 9p ``security_model``; ``none`` keeps host symlinks working.
+    :param cpu_model: ``-cpu`` value; default ``max`` under TCG and ``host`` under KVM.
+    :param qemu_binary: the QEMU executable.
+    :param base_dir: where state directories are created; default :func:`default_base_dir`.
+    :param qemu_sandbox: pass QEMU's own ``-sandbox on,...`` seccomp policy.
+    :param die_with_parent: QEMU gets SIGKILL when the thread that launched it exits (so a
+        crashed host process leaves no VM behind); turn off for VMs that must outlive it.
+    :param extra_args: appended verbatim to the argv (debugging).
+    """
+
+    kernel: Path
+    initrd: Path
+    memory_mb: int = 512
+    cpus: int = 2
+    accel: AccelChoice = "auto"
+    scsi_controllers: int = MAX_SCSI_CONTROLLERS
+    hotplug_ports: int = 4
+    vpmem_slots: int = 0
+    vpmem_max_mb: int = 4096
+    kernel_args: tuple[str, ...] = ()
+    run_as: tuple[int, int] | None = NOBODY
+    p9_security_model: SecurityModel = "none"
+    cpu_model: str | None = None
+    qemu_binary: str = "qemu-system-x86_64"
+    base_dir: Path | None = None
+    qemu_sandbox: bool = True
+    die_with_parent: bool = True
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.scsi_controllers <= MAX_SCSI_CONTROLLERS:
+            raise ValueError(f"scsi_controllers must be 0..{MAX_SCSI_CONTROLLERS}")
+        if self.memory_mb < 64 or self.cpus < 1:
+            raise ValueError("memory_mb must be >= 64 and cpus >= 1")
+        if not 0 <= self.hotplug_ports <= 16:
+            raise ValueError("hotplug_ports must be 0..16")
+        if self.vpmem_slots < 0 or (self.vpmem_slots and self.vpmem_max_mb < 2):
+            raise ValueError("vpmem_slots must be >= 0 and vpmem_max_mb >= 2")
+        if self.vpmem_slots > self.hotplug_ports:
+            raise ValueError("vpmem_slots must not exceed hotplug_ports (one root port each)")
+
+
+@dataclass(frozen=True)
+class MachinePaths:
+    """The files of one VM inside its private state directory (see the module docstring)."""
+
+    state_dir: Path
+
+    @property
+    def console_log(self) -> Path:
+        """The guest serial console."""
+        return self.state_dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        """QEMU's stderr."""
+        return self.state_dir / "qemu.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The host end of the guest agent's virtio-serial port."""
+        return self.state_dir / "agent.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        """``<pid> <start time>`` of QEMU, for leak checks."""
+        return self.state_dir / "qemu.pid"
+
+    @property
+    def exports_dir(self) -> Path:
+        """The writable directory behind the read-only export root."""
+        return self.state_dir / "exports"
+
+    @property
+    def share_dir(self) -> Path:
+        """The 9p export root (a read-only bind mount of :attr:`exports_dir`)."""
+        return self.state_dir / "share"
+
+
+def default_base_dir() -> Path:
+    """Where state directories go.
+
+    ``/run/uvmshim/vm`` as root, else ``$XDG_RUNTIME_DIR/uvmshim/vm``, else
+    ``/tmp/uvmshim-<uid>/vm``.
+    """
+    if os.geteuid() == 0:
+        return Path("/run/uvmshim/vm")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "uvmshim" / "vm"
+    return Path(f"/tmp/uvmshim-{os.geteuid()}") / "vm"

@@ -1,0 +1,463 @@
+"""The :class:`~uvmshim.uvm.backend.HostBackend` of a QEMU utility VM: QMP hot-plug and host binds.
+
+Contracts with the guest agent:
+
+* **SCSI**: the disk at (controller ``c``, LUN ``l``) is ``scsi-hd`` id ``scsi<c>-lun<l>`` on bus
+  ``scsi<c>.0``, channel 0, SCSI id 0, LUN ``l``; the controller is PCI ``0000:00:0{5+c}.0``. The
+  guest sees ``H:0:0:L`` below that PCI device (``L = 0x4000 | l`` for ``l >= 256``). Every disk
+  also has ``serial=uvm-c<c>-l<l>`` and ``wwn`` = NAA-5 ``0x5525400 << 36 | c << 16 | l``
+  (``/sys/block/sdX/device/wwid`` is ``naa.55254000<cccc><llll>`` in hex).
+* **Plan9**: one 9p device, mount tag ``share0``. Share ``name`` is the directory ``<name>`` at the
+  top of that export; a restricted share with ``allowed_files`` is a directory ``<name>`` that
+  holds exactly those files. The top of the export and a restricted share's directory are
+  read-only; a share is as writable as its ``read_only`` flag says (enforced on the host).
+* **vPMEM**: device ``n`` is ``virtio-pmem-pci`` id ``vpmem<n>`` behind root port ``rp<n>``, PCI
+  ``0000:00:{0x10+n}.0``; the guest finds its ``/dev/pmemX`` below that bridge
+  (``.../0000:00:1n.0/0000:BB:00.0/virtio*/ndbus*/region*/namespace*/block/pmemX``).
+* **vPCI**: ``vfio-pci`` id ``vpci-<guid>`` on the first free root port after the vPMEM ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from qemu.qmp import ExecuteError, QMPError
+
+from ...errors import BackendError
+from . import mounts
+from .cmdline import root_port_id, scsi_controller_id
+from .machine import QemuMachine, _finish
+
+ImageFormat = Literal["raw", "qcow2", "vpc", "vhdx"]
+
+#: How long a hot-unplug may take (measured: 52 ms for scsi-hd, ~60-150 ms on a root port).
+DEVICE_DELETED_TIMEOUT = 10.0
+#: QEMU's limits for scsi-hd on virtio-scsi.
+MAX_LUN = 16383
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
+_BDF_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+VFIO_DRIVER_DIR = Path("/sys/bus/pci/drivers/vfio-pci")
+
+
+def detect_image_format(path: str | os.PathLike[str]) -> ImageFormat:
+    """The QEMU block driver for the disk image at ``path``, from its magic bytes.
+
+    ``QFI\\xfb`` at 0 is qcow2, ``vhdxfile`` at 0 is VHDX, a ``conectix`` footer in the last 512
+    bytes (or its copy in the first 512, as dynamic VHDs have) is VHD (QEMU's ``vpc``);
+    anything else is raw.
+
+    :raise BackendError: the file can't be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - 512))
+            tail = f.read(512)
+    except OSError as e:
+        raise BackendError(f"cannot read disk image {os.fspath(path)}: {e.strerror}") from e
+    if head.startswith(b"QFI\xfb"):
+        return "qcow2"
+    if head.startswith(b"vhdxfile"):
+        return "vhdx"
+    if tail.startswith(b"conectix") or head.startswith(b"conectix"):
+        return "vpc"
+    return "raw"
+
+
+def scsi_wwn(controller: int, lun: int) -> int:
+    """The deterministic NAA-5 WWN of the disk at (controller, LUN) (QEMU's OUI 52:54:00)."""
+    return (0x5 << 60) | (0x525400 << 36) | (controller << 16) | lun
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME_RE.match(name) or name in (".", ".."):
+        raise BackendError(f"{kind} {name!r} is not a plain file name")
+
+
+@dataclass
+class _Disk:
+    host_path: str
+    device_id: str
+    nodes: tuple[str, ...]  # top (format) node first
+
+
+@dataclass
+class _Share:
+    name: str
+    targets: list[Path]  # mount points, under share/
+    created: list[Path]  # what we created in exports/, in creation order
+
+
+class QemuHostBackend:
+    """Virtual hardware changes on a running :class:`QemuMachine` (see the module docstring).
+
+    Every method raises :class:`BackendError` with the QMP or OS error in the message; on failure
+    nothing half-done stays behind. A failed detach stays tracked so it can be retried.
+    """
+
+    def __init__(self, machine: QemuMachine) -> None:
+        self.machine = machine
+        self._lock = asyncio.Lock()
+        self._disks: dict[tuple[int, int], _Disk] = {}
+        self._shares: dict[str, _Share] = {}
+        self._vpmem: dict[int, str] = {}  # device -> memory backend object id
+        self._vpci: dict[str, str] = {}  # guid -> port
+        cfg = machine.config
+        # vPMEM device n owns root port n; vPCI takes the rest.
+        self._free_ports = [root_port_id(i) for i in range(cfg.vpmem_slots, cfg.hotplug_ports)]
+
+    # Section: QMP helpers
+
+    async def _execute(self, cmd: str, args: dict[str, object], what: str) -> object:
+        try:
+            return await self.machine.qmp.execute(cmd, args)
+        except ExecuteError as e:
+            raise BackendError(f"QMP {cmd} for {what}: {e}") from e
+        except (QMPError, OSError, EOFError) as e:
+            raise BackendError(f"QMP {cmd} for {what}: {type(e).__name__}: {e}") from e
+
+    async def _device_del(self, device_id: str, what: str) -> None:
+        """``device_del`` and wait for *its* ``DEVICE_DELETED`` (children emit their own)."""
+        qmp = self.machine.qmp
+        with qmp.listener("DEVICE_DELETED") as listener:
+            try:
+                await self._execute("device_del", {"id": device_id}, what)
+            except BackendError as e:
+                if "not found" in str(e).lower():
+                    return  # already gone (e.g. a retry after a timed-out wait)
+                raise
+            try:
+                async with asyncio.timeout(DEVICE_DELETED_TIMEOUT):
+                    while True:
+                        event = await listener.get()
+                        data = event.get("data", {})
+                        if isinstance(data, dict) and data.get("device") == device_id:
+                            return
+            except TimeoutError:
+                raise BackendError(
+                    f"{what}: no DEVICE_DELETED for {device_id} within "
+                    f"{DEVICE_DELETED_TIMEOUT:.0f} s (is it still in use in the guest?)"
+                ) from None
+
+    def _take_port(self, what: str) -> str:
+        if not self._free_ports:
+            raise BackendError(
+                f"{what}: no free hot-plug root port (QemuConfig.hotplug_ports="
+                f"{self.machine.config.hotplug_ports})"
+            )
+        return self._free_ports.pop(0)
+
+    def _give_port(self, port: str) -> None:
+        self._free_ports.append(port)
+        self._free_ports.sort(key=lambda p: int(p[2:]))
+
+    # Section: SCSI
+
+    async def scsi_attach(
+        self, controller: int, lun: int, host_path: str, *, read_only: bool, passthrough: bool
+    ) -> None:
+        """Hot-add ``host_path`` at (``controller``, ``lun``) as a ``scsi-hd``.
+
+        An image file goes through a ``file`` node and a format node (raw/qcow2/vpc/vhdx by
+        magic); a pass-through block device through a ``host_device`` node. ``read_only`` is set
+        on every node, so QEMU opens the file read-only.
+        """
+        if not 0 <= controller < self.machine.config.scsi_controllers:
+            raise BackendError(
+                f"SCSI controller {controller} does not exist "
+                f"(the VM has {self.machine.config.scsi_controllers})"
+            )
+        if not 0 <= lun <= MAX_LUN:
+            raise BackendError(f"SCSI LUN {lun} is out of range 0..{MAX_LUN}")
+        async with self._lock:
+            if (controller, lun) in self._disks:
+                held = self._disks[controller, lun].host_path
+                raise BackendError(f"SCSI {controller}:{lun} already holds {held}")
+            try:
+                st = os.stat(host_path)
+            except OSError as e:
+                raise BackendError(f"disk {host_path}: {e.strerror}") from e
+            dev = f"scsi{controller}-lun{lun}"
+            if passthrough:
+                if not stat.S_ISBLK(st.st_mode):
+                    raise BackendError(
+                        f"pass-through disk {host_path} is not a host block device"
+                    )
+                nodes: tuple[str, ...] = (f"{dev}-dev",)
+                blockdev: dict[str, object] = {
+                    "driver": "host_device", "node-name": nodes[0], "filename": host_path,
+                    "read-only": read_only,
+                }  # fmt: skip
+            else:
+                if not stat.S_ISREG(st.st_mode):
+                    raise BackendError(f"disk image {host_path} is not a regular file")
+                fmt = detect_image_format(host_path)
+                nodes = (f"{dev}-fmt", f"{dev}-file")
+                blockdev = {
+                    "driver": fmt, "node-name": nodes[0], "read-only": read_only,
+                    "file": {"driver": "file", "node-name": nodes[1], "filename": host_path,
+                             "read-only": read_only},
+                }  # fmt: skip
+                if not read_only:
+                    blockdev["discard"] = "unmap"  # guest fstrim shrinks sparse scratch images
+            await self._execute("blockdev-add", blockdev, host_path)
+            try:
+                await self._execute(
+                    "device_add",
+                    {
+                        "driver": "scsi-hd", "id": dev, "drive": nodes[0],
+                        "bus": f"{scsi_controller_id(controller)}.0",
+                        "channel": 0, "scsi-id": 0, "lun": lun,
+                        "serial": f"uvm-c{controller}-l{lun}",
+                        "wwn": scsi_wwn(controller, lun),
+                    },
+                    host_path,
+                )
+            except BaseException as e:
+                # Roll back; the original error is the one that matters. If we were interrupted
+                # (cancelled, QMP broke) the device may exist after all: try to remove it too.
+                refused = isinstance(e, BackendError) and isinstance(e.__cause__, ExecuteError)
+                rollback = self._rollback_disk(dev, nodes[0], host_path, maybe_added=not refused)
+                await _finish(rollback)
+                raise
+            self._disks[controller, lun] = _Disk(host_path, dev, nodes)
+
+    async def _rollback_disk(self, dev: str, node: str, what: str, *, maybe_added: bool) -> None:
+        with contextlib.suppress(BackendError):
+            if maybe_added:
+                await self._device_del(dev, what)
+            await self._execute("blockdev-del", {"node-name": node}, what)
+
+    async def scsi_detach(self, controller: int, lun: int) -> None:
+        """Hot-remove the disk at (controller, LUN): ``device_del``, wait, ``blockdev-del``."""
+        async with self._lock:
+            disk = self._disks.get((controller, lun))
+            if disk is None:
+                raise BackendError(f"no disk is attached at SCSI {controller}:{lun}")
+            await self._device_del(disk.device_id, disk.host_path)
+            await self._execute("blockdev-del", {"node-name": disk.nodes[0]}, disk.host_path)
+            del self._disks[controller, lun]
+
+    # Section: Plan9
+
+    async def plan9_add(
+        self, name: str, host_path: str, *, read_only: bool, allowed_files: Sequence[str]
+    ) -> None:
+        """Share ``host_path`` as ``name`` by bind-mounting it under the 9p export.
+
+        A directory share binds the directory on ``share/<name>``. With ``allowed_files``,
+        ``share/<name>/`` is a read-only directory holding binds of exactly those files of
+        ``host_path``. Binds are ``nosuid,nodev`` and read-only on the host if ``read_only``.
+        """
+        _check_name("share name", name)
+        for f in allowed_files:
+            _check_name("allowed file", f)
+        async with self._lock:
+            if name in self._shares:
+                raise BackendError(f"share {name!r} already exists")
+            if not os.path.isdir(host_path):
+                raise BackendError(f"share {name!r}: {host_path} is not a directory")
+            paths = self.machine.paths
+            share = _Share(name, [], [])
+            try:
+                export = paths.exports_dir / name
+                export.mkdir(mode=0o755)
+                share.created.append(export)
+                if not allowed_files:
+                    target = paths.share_dir / name
+                    mounts.bind_mount(host_path, target, read_only=read_only)
+                    share.targets.append(target)
+                for f in dict.fromkeys(allowed_files):
+                    # Resolve on the host now: the bind pins this exact file.
+                    source = os.path.realpath(os.path.join(host_path, f))
+                    if not os.path.isfile(source):
+                        raise BackendError(
+                            f"share {name!r}: allowed file {f} is not a file in {host_path}"
+                        )
+                    placeholder = export / f
+                    placeholder.touch(mode=0o644, exist_ok=False)
+                    share.created.append(placeholder)
+                    target = paths.share_dir / name / f
+                    mounts.bind_mount(source, target, read_only=read_only)
+                    share.targets.append(target)
+            except BaseException:
+                self._undo_share(share)
+                raise
+            self._shares[name] = share
+
+    async def plan9_remove(self, name: str) -> None:
+        """Stop sharing ``name``: unmount its binds (lazily if busy) and remove its directory."""
+        async with self._lock:
+            share = self._shares.get(name)
+            if share is None:
+                raise BackendError(f"no share named {name!r}")
+            errors = self._undo_share(share)
+            if errors:
+                raise BackendError(f"removing share {name!r}: " + "; ".join(errors))
+            del self._shares[name]
+
+    def _undo_share(self, share: _Share) -> list[str]:
+        errors: list[str] = []
+        for target in reversed(share.targets):
+            try:
+                mounts.unmount(target)
+            except BackendError as e:
+                if mounts.is_mount_point(target):
+                    errors.append(str(e))
+        if errors:
+            return errors  # never delete mount points that are still mounted
+        share.targets.clear()
+        for p in reversed(share.created):
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    p.rmdir()
+                else:
+                    p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                errors.append(f"remove {p}: {e.strerror}")
+        share.created.clear()
+        return errors
+
+    # Section: vPMEM
+
+    async def vpmem_add(self, device: int, host_path: str) -> None:
+        """Expose ``host_path`` read-only as ``virtio-pmem-pci`` device ``device``.
+
+        Needs ``QemuConfig.vpmem_slots > 0``. The file size must be a multiple of 2 MiB
+        (the guest maps it in huge-page-aligned sections).
+        """
+        cfg = self.machine.config
+        if cfg.vpmem_slots == 0:
+            raise BackendError("vPMEM is not enabled in this VM (QemuConfig.vpmem_slots is 0)")
+        if not 0 <= device < cfg.vpmem_slots:
+            raise BackendError(
+                f"vPMEM device {device} does not exist (the VM has {cfg.vpmem_slots})"
+            )
+        async with self._lock:
+            if device in self._vpmem:
+                raise BackendError(f"vPMEM device {device} is already in use")
+            try:
+                size = os.stat(host_path).st_size
+            except OSError as e:
+                raise BackendError(f"vPMEM image {host_path}: {e.strerror}") from e
+            if size == 0 or size % (2 << 20):
+                raise BackendError(
+                    f"vPMEM image {host_path} is {size} bytes; "
+                    "it must be a non-zero multiple of 2 MiB"
+                )
+            port = root_port_id(device)
+            mem = f"vpmem{device}-mem"
+            await self._execute(
+                "object-add",
+                {"qom-type": "memory-backend-file", "id": mem, "mem-path": host_path,
+                 "size": size, "share": True, "readonly": True},
+                host_path,
+            )
+            try:
+                await self._execute(
+                    "device_add",
+                    {"driver": "virtio-pmem-pci", "id": f"vpmem{device}", "memdev": mem,
+                     "bus": port},
+                    host_path,
+                )
+            except BaseException:
+                with contextlib.suppress(BackendError):
+                    await self._execute("object-del", {"id": mem}, host_path)
+                raise
+            self._vpmem[device] = mem
+
+    async def vpmem_remove(self, device: int) -> None:
+        """Hot-remove vPMEM device ``device`` and its memory backend.
+
+        QEMU 7.2 refuses this ("virtio based memory devices cannot be unplugged"): the error
+        is raised as a :class:`BackendError` and the device stays attached (and tracked) until
+        the VM stops. A QEMU that can unplug it gets the full ``device_del`` + ``object-del``.
+        """
+        async with self._lock:
+            mem = self._vpmem.get(device)
+            if mem is None:
+                raise BackendError(f"no vPMEM device {device}")
+            try:
+                await self._device_del(f"vpmem{device}", f"vPMEM {device}")
+            except BackendError as e:
+                if "cannot be unplugged" in str(e):
+                    raise BackendError(
+                        f"vPMEM device {device} cannot be removed: this QEMU cannot hot-unplug "
+                        "virtio-pmem devices; it stays attached until the VM stops"
+                    ) from e
+                raise
+            await self._execute("object-del", {"id": mem}, f"vPMEM {device}")
+            del self._vpmem[device]
+
+    # Section: vPCI (VFIO)
+
+    async def vpci_add(self, vmbus_guid: str, instance_id: str, function: int) -> None:
+        """Assign host PCI device ``instance_id`` (a BDF such as ``0000:01:00.0``) with VFIO.
+
+        ``function`` > 0 selects SR-IOV virtual function ``function - 1`` of that device
+        (``virtfn<n>`` in sysfs). The device must already be bound to ``vfio-pci``.
+        """
+        _check_name("vPCI id", vmbus_guid)
+        if not VFIO_DRIVER_DIR.is_dir():
+            raise BackendError(
+                "assigned devices need VFIO, which this host does not have "
+                f"({VFIO_DRIVER_DIR} is missing)"
+            )
+        bdf = instance_id.lower()
+        if len(bdf) == 7:  # accept "01:00.0" for domain 0
+            bdf = "0000:" + bdf
+        if not _BDF_RE.match(bdf):
+            raise BackendError(
+                f"assigned device {instance_id!r} is not a PCI address (dddd:bb:ss.f)"
+            )
+        dev = Path("/sys/bus/pci/devices") / bdf
+        if function > 0:
+            vf = dev / f"virtfn{function - 1}"
+            if not vf.exists():
+                raise BackendError(f"PCI device {bdf} has no virtual function {function - 1}")
+            dev = vf.resolve()
+            bdf = dev.name
+        if not dev.exists():
+            raise BackendError(f"host has no PCI device {bdf}")
+        if not (dev / "iommu_group").exists():
+            raise BackendError(f"PCI device {bdf} has no IOMMU group (is the IOMMU enabled?)")
+        driver = (dev / "driver").resolve().name if (dev / "driver").exists() else None
+        if driver != "vfio-pci":
+            raise BackendError(
+                f"PCI device {bdf} is bound to {driver or 'no driver'}, not vfio-pci"
+            )
+        async with self._lock:
+            if vmbus_guid in self._vpci:
+                raise BackendError(f"vPCI device {vmbus_guid} is already assigned")
+            port = self._take_port(f"vPCI {bdf}")
+            try:
+                await self._execute(
+                    "device_add",
+                    {"driver": "vfio-pci", "host": bdf, "id": f"vpci-{vmbus_guid}", "bus": port},
+                    f"PCI device {bdf}",
+                )
+            except BaseException:
+                self._give_port(port)
+                raise
+            self._vpci[vmbus_guid] = port
+
+    async def vpci_remove(self, vmbus_guid: str) -> None:
+        """Unassign the device assigned as ``vmbus_guid``."""
+        async with self._lock:
+            port = self._vpci.get(vmbus_guid)
+            if port is None:
+                raise BackendError(f"no vPCI device {vmbus_guid}")
+            await self._device_del(f"vpci-{vmbus_guid}", f"vPCI {vmbus_guid}")
+            del self._vpci[vmbus_guid]
+            self._give_port(port)
