@@ -1,0 +1,135 @@
+"""Benchmark: image import throughput vs. ``mkfs.ext4 -d`` of the same tree (the floor).
+
+One synthetic layer (many small files, some large ones, made from slices of busybox so that it
+compresses like real binaries) is written as an OCI layout, gzip-compressed and uncompressed,
+and imported into a fresh store. The floor is ``mkfs.ext4 -d`` (same options as the importer)
+of the same tree, already unpacked: the part of an import that no importer built on mkfs can
+avoid. Throughput is MB (10^6 bytes) of uncompressed layer tar per second, median of
+``--repeat`` runs, measured in the same run.
+
+    python bench/bench_image_import.py [--mb 64] [--repeat 3] [--dir /dev/shm]
+
+Needs root, e2fsprogs and busybox-static (run as CI runs the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from uvmshim.image import ImageStore, ImportEvent, import_image, testimages
+from uvmshim.image.tar2ext4 import BLOCK, INODE_SIZE, fs_bytes, measure
+
+
+def make_layer(total: int) -> testimages.Layer:
+    """A layer of about ``total`` bytes: 3/4 in small files (1-64 KiB), 1/4 in 4 MiB files."""
+    blob = Path(testimages.BUSYBOX).read_bytes()
+    t = testimages.TarBuilder()
+    t.dir("usr")
+    t.dir("usr/lib")
+    t.dir("usr/share")
+    small, i = 0, 0
+    while small < total * 3 // 4:
+        size = 1024 << (i % 7)  # 1 KiB .. 64 KiB
+        off = (i * 7919) % (len(blob) - size)
+        if i % 100 == 0:
+            t.dir(f"usr/share/d{i // 100}")
+        t.add(f"usr/share/d{i // 100}/f{i}", data=blob[off:off + size])
+        small += size
+        i += 1
+    big = 0
+    while big < total // 4:
+        size = 4 << 20
+        data = (blob * (size // len(blob) + 1))[:size]
+        t.add(f"usr/lib/big{big // size}.so", data=data, mode=0o755)
+        big += size
+    return t.close()
+
+
+def floor_seconds(layer: testimages.Layer, work: Path) -> float:
+    """``mkfs.ext4 -d`` of the layer's tree (unpacked beforehand, not timed)."""
+    tree = work / "tree"
+    tree.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(layer.tar)) as tf:
+        tf.extractall(tree, filter="fully_trusted")
+    size, inodes = fs_bytes(measure(tree))
+    img = work / "floor.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    t0 = time.perf_counter()
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I",
+                    str(INODE_SIZE), "-N", str(inodes), "-m", "0", "-O",
+                    "^has_journal,^resize_inode", "-E", "lazy_itable_init=0", "-d", tree, img],
+                   check=True)
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(tree)
+    img.unlink()
+    return elapsed
+
+
+def import_seconds(layer: testimages.Layer, work: Path, compression: str
+                   ) -> tuple[float, float]:
+    """Time a full import; also the unpack part (until the last blob byte was read)."""
+    img = work / f"img-{compression}"
+    testimages.write_oci_layout(img, [layer], compression=compression)
+    store = ImageStore(work / f"store-{compression}")
+    last_byte = [0.0]
+
+    def progress(ev: ImportEvent) -> None:
+        if ev.kind == "layer-bytes":
+            last_byte[0] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    asyncio.run(import_image(img, store=store, progress=progress))
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(img)
+    shutil.rmtree(store.root)
+    return elapsed, last_byte[0] - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=int, default=64, help="layer size in MiB (default 64)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", default=None,
+                    help="work directory: store and staging (default: $TMPDIR or /tmp)")
+    args = ap.parse_args()
+    layer = make_layer(args.mb << 20)
+    mb = len(layer.tar) / 1e6
+    with tarfile.open(fileobj=io.BytesIO(layer.tar)) as tf:
+        entries = len(tf.getmembers())
+    print(f"layer: {mb:.1f} MB tar, {len(layer.gz) / 1e6:.1f} MB gzip, {entries} entries; "
+          f"work dir on {args.dir or tempfile.gettempdir()}")
+    with tempfile.TemporaryDirectory(prefix="bench-image-", dir=args.dir) as tmp:
+        work = Path(tmp)
+        floor: list[float] = []
+        imp: dict[str, list[float]] = {"gzip": [], "none": []}
+        unpack: dict[str, list[float]] = {"gzip": [], "none": []}
+        for _ in range(args.repeat):
+            # Interleaved, so that host noise hits all variants alike.
+            floor.append(floor_seconds(layer, work))
+            for comp in ("gzip", "none"):
+                total, part = import_seconds(layer, work, comp)
+                imp[comp].append(total)
+                unpack[comp].append(part)
+    f = statistics.median(floor)
+    print(f"{'floor: mkfs.ext4 -d':32} {mb / f:8.1f} MB/s  ({f:.2f} s)")
+    for comp in ("gzip", "none"):
+        t = statistics.median(imp[comp])
+        u = statistics.median(unpack[comp])
+        print(f"{'import, ' + comp + ' layer':32} {mb / t:8.1f} MB/s  ({t:.2f} s, unpack "
+              f"{u:.2f} s)  floor/import = {f / t:.2f}, import is {t / f:.2f}x the floor")
+    os.sync()
+
+
+if __name__ == "__main__":
+    main()

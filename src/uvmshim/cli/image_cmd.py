@@ -1,0 +1,162 @@
+"""``uvmshim image``: import, list and remove local OCI images; make scratch disks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from uvmshim.cli.main import dump_json, run_async
+from uvmshim.image import (
+    DEFAULT_SCRATCH_BYTES,
+    ImageError,
+    ImageRecord,
+    ImageStore,
+    ImportEvent,
+    create_scratch,
+    import_image,
+    list_images,
+    remove_image,
+)
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def human(n: int) -> str:
+    """``1536`` → ``1.5 KiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``512M``, ``1073741824`` → bytes (binary units).
+
+    :raises ImageError: not a size.
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise ImageError(f"not a size: {text!r}", hint="use e.g. 10G, 512M or a byte count")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _store(ctx: click.Context) -> ImageStore:
+    root = ctx.obj.get("root") if isinstance(ctx.obj, dict) else None
+    return ImageStore(root)
+
+
+@click.group("image")
+@click.option("--root", type=click.Path(path_type=str), default=None,
+              help="Image store directory (default: $UVMSHIM_IMAGE_ROOT, else "
+                   "/var/lib/uvmshim/images as root).")
+@click.pass_context
+def image_group(ctx: click.Context, root: str | None) -> None:
+    """Import local OCI images as LCOW layer disks; list and remove them."""
+    ctx.obj = {"root": root}
+
+
+class _Bars:
+    """Turns import events into rich progress bars on stderr, one per converted layer."""
+
+    def __init__(self, progress: Progress, console: Console) -> None:
+        self._progress = progress
+        self._console = console
+        self._tasks: dict[int, TaskID] = {}
+
+    def __call__(self, ev: ImportEvent) -> None:
+        label = f"layer {ev.index + 1}/{ev.count} {ev.diff_id[7:19]}"
+        if ev.kind == "layer-start":
+            self._tasks[ev.index] = self._progress.add_task(label, total=ev.total)
+        elif ev.kind == "layer-bytes" and ev.index in self._tasks:
+            self._progress.advance(self._tasks[ev.index], ev.done)
+        elif ev.kind == "layer-done":
+            if ev.index in self._tasks:
+                self._progress.remove_task(self._tasks.pop(ev.index))
+            self._console.print(f"{label}: converted")
+        elif ev.kind == "layer-cached":
+            self._console.print(f"{label}: already present")
+
+
+@image_group.command("import")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--name", default=None,
+              help="Name to store the image under (default: its ref name or repo tag).")
+@click.pass_context
+def import_command(ctx: click.Context, path: str, name: str | None) -> None:
+    """Import the image at PATH: an OCI layout directory, an oci-archive or a docker-archive
+    (`podman save` / `docker save` output)."""
+    store = _store(ctx)
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        record = run_async(import_image(path, name=name, store=store,
+                                        progress=_Bars(progress, console)))
+    click.echo(f"{record.name} {record.id}")
+
+
+@image_group.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list on stdout.")
+@click.pass_context
+def ls_command(ctx: click.Context, as_json: bool) -> None:
+    """List the images in the store."""
+    images = list_images(_store(ctx))
+    if as_json:
+        dump_json([r.to_json() for r in images])
+        return
+    show(images)
+
+
+def _when(iso: str) -> str:
+    """An RFC 3339 time as ``2023-11-14 22:13`` (UTC), or as given if it isn't one."""
+    try:
+        # 3.11's fromisoformat takes at most microseconds; configs may carry nanoseconds.
+        return dt.datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", iso)).astimezone(
+            dt.UTC).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def show(images: list[ImageRecord]) -> None:
+    table = Table(box=None)
+    for col in ("NAME", "ID", "LAYERS", "SIZE", "CREATED"):
+        table.add_column(col, no_wrap=True)
+    for r in images:
+        table.add_row(r.name, r.id.split(":", 1)[-1][:12], str(len(r.diff_ids)), human(r.size),
+                      _when(r.created))
+    Console().print(table)
+
+
+@image_group.command("rm")
+@click.argument("name")
+@click.pass_context
+def rm_command(ctx: click.Context, name: str) -> None:
+    """Remove image NAME, and its layers that no other image uses."""
+    removed = remove_image(name, _store(ctx))
+    click.echo(f"removed {name} ({len(removed)} layer{'s' if len(removed) != 1 else ''} "
+               "freed)")
+
+
+@image_group.command("scratch")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--size", "size_text", default=str(DEFAULT_SCRATCH_BYTES >> 30) + "G",
+              show_default=True, help="Virtual size of the scratch disk (sparse).")
+def scratch_command(folder: Path, size_text: str) -> None:
+    """Create FOLDER/sandbox.vhdx, an empty ext4 scratch disk for one container."""
+    path = run_async(create_scratch(folder, parse_size(size_text)))
+    click.echo(str(path))
