@@ -61,7 +61,8 @@ def _register() -> None:
     # module can import ``cli`` helpers from this one without a cycle.
     import importlib
 
-    for module, name in (("plan_cmd", "plan_command"),):
+    for module, name in (("plan_cmd", "plan_command"), ("uvm_cmd", "uvm_group"),
+                         ("image_cmd", "image_group")):
         cli.add_command(getattr(importlib.import_module(f"uvmshim.cli.{module}"), name))
 
 

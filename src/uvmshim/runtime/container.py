@@ -1,0 +1,142 @@
+"""One container in a utility VM: hcsshim's ``CreateContainer`` flow on our UVM.
+
+``create`` allocates the container's resources (the allocator, against the UVM's device
+managers), builds the guest document and asks the guest agent to create the container with
+crun from the rewritten spec; ``start`` starts it; its output arrives as it comes; ``wait``
+returns the exit status; ``kill`` signals it; ``exec`` runs another process in it; ``delete``
+removes it in the guest and releases every resource, newest first.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from uvmshim.agentclient import AgentClient, ContainerProcess
+from uvmshim.allocator import Allocation, create_container_resources
+from uvmshim.errors import ReleaseError, UvmshimError
+from uvmshim.oci.spec import Spec
+from uvmshim.uvm.utilityvm import UtilityVM
+
+log = logging.getLogger(__name__)
+
+
+class ContainerState(enum.Enum):
+    NEW = "new"
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DELETED = "deleted"
+
+
+class Container:
+    """A container in a running UVM.
+
+    :param vm: the UVM's device managers (the allocator allocates on them).
+    :param agent: the UVM's guest agent.
+    :param container_id: the container id (also its directory ``/run/gcs/c/<id>``).
+    :param spec: the container's OCI spec (host paths); never changed.
+    """
+
+    def __init__(self, vm: UtilityVM, agent: AgentClient, container_id: str, spec: Spec) -> None:
+        self.vm = vm
+        self.agent = agent
+        self.id = container_id
+        self.spec = spec
+        self.state = ContainerState.NEW
+        self.allocation: Allocation | None = None
+        self.init: ContainerProcess | None = None
+        self.exit_code: int | None = None
+        self._execs = 0
+
+    @property
+    def sandbox_id(self) -> str:
+        """The pod sandbox whose ``sandbox://`` and ``hugepages://`` directories this uses."""
+        if self.allocation is not None and self.allocation.sandbox.sandbox_id:
+            return self.allocation.sandbox.sandbox_id
+        return self.id
+
+    async def create(self, *, stdin: bool = False) -> None:
+        """Allocate the resources and create the container in the guest (not started yet).
+
+        :raises UvmshimError: allocation or the guest's create failed; nothing is left behind.
+        """
+        self.allocation = await create_container_resources(self.spec, self.vm, self.id)
+        doc = self.allocation.guest_document
+        assert doc is not None
+        try:
+            self.init = await self.agent.container_create(
+                self.id, doc["OciBundlePath"], doc["OciSpecification"],
+                sandbox_id=self.sandbox_id, scratch_dir=doc["ScratchDirPath"], stdin=stdin)
+        except BaseException:
+            await self._release()
+            raise
+        self.state = ContainerState.CREATED
+
+    async def start(self) -> None:
+        """Start the container's init process."""
+        if self.state is not ContainerState.CREATED:
+            raise UvmshimError(f"container {self.id} is {self.state.value}, not created")
+        await self.agent.container_start(self.id)
+        self.state = ContainerState.RUNNING
+
+    async def output(self) -> AsyncIterator[tuple[str, bytes]]:
+        """The init process's ``(stream, data)`` chunks as they come, until it exits."""
+        assert self.init is not None
+        async for item in self.init.output():
+            yield item
+
+    async def write_stdin(self, data: bytes) -> None:
+        assert self.init is not None
+        await self.init.write_stdin(data)
+
+    async def close_stdin(self) -> None:
+        assert self.init is not None
+        await self.init.close_stdin()
+
+    async def wait(self) -> int:
+        """Wait for the init process; return its exit status (128+N if killed by signal N)."""
+        assert self.init is not None
+        code = await self.init.wait()
+        self.exit_code = code if code >= 0 else 128 - code
+        self.state = ContainerState.STOPPED
+        return self.exit_code
+
+    async def kill(self, signal: int, *, all_processes: bool = False) -> None:
+        """Send ``signal`` to the init process (or every process of the container)."""
+        await self.agent.container_signal(self.id, signal, all_processes=all_processes)
+
+    async def exec(self, process: Mapping[str, Any], *, stdin: bool = False) -> ContainerProcess:
+        """Run another process (an OCI ``process`` object) in the running container."""
+        if self.state is not ContainerState.RUNNING:
+            raise UvmshimError(f"container {self.id} is {self.state.value}, not running")
+        self._execs += 1
+        return await self.agent.container_exec(self.id, f"exec{self._execs}", dict(process),
+                                               stdin=stdin)
+
+    async def delete(self) -> None:
+        """Remove the container in the guest (killing it if needed) and release everything.
+
+        :raises ReleaseError: some resources could not be released (they stay tracked; calling
+            again retries them).
+        """
+        errors: list[BaseException] = []
+        if self.state in (ContainerState.CREATED, ContainerState.RUNNING,
+                          ContainerState.STOPPED):
+            try:
+                await self.agent.container_delete(self.id)
+            except UvmshimError as err:
+                errors.append(err)
+        self.state = ContainerState.DELETED
+        try:
+            await self._release()
+        except ReleaseError as err:
+            errors.extend(err.errors)
+        if errors:
+            raise ReleaseError(f"failed to delete container {self.id}", errors)
+
+    async def _release(self) -> None:
+        if self.allocation is not None:
+            await self.allocation.resources.release()

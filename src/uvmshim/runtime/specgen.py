@@ -1,0 +1,142 @@
+"""Build an OCI spec from ``uvmshim run`` arguments, with the defaults ``crun spec`` gives.
+
+The spec is what a user of a container runtime expects: the command as the init process, the
+usual ``/proc``, ``/dev``, ``/sys`` mounts, fresh pid/ipc/uts/mount/network namespaces, a small
+capability set and no new privileges. Mounts the user asks for are added after those, so their
+indexes (and so their ``/mounts/m<i>`` share paths) follow.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from uvmshim.errors import UvmshimError
+from uvmshim.oci.spec import Spec
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN",
+                "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_SETGID", "CAP_SETUID",
+                "CAP_SETPCAP", "CAP_NET_RAW", "CAP_SYS_CHROOT", "CAP_MKNOD", "CAP_SETFCAP"]
+
+
+def _default_mounts() -> list[dict[str, Any]]:
+    return [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+    ]
+
+
+@dataclass
+class RunOptions:
+    """What ``uvmshim run`` was asked for. Mount arguments are kept as the user wrote them."""
+
+    args: Sequence[str]
+    rootfs: str | None = None
+    layers: Sequence[str] = ()
+    volumes: Sequence[str] = ()  # HOST:CTR[:ro]
+    disks: Sequence[str] = ()  # IMAGE:CTR[:ro]
+    physical_disks: Sequence[str] = ()  # DEV:CTR[:ro]
+    hugepages: Sequence[str] = ()  # NAME:CTR
+    sandbox_mounts: Sequence[str] = ()  # NAME:CTR
+    env: Sequence[str] = ()
+    cwd: str = "/"
+    user: tuple[int, int] = (0, 0)
+    hostname: str = "uvmshim"
+    read_only_root: bool = False
+    terminal: bool = False
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def _split(value: str, flag: str, *, ro_allowed: bool = True) -> tuple[str, str, bool]:
+    parts = value.split(":")
+    ro = False
+    if ro_allowed and len(parts) == 3 and parts[2] in ("ro", "rw"):
+        ro = parts[2] == "ro"
+        parts = parts[:2]
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        form = "SOURCE:DEST[:ro]" if ro_allowed else "SOURCE:DEST"
+        raise UvmshimError(f"expected {form}, got {value!r}", where=flag,
+                           hint=f"e.g. {flag} /srv/data:/data:ro")
+    if not parts[1].startswith("/"):
+        raise UvmshimError(f"the container path must be absolute, got {parts[1]!r}", where=flag)
+    return parts[0], parts[1], ro
+
+
+def build_spec(opts: RunOptions) -> Spec:
+    """The OCI spec for ``opts`` (host paths made absolute).
+
+    :raises UvmshimError: a mount argument is malformed, or neither a rootfs nor layers given.
+    """
+    if not opts.args:
+        raise UvmshimError("no command given", hint="uvmshim run [OPTIONS] -- CMD [ARGS...]")
+    mounts = _default_mounts()
+    for value in opts.volumes:
+        src, dst, ro = _split(value, "-v")
+        mounts.append({"destination": dst, "type": "bind", "source": os.path.abspath(src),
+                       "options": ["rbind", "ro"] if ro else ["rbind"]})
+    for value in opts.disks:
+        src, dst, ro = _split(value, "--disk")
+        mounts.append({"destination": dst, "type": "virtual-disk",
+                       "source": os.path.abspath(src), "options": ["ro"] if ro else []})
+    for value in opts.physical_disks:
+        src, dst, ro = _split(value, "--physical-disk")
+        mounts.append({"destination": dst, "type": "physical-disk",
+                       "source": os.path.abspath(src), "options": ["ro"] if ro else []})
+    for value in opts.hugepages:
+        name, dst, _ = _split(value, "--hugepages", ro_allowed=False)
+        mounts.append({"destination": dst, "type": "bind", "source": f"hugepages://2M/{name}",
+                       "options": ["rbind"]})
+    for value in opts.sandbox_mounts:
+        name, dst, ro = _split(value, "--sandbox-mount")
+        mounts.append({"destination": dst, "type": "bind", "source": f"sandbox:///{name}",
+                       "options": ["rbind", "ro"] if ro else ["rbind"]})
+    env = [f"PATH={DEFAULT_PATH}", "TERM=xterm", *opts.env]
+    spec: dict[str, Any] = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": opts.terminal,
+            "user": {"uid": opts.user[0], "gid": opts.user[1]},
+            "args": list(opts.args),
+            "env": env,
+            "cwd": opts.cwd,
+            "capabilities": {k: list(DEFAULT_CAPS) for k in
+                             ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": opts.read_only_root},
+        "hostname": opts.hostname,
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+                            "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq",
+                              "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+    if opts.annotations:
+        spec["annotations"] = dict(opts.annotations)
+    if opts.layers:
+        spec["windows"] = {"layerFolders": [os.path.abspath(p) for p in opts.layers]}
+    elif opts.rootfs:
+        spec["root"]["path"] = os.path.abspath(opts.rootfs)
+    else:
+        raise UvmshimError("no root filesystem given",
+                           hint="pass --rootfs DIR, --layers LAYER,...,SCRATCH or --image NAME")
+    return Spec.from_json(spec)
