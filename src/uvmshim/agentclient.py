@@ -293,6 +293,8 @@ class AgentClient:
             raise BackendError(f"guest {op}: {self._closed}")
         rid = self._next_id
         self._next_id += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("agent request %d: %s %s", rid, op, _brief(args))
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
@@ -505,3 +507,9 @@ class AgentGuestBackend:
     async def shutdown(self) -> None:
         """Ask the guest to sync and power off (QEMU then exits, with ``-no-reboot``)."""
         await self.client.request(Op.SHUTDOWN, timeout=10.0)
+
+
+def _brief(args: Mapping[str, Any], limit: int = 300) -> str:
+    """``args`` for a debug line, cut short (a spec or stdin chunk can be large)."""
+    text = repr(dict(args))
+    return text if len(text) <= limit else text[:limit] + "…"

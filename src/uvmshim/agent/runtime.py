@@ -90,6 +90,11 @@ class Runtime:
             raise
 
     def _resolve_mount(self, mount: dict[str, Any], sandbox_id: str) -> dict[str, Any]:
+        options = mount.get("options") or []
+        if mount.get("type") == "none" and not {"bind", "rbind"} & set(options):
+            # The host rewrote a disk mount to its guest path with type "none" (hcsshim's
+            # rewrite); in the guest that path is bind mounted into the container.
+            mount = {**mount, "options": ["rbind", *options]}
         source = mount.get("source")
         if not isinstance(source, str):
             return mount

@@ -62,7 +62,8 @@ def _register() -> None:
     import importlib
 
     for module, name in (("plan_cmd", "plan_command"), ("uvm_cmd", "uvm_group"),
-                         ("image_cmd", "image_group")):
+                         ("image_cmd", "image_group"), ("run_cmd", "run_command"),
+                         ("leaks_cmd", "leaks_command")):
         cli.add_command(getattr(importlib.import_module(f"uvmshim.cli.{module}"), name))
 
 

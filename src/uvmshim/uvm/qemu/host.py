@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import stat
@@ -83,6 +84,9 @@ def _check_name(kind: str, name: str) -> None:
         raise BackendError(f"{kind} {name!r} is not a plain file name")
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class _Disk:
     host_path: str
@@ -118,6 +122,7 @@ class QemuHostBackend:
     # Section: QMP helpers
 
     async def _execute(self, cmd: str, args: dict[str, object], what: str) -> object:
+        log.debug("qmp %s %s", cmd, args)
         try:
             return await self.machine.qmp.execute(cmd, args)
         except ExecuteError as e:

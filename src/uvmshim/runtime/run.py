@@ -1,0 +1,142 @@
+"""Run one container in a fresh utility VM, relaying its stdio and signals (``uvmshim run``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from uvmshim.oci.spec import Spec
+from uvmshim.runtime.container import Container
+from uvmshim.uvm.options import UvmOptions
+from uvmshim.uvm.qemu_uvm import start_uvm
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+async def relay_output(container: Container, stdout: BinaryIO, stderr: BinaryIO) -> None:
+    """Copy the container's output to ``stdout``/``stderr`` as it comes."""
+    sinks = {"stdout": stdout, "stderr": stderr}
+    async for stream, data in container.output():
+        sink = sinks.get(stream, stdout)
+        sink.write(data)
+        sink.flush()
+
+
+async def relay_stdin(container: Container, fd: int) -> None:
+    """Copy ``fd`` to the container's stdin until EOF, then close it.
+
+    Pipes and terminals are read through the event loop (a blocking read in a thread could not
+    be cancelled, and would keep the process alive at exit); regular files are just read.
+    """
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        while data := os.read(fd, 1 << 20):
+            await container.write_stdin(data)
+        await container.close_stdin()
+        return
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(fd, "rb", buffering=0, closefd=False)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while data := await reader.read(65536):
+            await container.write_stdin(data)
+        await container.close_stdin()
+    finally:
+        transport.close()
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, True)
+
+
+@contextlib.contextmanager
+def forward_signals(container: Container) -> Iterator[None]:
+    """Ctrl-C and SIGTERM go to the container's init; a second Ctrl-C stops waiting.
+
+    The first SIGINT/SIGTERM is delivered to the container (which may handle it); if another
+    SIGINT follows, the current task is cancelled, which tears everything down.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    seen: set[int] = set()
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_signal(signum: int) -> None:
+        if signum == signal.SIGINT and signum in seen and task is not None:
+            task.cancel()
+            return
+        seen.add(signum)
+        t = loop.create_task(_deliver(container, signum))
+        pending.add(t)
+        t.add_done_callback(pending.discard)
+
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+async def _deliver(container: Container, signum: int) -> None:
+    try:
+        await container.kill(signum)
+    except Exception as err:  # the container may have just exited
+        log.debug("forwarding signal %d: %s", signum, err)
+
+
+async def run_container(
+    spec: Spec,
+    *,
+    container_id: str,
+    memory_mb: int = 512,
+    cpus: int = 2,
+    stdin: bool = False,
+    progress: Progress | None = None,
+    stdout: BinaryIO | None = None,
+    stderr: BinaryIO | None = None,
+) -> int:
+    """Boot a UVM, run the container in it, and tear everything down; return its exit status.
+
+    :raises UvmshimError: the UVM, the allocation or the guest's create failed (nothing is left).
+    """
+    say = progress or (lambda _m: None)
+    out = stdout or sys.stdout.buffer
+    err = stderr or sys.stderr.buffer
+    options = UvmOptions.from_annotations(spec.annotations)
+    async with start_uvm(options, memory_mb=memory_mb, cpus=cpus, progress=say) as uvm:
+        container = Container(uvm.vm, uvm.agent, container_id, spec)
+        say("attaching storage")
+        await container.create(stdin=stdin)
+        relay: asyncio.Task[None] | None = None
+        feeder: asyncio.Task[None] | None = None
+        try:
+            say("starting")
+            relay = asyncio.create_task(relay_output(container, out, err))
+            if stdin:
+                feeder = asyncio.create_task(relay_stdin(container, sys.stdin.fileno()))
+            with forward_signals(container):
+                await container.start()
+                say("running")
+                code = await container.wait()
+                await relay
+        finally:
+            for task in (feeder, relay):
+                if task is not None and not task.done():
+                    task.cancel()
+            await container.delete()
+    return code
