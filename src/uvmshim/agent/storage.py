@@ -8,10 +8,12 @@ in sysfs: ``/sys/bus/pci/devices/<addr>/virtio*/host*/target*:0:<T>/*:0:<T>:<L>/
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import struct
 import threading
+import time
 from collections.abc import Sequence
 
 from uvmshim.agent import paths
@@ -86,16 +88,29 @@ def scsi_host_name(controller: int, *, sysfs: str = "/sys") -> str | None:
     return None
 
 
-def detect_fstype(device: str) -> str:
+#: How long a freshly hot-added disk may answer ENXIO/ENOENT before we give up (hcsshim's
+#: guest retries mounts for 5 s on exactly these errors).
+DEVICE_SETTLE_TIMEOUT = 5.0
+
+
+def detect_fstype(device: str, *, settle: float = DEVICE_SETTLE_TIMEOUT) -> str:
     """Return ``ext4``, ``xfs`` or ``erofs`` from the superblock of ``device``.
+
+    A disk whose block device was just registered can still answer ENXIO (the sd driver has
+    not finished bringing it online); that is retried for up to ``settle`` seconds.
 
     :raises AgentError: if the device cannot be read or holds none of these.
     """
-    try:
-        with open(device, "rb") as f:
-            head = f.read(2048)
-    except OSError as err:
-        raise AgentError(f"read {device}: {err.strerror}") from None
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            with open(device, "rb") as f:
+                head = f.read(2048)
+            break
+        except OSError as err:
+            if err.errno not in (errno.ENXIO, errno.ENOENT) or time.monotonic() > deadline:
+                raise AgentError(f"read {device}: {err.strerror}") from None
+            time.sleep(0.01)
     if head[:4] == b"XFSB":
         return "xfs"
     if len(head) >= 1028 and struct.unpack_from("<I", head, 1024)[0] == 0xE0F5E1E2:

@@ -159,9 +159,11 @@ class MachinePaths:
 def default_base_dir() -> Path:
     """Where state directories go.
 
-    ``/run/uvmshim/vm`` as root, else ``$XDG_RUNTIME_DIR/uvmshim/vm``, else
-    ``/tmp/uvmshim-<uid>/vm``.
+    ``$UVMSHIM_VM_DIR`` if set, else ``/run/uvmshim/vm`` as root, else
+    ``$XDG_RUNTIME_DIR/uvmshim/vm``, else ``/tmp/uvmshim-<uid>/vm``.
     """
+    if os.environ.get("UVMSHIM_VM_DIR"):
+        return Path(os.environ["UVMSHIM_VM_DIR"])
     if os.geteuid() == 0:
         return Path("/run/uvmshim/vm")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
