@@ -15,6 +15,9 @@ from uvmshim.agent.util import AgentError
 ROOT_PREFIX = "/run/gcs/c"
 SANDBOX_PREFIX = "sandbox://"
 HUGEPAGES_PREFIX = "hugepages://"
+#: Below ``<ROOT_PREFIX>/<sandbox id>``: the pod's sandbox:// and hugepages:// directories.
+SANDBOX_MOUNTS_DIR = "sandboxMounts"
+HUGEPAGES_DIR = "hugepages"
 
 _SIZE = re.compile(r"^([1-9][0-9]*)([KMG])B?$", re.IGNORECASE)
 _UNITS_KB = {"K": 1, "M": 1024, "G": 1024 * 1024}
@@ -46,7 +49,7 @@ def sandbox_mount_path(sandbox_id: str, source: str) -> str:
     rel = source.removeprefix(SANDBOX_PREFIX)
     if "\0" in rel:
         raise AgentError("sandbox mount path contains NUL")
-    folder = f"{ROOT_PREFIX}/{_check_id(sandbox_id)}/sandboxMounts"
+    folder = f"{ROOT_PREFIX}/{_check_id(sandbox_id)}/{SANDBOX_MOUNTS_DIR}"
     return _under(_go_join(folder, rel), folder, f"sandbox mount {source!r}")
 
 

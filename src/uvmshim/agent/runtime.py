@@ -18,6 +18,7 @@ events carrying that key, and ``process_stdin`` feeds its stdin.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -40,7 +41,8 @@ OUTPUT_CHUNK = 32 * 1024
 
 
 class _Container:
-    def __init__(self, bundle: str, stdin: bool, scratch_dir: str) -> None:
+    def __init__(self, bundle: str, stdin: bool, scratch_dir: str, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
         self.bundle = bundle
         self.stdin = stdin
         self.scratch_dir = scratch_dir
@@ -73,7 +75,8 @@ class Runtime:
         with self._lock:
             if container_id in self._containers:
                 raise AgentError(f"container {container_id} already exists")
-            self._containers[container_id] = _Container(bundle, stdin, scratch_dir)
+            self._containers[container_id] = _Container(bundle, stdin, scratch_dir,
+                                                        sandbox_id or container_id)
         try:
             spec = dict(spec)
             process = dict(spec.get("process") or {})
@@ -115,6 +118,31 @@ class Runtime:
             c.started = True
         self._spawn(container_id, self._crun("run", "--bundle", c.bundle, container_id),
                     stdin=c.stdin, cwd=c.bundle)
+        self._wait_running(container_id)
+
+    def _wait_running(self, container_id: str, timeout: float = 30.0) -> None:
+        """Return once crun reports the container running (or its init already exited).
+
+        ``crun run`` returns to us at once; an OCI ``start`` means the process runs, and a
+        ``kill`` or ``exec`` sent right after it must find the container.
+        """
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                proc = self._procs.get(container_id)
+            if proc is None or proc.poll() is not None:
+                return  # exited already: its exit event carries the status
+            if os.path.exists(os.path.join(CRUN_ROOT, container_id, "status")):
+                try:
+                    state = json.loads(run(self._crun("state", container_id)))
+                except (AgentError, ValueError):
+                    state = {}
+                if state.get("status") in ("running", "stopped"):
+                    return
+            time.sleep(0.005)
+        raise AgentError(f"container {container_id} did not start within {timeout:.0f} s")
 
     def exec(self, container_id: str, exec_id: str, process: dict[str, Any], *,
              stdin: bool) -> None:
@@ -149,13 +177,22 @@ class Runtime:
             c = self._containers.get(container_id)
         if c is None:
             raise AgentError(f"container {container_id} does not exist")
-        if c.started:
+        # ``crun run`` removes the container itself when its init exits; only a container that
+        # crun still knows needs ``crun delete``.
+        if c.started and os.path.isdir(os.path.join(CRUN_ROOT, container_id)):
             try:
                 run(self._crun("delete", "--force", container_id))
             except AgentError as err:
-                # crun run removes the container itself when the init exits; that is fine.
-                if "does not exist" not in str(err):
+                if os.path.isdir(os.path.join(CRUN_ROOT, container_id)):
                     raise AgentError(f"delete container {container_id}: {err}") from None
+        # What create wrote into the bundle; the bundle directory itself is a mount point (the
+        # scratch disk) or the parent of one (the rootfs), which the host removes.
+        for name in os.listdir(c.bundle) if os.path.isdir(c.bundle) else []:
+            if name == "config.json" or (name.startswith("exec-") and name.endswith(".json")):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(c.bundle, name))
+        if c.sandbox_id == container_id:
+            self._storage.remove_sandbox_dirs(container_id)
         with self._lock:
             self._containers.pop(container_id, None)
 

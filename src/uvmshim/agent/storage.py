@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import shutil
 import struct
 import threading
 import time
@@ -336,6 +337,22 @@ class Storage:
         makedirs(path)
         mount("none", path, fstype="hugetlbfs", options=f"pagesize={size}")
         return path
+
+    def remove_sandbox_dirs(self, sandbox_id: str) -> None:
+        """Unmount the sandbox's hugetlbfs mounts and remove its sandbox directories.
+
+        Called when the sandbox (a pod's sandbox container, or a container that is its own
+        sandbox) is deleted: these directories are shared by the pod and live as long as it.
+        """
+        root = os.path.join(paths.ROOT_PREFIX, sandbox_id)
+        huge = os.path.join(root, paths.HUGEPAGES_DIR)
+        for _src, target, *_ in sorted(mounts(), key=lambda m: -len(m[1])):
+            if target == huge or target.startswith(huge + "/"):
+                umount(target)
+        for sub in (paths.HUGEPAGES_DIR, paths.SANDBOX_MOUNTS_DIR):
+            path = os.path.join(root, sub)
+            if os.path.isdir(path) and not is_mountpoint(path):
+                shutil.rmtree(path, ignore_errors=True)
 
     def _reserve_hugepages(self, size_kb: int) -> None:
         base = f"{self._sysfs}/kernel/mm/hugepages/hugepages-{size_kb}kB"
