@@ -245,3 +245,29 @@ def test_run_cli_bad_input_is_a_clear_error(rootfs: str, tmp_path: Path) -> None
     assert "Traceback" not in res.stderr
     held = find_holdings(base)
     assert held.vms == [] and held.qemu_pids == []
+
+
+def test_pod_cli(rootfs: str, tmp_path: Path) -> None:
+    env = {**os.environ, "UVMSHIM_VM_DIR": str(tmp_path / "vms"),
+           "UVMSHIM_POD_DIR": str(tmp_path / "pods")}
+
+    def uvmshim(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["uvmshim", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    created = uvmshim("pod", "create", "p1", "--rootfs", rootfs)
+    try:
+        assert created.returncode == 0, created.stderr
+        first = uvmshim("pod", "run", "p1", "--sandbox-mount", "s:/s", "--",
+                        "sh", "-c", "echo shared-data > /s/f")
+        assert first.returncode == 0, first.stderr
+        second = uvmshim("pod", "run", "p1", "--sandbox-mount", "s:/s", "--",
+                         "sh", "-c", "cat /s/f; exit 4")
+        assert (second.returncode, second.stdout) == (4, "shared-data\n")
+        assert "running" in uvmshim("pod", "ls").stdout
+    finally:
+        stopped = uvmshim("pod", "stop", "p1")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not (tmp_path / "pods" / "p1").exists()
+    held = find_holdings(tmp_path / "vms")
+    assert held.vms == [] and held.qemu_pids == []

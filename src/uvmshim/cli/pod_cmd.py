@@ -1,0 +1,190 @@
+"""``uvmshim pod``: pods of containers sharing one utility VM, served by a pod daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import click
+
+from uvmshim.cli.main import dump_json, run_async
+from uvmshim.errors import UvmshimError
+from uvmshim.protocol.framing import read_frame, write_frame
+from uvmshim.runtime.podd import PODS_DIR, pod_dir
+from uvmshim.runtime.specgen import RunOptions, build_spec
+
+CREATE_TIMEOUT = 180.0
+
+
+@click.group("pod")
+def pod_group() -> None:
+    """Pods: a sandbox and workload containers in one UVM (hcsshim's hypervisor-isolated pods).
+
+    \b
+      uvmshim pod create web --rootfs ./rootfs
+      uvmshim pod run web --sandbox-mount shared:/shared -- sh -c 'date > /shared/t'
+      uvmshim pod run web --sandbox-mount shared:/shared -- cat /shared/t
+      uvmshim pod stop web
+    """
+
+
+def _alive(name: str) -> bool:
+    ready = pod_dir(name) / "ready"
+    try:
+        pid = int(ready.read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@pod_group.command("create")
+@click.argument("name")
+@click.option("--rootfs", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Root filesystem (with /bin/sh) for the sandbox and, by default, workloads.")
+@click.option("--memory", "memory_mb", type=click.IntRange(64), default=512, show_default=True)
+@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+def create_command(name: str, rootfs: str, memory_mb: int, cpus: int) -> None:
+    """Boot a UVM for pod NAME and start its sandbox; return once it is ready."""
+    directory = pod_dir(name)
+    if directory.exists():
+        if _alive(name):
+            raise UvmshimError(f"pod {name} exists", hint=f"uvmshim pod stop {name}")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    (directory / "rootfs").write_text(os.path.abspath(rootfs))
+    with open(directory / "pod.log", "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvmshim.runtime.podd", name, "--rootfs",
+             os.path.abspath(rootfs), "--memory", str(memory_mb), "--cpus", str(cpus)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+    deadline = time.monotonic() + CREATE_TIMEOUT
+    while not (directory / "ready").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            failed = directory / "failed"
+            why = failed.read_text() if failed.exists() else \
+                (directory / "pod.log").read_text()[-2000:]
+            shutil.rmtree(directory, ignore_errors=True)
+            raise UvmshimError(f"pod {name} did not start: {why.strip()}")
+        time.sleep(0.05)
+    click.echo(name)
+
+
+async def _request(name: str, req: dict[str, Any]) -> Any:
+    sock = pod_dir(name) / "pod.sock"
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+    except OSError:
+        raise UvmshimError(f"no running pod {name}",
+                           hint=f"uvmshim pod create {name} --rootfs DIR") from None
+    try:
+        await write_frame(writer, req)
+        reply = await read_frame(reader)
+    finally:
+        writer.close()
+    if reply is None or not reply.get("ok"):
+        raise UvmshimError(str((reply or {}).get("error", "the pod daemon went away")),
+                           hint=(reply or {}).get("hint"))
+    return reply.get("result")
+
+
+@pod_group.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.option("--name", "container_id", default="", help="Container id (default: random).")
+@click.option("--rootfs", type=click.Path(file_okay=False), default=None,
+              help="Root filesystem (default: the pod's).")
+@click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]")
+@click.option("--disk", "disks", multiple=True, metavar="IMAGE:CTR[:ro]")
+@click.option("--hugepages", multiple=True, metavar="NAME:CTR")
+@click.option("--sandbox-mount", "sandbox_mounts", multiple=True, metavar="NAME:CTR[:ro]",
+              help="A directory shared by the pod's containers (sandbox://NAME).")
+@click.option("-e", "--env", multiple=True, metavar="NAME=VALUE")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run_command(name: str, container_id: str, rootfs: str | None, volumes: tuple[str, ...],
+                disks: tuple[str, ...], hugepages: tuple[str, ...],
+                sandbox_mounts: tuple[str, ...], env: tuple[str, ...],
+                command: tuple[str, ...]) -> None:
+    """Run COMMAND as a workload container in pod NAME; remove it when it exits.
+
+    Put ``--`` before COMMAND so that its options are not taken for uvmshim's.
+    """
+    pod_rootfs = pod_dir(name) / "rootfs"
+    if not pod_rootfs.exists():
+        raise UvmshimError(f"no running pod {name}",
+                           hint=f"uvmshim pod create {name} --rootfs DIR")
+    root = os.path.abspath(rootfs) if rootfs else pod_rootfs.read_text()
+    spec = build_spec(RunOptions(args=list(command), rootfs=root, volumes=volumes, disks=disks,
+                                 hugepages=hugepages, sandbox_mounts=sandbox_mounts,
+                                 env=list(env)))
+    cid = container_id or f"{name}-{uuid.uuid4().hex[:8]}"
+    sys.exit(run_async(_run(name, cid, spec.to_json())))
+
+
+async def _run(name: str, cid: str, spec: dict[str, Any]) -> int:
+    sock = pod_dir(name) / "pod.sock"
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+    except OSError:
+        raise UvmshimError(f"no running pod {name}") from None
+    try:
+        await write_frame(writer, {"op": "run", "id": cid, "spec": spec})
+        first = await read_frame(reader)
+        if first is None or not first.get("ok"):
+            raise UvmshimError(str((first or {}).get("error", "the pod daemon went away")),
+                               hint=(first or {}).get("hint"))
+        sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        while (frame := await read_frame(reader)) is not None:
+            if "exit_code" in frame:
+                return int(frame["exit_code"])
+            sink = sinks.get(str(frame.get("stream")), sys.stdout.buffer)
+            sink.write(base64.b64decode(frame.get("data", "")))
+            sink.flush()
+        raise UvmshimError(f"pod {name} went away while {cid} ran")
+    finally:
+        writer.close()
+
+
+@pod_group.command("ps")
+@click.argument("name")
+def ps_command(name: str) -> None:
+    """List the containers running in pod NAME."""
+    dump_json(run_async(_request(name, {"op": "ps"})))
+
+
+@pod_group.command("rm")
+@click.argument("name")
+@click.argument("container_id")
+def rm_command(name: str, container_id: str) -> None:
+    """Kill and remove container CONTAINER_ID of pod NAME."""
+    run_async(_request(name, {"op": "rm", "id": container_id}))
+
+
+@pod_group.command("stop")
+@click.argument("name")
+def stop_command(name: str) -> None:
+    """Stop pod NAME: remove its containers and sandbox, and shut its UVM down."""
+    run_async(_request(name, {"op": "stop"}))
+    deadline = time.monotonic() + 60
+    while pod_dir(name).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pod_dir(name).exists():
+        raise UvmshimError(f"pod {name} did not stop within 60 s",
+                           hint="uvmshim leaks --reclaim")
+
+
+@pod_group.command("ls")
+def ls_command() -> None:
+    """List the pods on this host."""
+    if PODS_DIR.is_dir():
+        for d in sorted(PODS_DIR.iterdir()):
+            click.echo(f"{d.name}\t{'running' if _alive(d.name) else 'dead'}")

@@ -1,0 +1,172 @@
+"""The pod daemon: one process per pod that owns its UVM and serves ``uvmshim pod`` calls.
+
+A pod outlives any one command, so ``uvmshim pod create`` starts this daemon (detached, in its
+own session); it boots the UVM, starts the pod's sandbox container, and serves requests on a
+unix socket in the pod's directory ``/run/uvmshim/pods/<name>/``:
+
+* ``run`` {id, spec, stdin}: create and start a workload container, stream its output back on
+  the same connection as ``{"stream", "data"}`` frames, then ``{"exit_code"}``; the container
+  is removed when it exits, or killed and removed if the client goes away first.
+* ``ps``: the pod's containers. ``rm`` {id}: kill and remove one. ``stop``: stop the pod (the
+  daemon then exits, and with it the UVM).
+
+Frames use the agent protocol's framing (4-byte length + JSON object).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from uvmshim.errors import UvmshimError
+from uvmshim.oci.spec import Spec
+from uvmshim.protocol.framing import read_frame, write_frame
+from uvmshim.runtime.container import Container
+from uvmshim.runtime.pod import Pod, pause_spec, run_pod
+
+log = logging.getLogger(__name__)
+
+PODS_DIR = Path(os.environ.get("UVMSHIM_POD_DIR", "/run/uvmshim/pods"))
+
+
+def pod_dir(name: str) -> Path:
+    if not name or "/" in name or name in (".", ".."):
+        raise UvmshimError(f"bad pod name {name!r}", hint="use letters, digits, - and _")
+    return PODS_DIR / name
+
+
+class PodServer:
+    def __init__(self, pod: Pod, stopped: asyncio.Event) -> None:
+        self.pod = pod
+        self.stopped = stopped
+        self.running: dict[str, asyncio.Task[None]] = {}
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            req = await read_frame(reader)
+            if req is None:
+                return
+            op = req.get("op")
+            try:
+                if op == "run":
+                    await self._run(req, reader, writer)
+                    return
+                if op == "ps":
+                    result: Any = {"pod": self.pod.id, "containers": sorted(self.pod.containers)}
+                elif op == "rm":
+                    cid = str(req.get("id"))
+                    task = self.running.get(cid)
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+                    else:
+                        await self.pod.remove_container(cid)
+                    result = {"removed": cid}
+                elif op == "stop":
+                    self.stopped.set()
+                    result = {"stopping": self.pod.id}
+                else:
+                    raise UvmshimError(f"unknown request {op!r}")
+                await write_frame(writer, {"ok": True, "result": result})
+            except UvmshimError as err:
+                await write_frame(writer, {"ok": False, "error": str(err), "hint": err.hint})
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _run(self, req: dict[str, Any], reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter) -> None:
+        cid = str(req.get("id"))
+        spec = Spec.from_json(req.get("spec"))
+        container = await self.pod.add_container(cid, spec)
+        await write_frame(writer, {"ok": True, "result": {"created": cid}})
+        task = asyncio.create_task(self._attach(container, writer))
+        self.running[cid] = task
+
+        async def watch_client() -> None:
+            # The client closing its end means "stop": kill the container.
+            with contextlib.suppress(Exception):
+                await reader.read()
+            if not task.done():
+                task.cancel()
+
+        watcher = asyncio.create_task(watch_client())
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        finally:
+            watcher.cancel()
+            self.running.pop(cid, None)
+            with contextlib.suppress(UvmshimError):
+                await self.pod.remove_container(cid)
+
+    async def _attach(self, container: Container, writer: asyncio.StreamWriter) -> None:
+        async def relay() -> None:
+            async for stream, data in container.output():
+                await write_frame(writer, {"stream": stream,
+                                           "data": base64.b64encode(data).decode()})
+
+        pump = asyncio.create_task(relay())
+        await container.start()
+        code = await container.wait()
+        await pump
+        await write_frame(writer, {"exit_code": code})
+
+
+async def serve(name: str, rootfs: str, memory_mb: int, cpus: int) -> None:
+    directory = pod_dir(name)
+    sock = directory / "pod.sock"
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopped.set)
+    async with run_pod(name, pause_spec(rootfs), memory_mb=memory_mb, cpus=cpus) as pod:
+        server_state = PodServer(pod, stopped)
+        server = await asyncio.start_unix_server(server_state.handle, path=str(sock))
+        (directory / "ready").write_text(str(os.getpid()))
+        async with server:
+            await stopped.wait()
+        for task in list(server_state.running.values()):
+            task.cancel()
+        for task in list(server_state.running.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def main() -> None:
+    """Entry point of the daemon (``python -m uvmshim.runtime.podd NAME ...``)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    parser.add_argument("--rootfs", required=True)
+    parser.add_argument("--memory", type=int, default=512)
+    parser.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    directory = pod_dir(args.name)
+    try:
+        asyncio.run(serve(args.name, args.rootfs, args.memory, args.cpus))
+    except UvmshimError as err:
+        print(f"error: {err}", file=sys.stderr)
+        (directory / "failed").write_text(str(err))
+        sys.exit(1)
+    finally:
+        # Everything in the pod is gone by now; the directory goes too (unless it failed, so
+        # that ``pod create`` can read why, and remove it).
+        if not (directory / "failed").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
