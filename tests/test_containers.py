@@ -271,3 +271,21 @@ def test_pod_cli(rootfs: str, tmp_path: Path) -> None:
     assert not (tmp_path / "pods" / "p1").exists()
     held = find_holdings(tmp_path / "vms")
     assert held.vms == [] and held.qemu_pids == []
+
+
+def test_physical_disk_passthrough(session: UvmSession, rootfs: str, tmp_path: Path) -> None:
+    img = ext4(tmp_path, "pd", {"f.txt": "on a block device\n"})
+    try:
+        loop = subprocess.run(["losetup", "-f", "--show", img], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as err:
+        pytest.skip(f"no loop device on this host: {err}")
+    try:
+        spec = build_spec(RunOptions(args=["sh", "-c", "cat /pd/f.txt; echo w > /pd/new"],
+                                     rootfs=rootfs, physical_disks=[f"{loop}:/pd"]))
+        code, out, err = run_spec(session, "c-pd", spec)
+        assert (code, out) == (0, "on a block device\n"), err
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+    got = subprocess.run(["debugfs", "-R", "cat /new", img], capture_output=True, text=True)
+    assert got.stdout == "w\n"
