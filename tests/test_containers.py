@@ -283,8 +283,8 @@ def test_physical_disk_passthrough(session: UvmSession, rootfs: str, tmp_path: P
     try:
         spec = build_spec(RunOptions(args=["sh", "-c", "cat /pd/f.txt; echo w > /pd/new"],
                                      rootfs=rootfs, physical_disks=[f"{loop}:/pd"]))
-        code, out, err = run_spec(session, "c-pd", spec)
-        assert (code, out) == (0, "on a block device\n"), err
+        code, out, stderr = run_spec(session, "c-pd", spec)
+        assert (code, out) == (0, "on a block device\n"), stderr
     finally:
         subprocess.run(["losetup", "-d", loop], check=False)
     got = subprocess.run(["debugfs", "-R", "cat /new", img], capture_output=True, text=True)
