@@ -33,6 +33,10 @@ def nothing_left_attached(session: UvmSession) -> Iterator[None]:
     assert session.uvm.vm.inventory() == {"scsi": [], "plan9": [], "vpmem": [], "vpci": []}
     _, out, _ = session.sh("grep -E ' /run/(mounts|shares)' /proc/mounts || true")
     assert out == "", f"guest mounts left: {out}"
+    export_root = str(session.state_dir / "share")
+    host_binds = [m for m in find_holdings().mounts
+                  if m.startswith(str(session.state_dir)) and m != export_root]
+    assert host_binds == [], f"host bind mounts left: {host_binds}"
 
 
 def ext4(tmp: Path, name: str, files: dict[str, str]) -> str:
