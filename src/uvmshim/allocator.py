@@ -13,6 +13,7 @@ and without a UVM the mounts are validated and left as they are instead of crash
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
@@ -84,7 +85,19 @@ class Allocation:
     spec: Spec  # the rewritten spec (a new object)
     resources: ContainerResources
     sandbox: SandboxInfo
-    guest_document: dict[str, Any] | None
+    in_uvm: bool
+
+    @functools.cached_property
+    def guest_document(self) -> dict[str, Any] | None:
+        """The document the guest gets (§2.4), or None without a UVM.
+
+        Built on first use: it is a deep copy of the whole spec, which the caller needs once
+        (to send it), and building it eagerly doubles the objects a large allocation makes.
+        """
+        if not self.in_uvm:
+            return None
+        return linux_container_document(self.spec, self.resources.container_root_in_uvm,
+                                        self.resources.lcow_scratch_path)
 
     def __repr__(self) -> str:
         # Short on purpose: asyncio formats the result of a task in some paths, and the full
@@ -280,10 +293,6 @@ async def create_container_resources(
             r.network_namespace = spec.windows.network_namespace
         new_spec = await allocate_linux_resources(
             spec, vm, r, container_id=effective_id)
-        document = None
-        if vm is not None:
-            document = linux_container_document(new_spec, r.container_root_in_uvm,
-                                                r.lcow_scratch_path)
     except BaseException as err:
         try:
             await r.release()
@@ -295,4 +304,4 @@ async def create_container_resources(
         layers = r.take_layers()
         if layers is not None:
             vm.adopt(layers)
-    return Allocation(effective_id, new_spec, r, sandbox, document)
+    return Allocation(effective_id, new_spec, r, sandbox, in_uvm=vm is not None)
