@@ -359,7 +359,11 @@ class AgentClient:
                 if q is not None:
                     q.put_nowait(None)
 
-        return ExecProcess(argv, queue, asyncio.ensure_future(finish()))
+        done = asyncio.ensure_future(finish())
+        # A caller cancelled before wait() never looks at the result; don't let asyncio report
+        # the failure of a command nobody waits for any more.
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return ExecProcess(argv, queue, done)
 
     async def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                    cwd: str | None = None, stdin: bytes = b"",

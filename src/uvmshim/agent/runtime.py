@@ -134,13 +134,13 @@ class Runtime:
                 proc = self._procs.get(container_id)
             if proc is None or proc.poll() is not None:
                 return  # exited already: its exit event carries the status
-            if os.path.exists(os.path.join(CRUN_ROOT, container_id, "status")):
-                try:
-                    state = json.loads(run(self._crun("state", container_id)))
-                except (AgentError, ValueError):
-                    state = {}
-                if state.get("status") in ("running", "stopped"):
-                    return
+            # crun writes ``status`` once the container exists; while it is only created (not
+            # started) the ``exec.fifo`` is there too. Looking at the files costs nothing,
+            # where a ``crun state`` costs a process start (~0.2 s under TCG).
+            state_dir = os.path.join(CRUN_ROOT, container_id)
+            if os.path.exists(os.path.join(state_dir, "status")) and \
+                    not os.path.exists(os.path.join(state_dir, "exec.fifo")):
+                return
             time.sleep(0.005)
         raise AgentError(f"container {container_id} did not start within {timeout:.0f} s")
 
