@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,3 +89,15 @@ def write_bundle(path: Path, obj: dict[str, Any]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(obj))
     return path
+
+
+def ext4(tmp: Path, name: str, files: dict[str, str]) -> str:
+    """A 16 MiB ext4 image ``<tmp>/<name>.img`` holding ``files`` (name -> text)."""
+    src = tmp / f"{name}-src"
+    src.mkdir()
+    for rel, text in files.items():
+        (src / rel).write_text(text)
+    img = tmp / f"{name}.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(img), "16M"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return str(img)

@@ -19,6 +19,8 @@ from uvmshim.runtime.leaks import find_holdings
 from uvmshim.runtime.pod import Pod, pause_spec
 from uvmshim.runtime.specgen import RunOptions, build_spec
 
+from helpers import ext4
+
 pytestmark = pytest.mark.vm
 
 BUSYBOX_APPLETS = ["sh", "ls", "cat", "echo", "touch", "grep", "sleep", "mount", "id", "stat",
@@ -60,16 +62,6 @@ def nothing_left(session: UvmSession) -> Iterator[None]:
     assert session.uvm.vm.owned == []
     _, mounts_after, _ = session.sh(GUEST_MOUNTS)
     assert mounts_after == mounts_before, "guest mounts changed"
-
-
-def ext4(tmp: Path, name: str, files: dict[str, str]) -> str:
-    src = tmp / f"{name}-src"
-    src.mkdir()
-    for rel, text in files.items():
-        (src / rel).write_text(text)
-    img = tmp / f"{name}.img"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(img), "16M"], check=True)
-    return str(img)
 
 
 async def run_to_end(c: Container) -> tuple[int, str, str]:

@@ -14,6 +14,8 @@ import pytest
 from uvmsession import UvmSession, vm_gone
 from uvmshim.runtime.leaks import find_holdings
 
+from helpers import ext4
+
 pytestmark = pytest.mark.vm
 
 
@@ -37,16 +39,6 @@ def nothing_left_attached(session: UvmSession) -> Iterator[None]:
     host_binds = [m for m in find_holdings().mounts
                   if m.startswith(str(session.state_dir)) and m != export_root]
     assert host_binds == [], f"host bind mounts left: {host_binds}"
-
-
-def ext4(tmp: Path, name: str, files: dict[str, str]) -> str:
-    src = tmp / f"{name}-src"
-    src.mkdir()
-    for rel, text in files.items():
-        (src / rel).write_text(text)
-    img = tmp / f"{name}.img"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(img), "16M"], check=True)
-    return str(img)
 
 
 def debugfs_cat(img: str, path: str) -> str:

@@ -40,6 +40,7 @@ from uvmshim.errors import ToolError
 from uvmshim.image import vhd
 from uvmshim.image.layout import ImageError
 from uvmshim.image.unpack import RootAttrs, Stopped, UnpackResult, unpack_layer
+from uvmshim.run import run_tool as _run_tool
 
 log = logging.getLogger(__name__)
 
@@ -67,32 +68,12 @@ class LayerResult:
 
 async def run_tool(argv: Sequence[str | os.PathLike[str]], *, stdin: bytes | None = None,
                    env: dict[str, str] | None = None) -> str:
-    """Run a program; return its stdout.
+    """Run a program; return its stdout (see :func:`uvmshim.run.run_tool`).
 
     :raises ToolError: a missing program or a non-zero exit status.
     """
-    args = [os.fspath(a) for a in argv]
-    log.debug("+ %s", " ".join(args))
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE if stdin is not None else
-            asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
-    except FileNotFoundError:
-        err = ToolError(args, 127, f"{args[0]}: command not found")
-        err.hint = "install e2fsprogs and qemu-utils"
-        raise err from None
-    try:
-        out, errout = await proc.communicate(stdin)
-    except BaseException:
-        # Cancelled (Ctrl-C): never leave the child running.
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise ToolError(args, proc.returncode or 0, errout.decode(errors="replace"))
-    return out.decode(errors="replace")
+    return await _run_tool(argv, stdin=stdin, env=env,
+                           missing_hint="install e2fsprogs and qemu-utils")
 
 
 # Sizing ---------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from uvmshim.agent import kmods
 from uvmshim.errors import ToolError, UvmshimError
+from uvmshim.run import run_tool
 from uvmshim.uvm.guest import stage as st
 from uvmshim.uvm.guest.cpio import CpioWriter
 from uvmshim.uvm.guest.elf import ELF_MAGIC
@@ -151,31 +152,15 @@ async def _run(argv: Sequence[str | os.PathLike[str]], *, cwd: Path | None = Non
 
     :raises ToolError: on a missing program or a non-zero exit (with a hint for apt tools).
     """
-    args = [os.fspath(a) for a in argv]
+    name = os.path.basename(os.fspath(argv[0]))
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *args, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    except FileNotFoundError:
-        err = ToolError(args, 127, f"{args[0]}: command not found")
-        err.hint = _MISSING_HINTS.get(os.path.basename(args[0]))
-        raise err from None
-    try:
-        out, errout = await proc.communicate()
-    except BaseException:
-        # Cancelled (Ctrl-C): never leave the child running.
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        err = ToolError(args, proc.returncode or 0, errout.decode(errors="replace"))
-        hint = _FAIL_HINTS.get(os.path.basename(args[0]))
-        if hint:
-            err.wrap(f"{os.path.basename(args[0])} failed")
+        return await run_tool(argv, cwd=cwd, missing_hint=_MISSING_HINTS.get(name))
+    except ToolError as err:
+        hint = _FAIL_HINTS.get(name)
+        if hint and err.returncode != 127:
+            err.wrap(f"{name} failed")
             err.hint = hint
-        raise err
-    return out.decode(errors="replace")
+        raise
 
 
 def _parse_stanzas(text: str) -> list[dict[str, str]]:
