@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
              signal.SIGUSR2, signal.SIGWINCH)
 #: crun's state root in the guest (see uvmshim.agent.runtime).
 GUEST_CRUN = ("crun", "--root", "/run/crun")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass
@@ -66,6 +68,9 @@ class Shim:
         self._abort: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready_sent = False
+        self._orphaned = False
+        self._init_out: asyncio.Task[Any] | None = None
+        self._init_in: asyncio.Task[Any] | None = None
 
     # The life of the shim -------------------------------------------------------------------
 
@@ -82,7 +87,7 @@ class Shim:
             async with start_uvm(options, memory_mb=self.cfg.memory_mb, cpus=self.cfg.cpus,
                                  vm_id=vm_id) as uvm:
                 self.uvm = uvm
-                container = Container(uvm.vm, uvm.agent, self.id, self.cfg.spec)
+                container = Container(uvm.vm, uvm.agent, self.id, guest_spec(self.cfg.spec))
                 await container.create(stdin=True)
                 self.container = container
                 try:
@@ -101,15 +106,19 @@ class Shim:
         finally:
             with contextlib.suppress(OSError):
                 self.cfg.cdir.socket.unlink()
-            with contextlib.suppress(UvmshimError, OSError):
-                self.cfg.cdir.update(status="stopped", exit_code=code)
+            if self._orphaned:  # nobody knows about this container: leave nothing behind
+                import shutil
+
+                shutil.rmtree(self.cfg.cdir.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(UvmshimError, OSError):
+                    self.cfg.cdir.update(status="stopped", exit_code=code)
             for fd in (self.cfg.stdin, self.cfg.stdout, self.cfg.stderr):
                 with contextlib.suppress(OSError):
                     os.close(fd)
         return code
 
     async def _serve(self, container: Container) -> int:
-        loop = asyncio.get_running_loop()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         listener.bind(os.fspath(self.cfg.cdir.socket))
         listener.listen(16)
@@ -121,8 +130,9 @@ class Shim:
             self.cfg.cdir.update(status="created", pid=pid, shim_start=proc_start_time(pid))
             if not self._ready({"ok": True, "pid": pid}):
                 return 255  # create's caller is gone: nobody will ever start this container
-            running = asyncio.ensure_future(self._running.wait())
-            await asyncio.wait([running, self._abort], return_when=asyncio.FIRST_COMPLETED)
+            running: asyncio.Future[Any] = asyncio.ensure_future(self._running.wait())
+            abort: asyncio.Future[Any] = self._abort
+            await asyncio.wait([running, abort], return_when=asyncio.FIRST_COMPLETED)
             if self._abort.done():
                 running.cancel()
                 return self._abort.result()
@@ -132,16 +142,15 @@ class Shim:
             listener.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await accept
-            del loop
 
     async def _wait_init(self, container: Container) -> int:
         code = await container.wait()
         self.status = "stopped"
         # The output relay ends with the init's last output; give it a moment to drain.
-        await asyncio.wait([t for t in self._tasks if t.get_name() == "init-out"], timeout=5)
-        for t in list(self._tasks):
-            if t.get_name() == "init-in":
-                t.cancel()
+        if self._init_out is not None:
+            await asyncio.wait([self._init_out], timeout=5)
+        if self._init_in is not None:
+            self._init_in.cancel()
         return code
 
     def _ready(self, message: dict[str, Any]) -> bool:
@@ -154,6 +163,7 @@ class Shim:
             return True
         except OSError:
             log.warning("create's caller went away; removing the container")
+            self._orphaned = True
             return False
         finally:
             os.close(self.cfg.ready_fd)
@@ -167,15 +177,13 @@ class Shim:
         if self._running.is_set() and self.status == "running":
             self._spawn(self._kill(signum, False), "signal")
         elif signum != signal.SIGWINCH and not self._abort.done():
-            task = asyncio.current_task()
-            del task
             self._abort.set_result(128 + signum)
             if self.container is None:  # still booting: stop that
                 for t in asyncio.all_tasks():
                     if t.get_name() == "shim-main":
                         t.cancel()
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         self._tasks.add(task)
@@ -204,7 +212,8 @@ class Shim:
                 return
             handler = {"start": self._op_start, "kill": self._op_kill, "ps": self._op_ps,
                        "pause": self._op_pause, "resume": self._op_resume,
-                       "shutdown": self._op_shutdown, "state": self._op_state}.get(str(op))
+                       "shutdown": self._op_shutdown, "state": self._op_state,
+                       "guest-exec": self._op_guest_exec}.get(str(op))
             if handler is None:
                 raise UvmshimError(f"unknown request {op!r}")
             answer = await handler(request)
@@ -219,6 +228,15 @@ class Shim:
                     os.close(fd)
             conn.close()
 
+    async def _op_guest_exec(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run a command in the UVM itself (diagnostics: ``uvmshim-runc guest-exec``)."""
+        argv = request.get("argv")
+        if not isinstance(argv, list) or not argv or self.uvm is None:
+            raise UvmshimError("guest-exec needs argv")
+        res = await self.uvm.agent.exec([str(a) for a in argv], timeout=60)
+        return {"exit": res.exit_code, "stdout": res.stdout.decode(errors="replace"),
+                "stderr": res.stderr.decode(errors="replace")}
+
     async def _op_state(self, _request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status}
 
@@ -230,9 +248,10 @@ class Shim:
             raise UvmshimError(f"cannot start {what} container")
         self.status = "starting"
         cfg = self.cfg
-        self._spawn(relay_output(container.output(), cfg.stdout, cfg.stderr), "init-out")
-        self._spawn(relay_input(cfg.stdin, container.write_stdin, container.close_stdin),
-                    "init-in")
+        self._init_out = self._spawn(relay_output(container.output(), cfg.stdout, cfg.stderr),
+                                     "init-out")
+        self._init_in = self._spawn(
+            relay_input(cfg.stdin, container.write_stdin, container.close_stdin), "init-in")
         try:
             await container.start()
         except BaseException:
@@ -335,6 +354,31 @@ class Shim:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+def guest_spec(spec: Spec) -> Spec:
+    """The spec as the guest's crun gets it: without the host's ``linux.cgroupsPath``.
+
+    The path names a cgroup of the *host* (podman: ``/libpod_parent/libpod-<id>``); in the UVM
+    it means nothing, and with it the guest's crun hangs when the container exits (seen with
+    podman's specs). Without it crun uses its default cgroup for the container. A process
+    without ``PATH`` gets the default one.
+    """
+    from dataclasses import replace
+
+    if spec.linux and "cgroupsPath" in spec.linux:
+        linux = {k: v for k, v in spec.linux.items() if k != "cgroupsPath"}
+        spec = replace(spec, linux=linux)
+    process = spec.raw.get("process")
+    if isinstance(process, dict):
+        env = process.get("env") or []
+        if not any(isinstance(e, str) and e.startswith("PATH=") for e in env):
+            # runc resolves a bare command with its own PATH; crun needs one in the
+            # container's environment (ctr run --rootfs gives none).
+            raw = dict(spec.raw)
+            raw["process"] = {**process, "env": [*env, f"PATH={DEFAULT_PATH}"]}
+            spec = replace(spec, raw=raw)
+    return spec
 
 
 def _reply(conn: socket.socket, answer: dict[str, Any]) -> None:

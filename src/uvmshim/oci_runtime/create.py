@@ -1,0 +1,212 @@
+"""``create``: prepare the state directory, fork the shim, wait until it has the container.
+
+The shim is forked, not exec'd: a fresh interpreter would cost another start-up. The child
+starts a new session (a signal to the caller's process group must not reach it), keeps copies
+of the caller's stdio for the relay (conmon's pipes; fd 3 and up are closed so that conmon's
+sync pipe is not held open), points its own 0/1/2 at ``/dev/null`` (no stray write can land in
+the container's output) and runs the shim. One fork is enough: ``create`` exits right after the
+shim reports, and the shim is re-parented to the caller's subreaper (conmon, containerd's shim)
+exactly as runc's container init is, so that it can ``waitpid`` the pid in ``--pid-file``.
+
+If ``create`` is killed while it waits, the shim notices when it reports (the ready pipe is
+broken), tears everything down and removes the state directory. If ``create`` is told to stop
+(SIGTERM, SIGINT), it stops the shim first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from uvmshim.errors import UvmshimError
+from uvmshim.oci.spec import Spec, load_spec
+from uvmshim.oci_runtime import protocol
+from uvmshim.oci_runtime.state import ContainerDir, new_state
+
+#: How long ``create`` waits for the shim (first use builds the boot files; TCG boots in ~5 s).
+CREATE_TIMEOUT = 600.0
+
+
+def bundle_spec(bundle: str) -> Spec:
+    """The bundle's spec with ``root.path`` made absolute, after checking the rootfs exists."""
+    spec = load_spec(bundle)
+    if spec.root is not None and spec.root.path:
+        path = spec.root.path
+        if not os.path.isabs(path):
+            path = os.path.join(bundle, path)
+            spec = replace(spec, root=replace(spec.root, path=path))
+        if not os.path.isdir(path):
+            raise UvmshimError(f"rootfs ({path}) does not exist", where="root.path",
+                               hint="the bundle's root.path must name a directory")
+    process = spec.raw.get("process")
+    if not isinstance(process, dict) or not process.get("args"):
+        raise UvmshimError("process.args must not be empty", where="config.json")
+    return spec
+
+
+def create(root: str, container_id: str, bundle: str, *, pid_file: str | None,
+           console_socket: str | None, log_path: str | None, debug: bool,
+           wait: bool = False) -> int:
+    """Create the container; return the shim's pid (runc's ``create``).
+
+    :param wait: ``run`` in the foreground: do not detach; the caller waits for the shim.
+    :raises UvmshimError: bad bundle, duplicate id, the shim failed; nothing is left behind.
+    """
+    cdir = ContainerDir.of(root, container_id)
+    if cdir.exists():
+        raise UvmshimError(f"container with id exists: {container_id}")
+    bundle = os.path.abspath(bundle)
+    spec = bundle_spec(bundle)
+    process = spec.raw.get("process")
+    terminal = isinstance(process, dict) and bool(process.get("terminal"))
+    if terminal and not console_socket and not wait:
+        raise UvmshimError("cannot allocate tty if runc will detach without setting "
+                           "console socket")
+    cdir.make()
+    try:
+        with cdir.locked():
+            import uuid
+
+            state = new_state(container_id, bundle, spec.root.path if spec.root else "",
+                              dict(spec.annotations))
+            state["vm_id"] = f"oci-{uuid.uuid4().hex[:12]}"
+            cdir.write(state)
+            pid = _fork_shim(cdir, spec, terminal, console_socket, log_path, debug)
+            if pid_file:
+                _write_pid_file(pid_file, pid)
+            return pid
+    except BaseException:
+        _remove(cdir)
+        raise
+
+
+def _fork_shim(cdir: ContainerDir, spec: Spec, terminal: bool, console_socket: str | None,
+               log_path: str | None, debug: bool) -> int:
+    stdio = [0, 1, 2]
+    slave = -1
+    if terminal and console_socket:
+        master, slave = protocol.open_pty()
+        try:
+            protocol.send_console(console_socket, master)
+        finally:
+            os.close(master)
+        stdio = [slave, slave, slave]
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the shim
+        code = 255
+        try:
+            os.setsid()
+            os.close(ready_r)
+            fds = [os.dup(fd) for fd in stdio]
+            keep = {ready_w, *fds}
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+            for fd in _open_fds():
+                if fd > 2 and fd not in keep:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            from uvmshim.oci_runtime.shim import ShimConfig, run_shim
+
+            cfg = ShimConfig(cdir=cdir, spec=spec, stdin=fds[0], stdout=fds[1], stderr=fds[2],
+                             ready_fd=ready_w)
+            code = run_shim(cfg, log_path, debug)
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    if slave >= 0:
+        os.close(slave)
+    try:
+        answer = _wait_ready(ready_r, pid)
+    finally:
+        os.close(ready_r)
+    if "error" in answer:
+        _reap(pid)
+        raise UvmshimError(str(answer["error"]))
+    return pid
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(3, 1024))
+
+
+def _wait_ready(fd: int, pid: int) -> dict[str, Any]:
+    """Read the shim's one-line report; on SIGTERM/SIGINT stop the shim first."""
+    import select
+
+    def stop(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        _reap(pid)
+        raise UvmshimError(f"create interrupted by signal {signum}")
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        buf = b""
+        while not buf.endswith(b"\n"):
+            ready, _, _ = select.select([fd], [], [], CREATE_TIMEOUT)
+            if not ready:
+                os.kill(pid, signal.SIGTERM)
+                _reap(pid)
+                raise UvmshimError(f"the shim did not create the container within "
+                                   f"{CREATE_TIMEOUT:.0f} s")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                _reap(pid)
+                raise UvmshimError("the shim exited before the container was created")
+            buf += chunk
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    answer = json.loads(buf)
+    if not isinstance(answer, dict):
+        raise UvmshimError("bad report from the shim")
+    return answer
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    """Write the pid file atomically (runc does: its readers poll for it)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(str(pid))
+    os.replace(tmp, path)
+
+
+def _remove(cdir: ContainerDir) -> None:
+    """Remove a failed container's state (its VM, if any, was stopped by the shim)."""
+    cleanup(cdir)
+
+
+def cleanup(cdir: ContainerDir) -> list[str]:
+    """Reclaim whatever a dead shim left (its VM directory, QEMU, mounts), remove the state dir."""
+    problems: list[str] = []
+    vm_id = None
+    with contextlib.suppress(UvmshimError):
+        vm_id = cdir.read().get("vm_id")
+    if isinstance(vm_id, str) and vm_id:
+        from uvmshim.uvm.qemu.config import default_base_dir
+        from uvmshim.uvm.qemu.machine import list_leftovers, reclaim
+
+        for left in list_leftovers(default_base_dir()):
+            if left.state_dir.name == vm_id:
+                problems += reclaim(left)
+    shutil.rmtree(cdir.path, ignore_errors=True)
+    return problems

@@ -1,0 +1,219 @@
+"""The runc commands after ``create``: each one reads the state and/or asks the shim.
+
+Messages follow runc's where its callers match on them: containerd's runc shim treats
+``does not exist`` as not-found and ``container not running`` as already exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import Any
+
+from uvmshim.errors import UvmshimError
+from uvmshim.oci_runtime import protocol
+from uvmshim.oci_runtime.state import ContainerDir, NotFound, list_ids, public, shim_alive
+
+
+def _existing(root: str, container_id: str) -> ContainerDir:
+    cdir = ContainerDir.of(root, container_id)
+    if not cdir.state_file.exists():
+        raise NotFound(f"container does not exist: {container_id}")
+    return cdir
+
+
+def state(root: str, container_id: str) -> dict[str, Any]:
+    """The OCI state; a container whose shim died is ``stopped``."""
+    return public(_existing(root, container_id).current())
+
+
+def start(root: str, container_id: str) -> None:
+    cdir = _existing(root, container_id)
+    with cdir.locked():
+        st = cdir.current()
+        if st["status"] == "stopped":
+            raise UvmshimError("cannot start a container that has stopped")
+        if st["status"] in ("running", "paused"):
+            raise UvmshimError("cannot start an already running container")
+        protocol.call(cdir.socket, {"op": "start"})
+
+
+def parse_signal(value: str) -> int:
+    """``9``, ``KILL``, ``SIGKILL``, ``sigkill`` → 9 (runc accepts names and numbers)."""
+    value = value.strip()
+    if value.isdigit():
+        num = int(value)
+        if 0 < num < 65:
+            return num
+    else:
+        name = value.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name.startswith("SIGRTMIN+") and name[9:].isdigit():
+            return int(signal.SIGRTMIN) + int(name[9:])
+        with contextlib.suppress(KeyError):
+            return int(signal.Signals[name])
+    raise UvmshimError(f"unknown signal {value!r}")
+
+
+def kill(root: str, container_id: str, signum: int, all_processes: bool = False) -> None:
+    cdir = _existing(root, container_id)
+    st = cdir.current()
+    if st["status"] == "stopped":
+        raise UvmshimError("container not running")
+    try:
+        protocol.call(cdir.socket, {"op": "kill", "signal": signum, "all": all_processes})
+    except protocol.ShimGone:
+        raise UvmshimError("container not running") from None
+
+
+def _wait_gone(st: dict[str, Any], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while shim_alive(st):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def delete(root: str, container_id: str, force: bool) -> None:
+    """Remove a stopped (or, with ``force``, any) container and everything it held."""
+    from uvmshim.oci_runtime.create import cleanup
+
+    cdir = ContainerDir.of(root, container_id)
+    if not cdir.exists():
+        if force:
+            return  # runc: delete --force of a missing container succeeds
+        raise NotFound(f"container does not exist: {container_id}")
+    with cdir.locked():
+        try:
+            st = cdir.current()
+        except NotFound:
+            st = {"status": "stopped"}  # a create that died before writing its state
+        if st["status"] == "creating":
+            if not force:
+                raise UvmshimError(f"container {container_id} is being created")
+        elif st["status"] not in ("stopped", "created") and not force:
+            raise UvmshimError(f"cannot delete container {container_id} that is not stopped: "
+                               f"{st['status']}")
+        if shim_alive(st):
+            with contextlib.suppress(UvmshimError):
+                protocol.call(cdir.socket, {"op": "shutdown"}, timeout=30)
+            if not _wait_gone(st, 60):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(st["pid"]), signal.SIGKILL)
+                _wait_gone(st, 10)
+        problems = cleanup(cdir)
+    if problems:
+        raise UvmshimError(f"delete {container_id}: " + "; ".join(problems))
+
+
+def _ask(root: str, container_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    cdir = _existing(root, container_id)
+    if cdir.current()["status"] == "stopped":
+        raise UvmshimError("container not running")
+    try:
+        return protocol.call(cdir.socket, request)
+    except protocol.ShimGone:
+        raise UvmshimError("container not running") from None
+
+
+def pause(root: str, container_id: str) -> None:
+    _ask(root, container_id, {"op": "pause"})
+
+
+def resume(root: str, container_id: str) -> None:
+    _ask(root, container_id, {"op": "resume"})
+
+
+def ps(root: str, container_id: str) -> list[int]:
+    """Pids of the container's processes (guest pids: they live in the UVM)."""
+    cdir = _existing(root, container_id)
+    if cdir.current()["status"] == "stopped":
+        return []
+    pids = _ask(root, container_id, {"op": "ps"}).get("pids") or []
+    return [int(p) for p in pids]
+
+
+def list_states(root: str) -> list[dict[str, Any]]:
+    out = []
+    for cid in list_ids(root):
+        with contextlib.suppress(UvmshimError):
+            out.append(public(ContainerDir.of(root, cid).current()))
+    return out
+
+
+def container_process(root: str, container_id: str) -> dict[str, Any]:
+    """The init's process object from the bundle (defaults for an ``exec`` given as ARGS)."""
+    from uvmshim.oci.spec import load_spec
+
+    st = _existing(root, container_id).read()
+    try:
+        spec = load_spec(str(st.get("bundle", "")))
+    except UvmshimError:
+        return {}
+    process = spec.raw.get("process")
+    return dict(process) if isinstance(process, dict) else {}
+
+
+def exec_process(root: str, container_id: str, process: dict[str, Any], *,
+                 console_socket: str | None, detach: bool, pid_file: str | None) -> int:
+    """Run ``process`` in the container; return its exit status (0 with ``detach``).
+
+    The process on the host that stands for the exec'd one is this process, or with ``detach``
+    a forked child (its pid goes into ``pid_file``) that waits on the shim's connection and exits
+    with the status, so the caller's subreaper can ``waitpid`` it as with runc.
+    """
+    cdir = _existing(root, container_id)
+    if cdir.current()["status"] != "running":
+        raise UvmshimError("cannot exec in a stopped container")
+    stdio = [0, 1, 2]
+    slave = -1
+    if process.get("terminal"):
+        if not console_socket:
+            if detach:
+                raise UvmshimError("cannot allocate tty if runc will detach without setting "
+                                   "console socket")
+        else:
+            master, slave = protocol.open_pty()
+            try:
+                protocol.send_console(console_socket, master)
+            finally:
+                os.close(master)
+            stdio = [slave, slave, slave]
+    try:
+        conn = protocol.Connection(cdir.socket, timeout=60)
+    except protocol.ShimGone:
+        raise UvmshimError("cannot exec in a stopped container") from None
+    try:
+        conn.send({"op": "exec", "process": process}, stdio)
+        if slave >= 0:
+            os.close(slave)
+            slave = -1
+        conn.receive()  # started
+        conn.sock.settimeout(None)
+        if not detach:
+            return int(conn.receive().get("exit", 255))
+        pid = os.fork()
+        if pid == 0:
+            code = 255
+            try:
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                code = int(conn.receive().get("exit", 255))
+            except BaseException:
+                code = 255
+            finally:
+                os._exit(code)
+        if pid_file:
+            from uvmshim.oci_runtime.create import _write_pid_file
+
+            _write_pid_file(pid_file, pid)
+        return 0
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        conn.close()
