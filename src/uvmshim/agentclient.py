@@ -430,8 +430,16 @@ class AgentClient:
                            all_processes=all_processes)
 
     async def container_delete(self, container_id: str) -> None:
-        """Kill (if needed) and delete the container in the guest."""
+        """Kill (if needed) and delete the container in the guest.
+
+        Its processes that never reported an exit (e.g. an init that was never started) are
+        forgotten, so the id can be used again.
+        """
         await self.request(Op.CONTAINER_DELETE, container_id=container_id)
+        for key in [k for k in self._procs if k == container_id or
+                    k.startswith(container_id + "/")]:
+            self._procs.pop(key)._exited(
+                BackendError(f"container {container_id} was deleted before {key} exited"))
 
 
 class _GuestFailure(Exception):

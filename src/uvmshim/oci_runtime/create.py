@@ -76,9 +76,15 @@ def create(root: str, container_id: str, bundle: str, *, pid_file: str | None,
 
             state = new_state(container_id, bundle, spec.root.path if spec.root else "",
                               dict(spec.annotations))
-            state["vm_id"] = f"oci-{uuid.uuid4().hex[:12]}"
-            cdir.write(state)
-            pid = _fork_shim(cdir, spec, terminal, console_socket, log_path, debug)
+            sandbox = pod_sandbox(root, spec)
+            if sandbox is not None:  # a pod member: joins the sandbox's UVM
+                state["sandbox"] = sandbox.id
+                cdir.write(state)
+                pid = _join_pod(cdir, sandbox, spec, terminal, console_socket)
+            else:
+                state["vm_id"] = f"oci-{uuid.uuid4().hex[:12]}"
+                cdir.write(state)
+                pid = _fork_shim(cdir, spec, terminal, console_socket, log_path, debug)
             if pid_file:
                 _write_pid_file(pid_file, pid)
             return pid
@@ -87,17 +93,89 @@ def create(root: str, container_id: str, bundle: str, *, pid_file: str | None,
         raise
 
 
+def pod_sandbox(root: str, spec: Spec) -> ContainerDir | None:
+    """The sandbox's state directory if ``spec`` is a pod's workload container (CRI
+    annotations), else None.
+
+    :raises UvmshimError: the sandbox is not a live container of this runtime root.
+    """
+    from uvmshim.allocator import ANNOTATION_CONTAINER_TYPE, ANNOTATION_SANDBOX_ID
+
+    if spec.annotations.get(ANNOTATION_CONTAINER_TYPE) != "container":
+        return None
+    sandbox_id = spec.annotations.get(ANNOTATION_SANDBOX_ID, "")
+    sdir = ContainerDir.of(root, sandbox_id)
+    if not sdir.state_file.exists() or sdir.read().get("sandbox"):
+        raise UvmshimError(f"pod sandbox {sandbox_id} does not exist",
+                           where=f"annotations[{ANNOTATION_SANDBOX_ID!r}]",
+                           hint="create the pod's sandbox container with this runtime first")
+    if sdir.current()["status"] not in ("created", "running"):
+        raise UvmshimError(f"pod sandbox {sandbox_id} is not running")
+    return sdir
+
+
+def _console(terminal: bool, console_socket: str | None) -> tuple[list[int], int]:
+    """The stdio fds for the container: ours, or a pty slave whose master went to the caller."""
+    if not (terminal and console_socket):
+        return [0, 1, 2], -1
+    master, slave = protocol.open_pty()
+    try:
+        protocol.send_console(console_socket, master)
+    finally:
+        os.close(master)
+    return [slave, slave, slave], slave
+
+
+def _join_pod(cdir: ContainerDir, sandbox: ContainerDir, spec: Spec, terminal: bool,
+              console_socket: str | None) -> int:
+    """Ask the sandbox's shim to add the container; fork the process that stands for it.
+
+    That process (the pid in ``--pid-file``) holds the connection on which the sandbox's shim
+    reports the container's exit, records it and exits with the same status.
+    """
+    from uvmshim.oci_runtime.state import proc_start_time
+
+    stdio, slave = _console(terminal, console_socket)
+    conn = protocol.Connection(sandbox.socket, timeout=300)
+    try:
+        conn.send({"op": "add", "id": cdir.id, "spec": spec.to_json()}, stdio)
+        if slave >= 0:
+            os.close(slave)
+        conn.receive()
+        conn.sock.settimeout(None)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 255
+            try:
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                # Not the state lock (flock is per open file: it would stay held), nor the
+                # caller's pipes: only the connection.
+                for fd in _open_fds():
+                    if fd > 2 and fd != conn.sock.fileno():
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                try:
+                    code = int(conn.receive().get("exit", 255))
+                except UvmshimError:
+                    code = 255  # the sandbox's shim is gone
+                with contextlib.suppress(UvmshimError, OSError):
+                    cdir.update(status="stopped", exit_code=code)
+            finally:
+                os._exit(code)
+        cdir.update(status="created", pid=pid, shim_start=proc_start_time(pid))
+        return pid
+    finally:
+        conn.close()
+
+
 def _fork_shim(cdir: ContainerDir, spec: Spec, terminal: bool, console_socket: str | None,
                log_path: str | None, debug: bool) -> int:
-    stdio = [0, 1, 2]
-    slave = -1
-    if terminal and console_socket:
-        master, slave = protocol.open_pty()
-        try:
-            protocol.send_console(console_socket, master)
-        finally:
-            os.close(master)
-        stdio = [slave, slave, slave]
+    stdio, slave = _console(terminal, console_socket)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from uvmshim.errors import UvmshimError
@@ -22,6 +23,12 @@ def _existing(root: str, container_id: str) -> ContainerDir:
     if not cdir.state_file.exists():
         raise NotFound(f"container does not exist: {container_id}")
     return cdir
+
+
+def _socket(root: str, cdir: ContainerDir, st: dict[str, Any]) -> Path:
+    """Where the container's requests go: its shim, or its pod sandbox's shim."""
+    sandbox = st.get("sandbox")
+    return ContainerDir.of(root, str(sandbox)).socket if sandbox else cdir.socket
 
 
 def state(root: str, container_id: str) -> dict[str, Any]:
@@ -37,7 +44,7 @@ def start(root: str, container_id: str) -> None:
             raise UvmshimError("cannot start a container that has stopped")
         if st["status"] in ("running", "paused"):
             raise UvmshimError("cannot start an already running container")
-        protocol.call(cdir.socket, {"op": "start"})
+        protocol.call(_socket(root, cdir, st), {"op": "start", "id": container_id})
 
 
 def parse_signal(value: str) -> int:
@@ -63,7 +70,8 @@ def kill(root: str, container_id: str, signum: int, all_processes: bool = False)
     if st["status"] == "stopped":
         raise UvmshimError("container not running")
     try:
-        protocol.call(cdir.socket, {"op": "kill", "signal": signum, "all": all_processes})
+        protocol.call(_socket(root, cdir, st), {"op": "kill", "id": container_id,
+                                               "signal": signum, "all": all_processes})
     except protocol.ShimGone:
         raise UvmshimError("container not running") from None
 
@@ -97,9 +105,14 @@ def delete(root: str, container_id: str, force: bool) -> None:
         elif st["status"] not in ("stopped", "created") and not force:
             raise UvmshimError(f"cannot delete container {container_id} that is not stopped: "
                                f"{st['status']}")
-        if shim_alive(st):
+        if st.get("sandbox"):
+            # A pod member lives in its sandbox's shim, whether or not the process standing
+            # for it (the pid) is still there.
+            _remove_member(root, cdir, st)
+        elif shim_alive(st):
             with contextlib.suppress(UvmshimError):
-                protocol.call(cdir.socket, {"op": "shutdown"}, timeout=30)
+                protocol.call(_socket(root, cdir, st), {"op": "shutdown", "id": container_id},
+                              timeout=30)
             if not _wait_gone(st, 60):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(st["pid"]), signal.SIGKILL)
@@ -109,12 +122,21 @@ def delete(root: str, container_id: str, force: bool) -> None:
         raise UvmshimError(f"delete {container_id}: " + "; ".join(problems))
 
 
+def _remove_member(root: str, cdir: ContainerDir, st: dict[str, Any]) -> None:
+    with contextlib.suppress(UvmshimError):
+        protocol.call(_socket(root, cdir, st), {"op": "shutdown", "id": cdir.id}, timeout=30)
+    if not _wait_gone(st, 60):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(st["pid"]), signal.SIGKILL)
+
+
 def _ask(root: str, container_id: str, request: dict[str, Any]) -> dict[str, Any]:
     cdir = _existing(root, container_id)
-    if cdir.current()["status"] == "stopped":
+    st = cdir.current()
+    if st["status"] == "stopped":
         raise UvmshimError("container not running")
     try:
-        return protocol.call(cdir.socket, request)
+        return protocol.call(_socket(root, cdir, st), {**request, "id": container_id})
     except protocol.ShimGone:
         raise UvmshimError("container not running") from None
 
@@ -166,7 +188,8 @@ def exec_process(root: str, container_id: str, process: dict[str, Any], *,
     with the status, so the caller's subreaper can ``waitpid`` it as with runc.
     """
     cdir = _existing(root, container_id)
-    if cdir.current()["status"] != "running":
+    st = cdir.current()
+    if st["status"] != "running":
         raise UvmshimError("cannot exec in a stopped container")
     stdio = [0, 1, 2]
     slave = -1
@@ -183,11 +206,11 @@ def exec_process(root: str, container_id: str, process: dict[str, Any], *,
                 os.close(master)
             stdio = [slave, slave, slave]
     try:
-        conn = protocol.Connection(cdir.socket, timeout=60)
+        conn = protocol.Connection(_socket(root, cdir, st), timeout=60)
     except protocol.ShimGone:
         raise UvmshimError("cannot exec in a stopped container") from None
     try:
-        conn.send({"op": "exec", "process": process}, stdio)
+        conn.send({"op": "exec", "id": container_id, "process": process}, stdio)
         if slave >= 0:
             os.close(slave)
             slave = -1
@@ -203,6 +226,12 @@ def exec_process(root: str, container_id: str, process: dict[str, Any], *,
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
+                from uvmshim.oci_runtime.create import _open_fds
+
+                for fd in _open_fds():  # e.g. conmon's sync pipe: only the connection stays
+                    if fd > 2 and fd != conn.sock.fileno():
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
                 code = int(conn.receive().get("exit", 255))
             except BaseException:
                 code = 255

@@ -6,9 +6,12 @@ attached as ``SCM_RIGHTS``), the shim answers with JSON lines: ``{"ok": true, ..
 says the process started, a second one ``{"exit": N}`` comes when it exits, so the client that
 waits on the connection can exit with the process's status.
 
-Requests (``op``): ``start``, ``kill`` (``signal``, ``all``), ``exec`` (``process``; fds
-stdin/stdout/stderr attached), ``ps``, ``pause``, ``resume``, ``shutdown`` (kill the container if
-it runs and tear the UVM down).
+Requests (``op``, and ``id``: the container, the shim's own by default): ``start``, ``kill``
+(``signal``, ``all``), ``exec`` (``process``; fds stdin/stdout/stderr attached), ``ps``,
+``pause``, ``resume``, ``state``, ``shutdown`` (kill the container; for the shim's own container
+the shim then tears the UVM down and exits), ``add`` (a pod member joins this UVM: ``spec``, fds
+attached; answered once created and again with ``{"exit": N}``), ``guest-exec`` (``argv`` run in
+the UVM itself, for diagnostics).
 """
 
 from __future__ import annotations

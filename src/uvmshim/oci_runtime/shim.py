@@ -9,6 +9,10 @@ so that conmon or containerd's shim, which wait for this pid, see the container'
 
 Signals sent to the shim go to the container once it runs (as they would reach runc's init);
 before ``start``, a terminating signal aborts the container.
+
+A pod sandbox's shim also hosts the pod's workload containers (``add`` requests, see
+:mod:`uvmshim.oci_runtime.create`): each is a :class:`~uvmshim.oci_runtime.hosted.Hosted` in the
+same UVM; when the sandbox's init exits, they are killed first.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from typing import Any
 from uvmshim.errors import ReleaseError, UvmshimError
 from uvmshim.oci.spec import Spec
 from uvmshim.oci_runtime import protocol
+from uvmshim.oci_runtime.hosted import Hosted, reply
 from uvmshim.oci_runtime.state import ContainerDir, proc_start_time
-from uvmshim.oci_runtime.stdio import relay_input, relay_output
 from uvmshim.runtime.container import Container
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,6 @@ log = logging.getLogger(__name__)
 #: Signals the shim forwards to a running container.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGWINCH)
-#: crun's state root in the guest (see uvmshim.agent.runtime).
-GUEST_CRUN = ("crun", "--root", "/run/crun")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -56,21 +58,18 @@ class ShimConfig:
 
 
 class Shim:
-    """One container and its UVM; see the module docstring."""
+    """The UVM, its own container and the pod members that joined it; see the module doc."""
 
     def __init__(self, cfg: ShimConfig) -> None:
         self.cfg = cfg
         self.id = cfg.cdir.id
-        self.status = "creating"
-        self.container: Container | None = None
         self.uvm: Any = None
-        self._running = asyncio.Event()
-        self._abort: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.main: Hosted | None = None
+        self.members: dict[str, Hosted] = {}
+        self._member_tasks: set[asyncio.Task[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready_sent = False
         self._orphaned = False
-        self._init_out: asyncio.Task[Any] | None = None
-        self._init_in: asyncio.Task[Any] | None = None
 
     # The life of the shim -------------------------------------------------------------------
 
@@ -89,11 +88,13 @@ class Shim:
                 self.uvm = uvm
                 container = Container(uvm.vm, uvm.agent, self.id, guest_spec(self.cfg.spec))
                 await container.create(stdin=True)
-                self.container = container
+                cfg = self.cfg
+                self.main = Hosted(container, uvm, (cfg.stdin, cfg.stdout, cfg.stderr),
+                                   self._spawn, lambda st: cfg.cdir.update(status=st))
                 try:
-                    code = await self._serve(container)
+                    code = await self._serve(self.main)
                 finally:
-                    self.status = "stopped"
+                    await self._stop_members()
                     try:
                         await container.delete()
                     except ReleaseError as err:
@@ -118,40 +119,31 @@ class Shim:
                     os.close(fd)
         return code
 
-    async def _serve(self, container: Container) -> int:
+    async def _serve(self, main: Hosted) -> int:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         listener.bind(os.fspath(self.cfg.cdir.socket))
         listener.listen(16)
         listener.setblocking(False)
         accept = asyncio.create_task(self._accept_loop(listener))
         try:
-            self.status = "created"
             pid = os.getpid()
             self.cfg.cdir.update(status="created", pid=pid, shim_start=proc_start_time(pid))
             if not self._ready({"ok": True, "pid": pid}):
                 return 255  # create's caller is gone: nobody will ever start this container
-            running: asyncio.Future[Any] = asyncio.ensure_future(self._running.wait())
-            abort: asyncio.Future[Any] = self._abort
-            await asyncio.wait([running, abort], return_when=asyncio.FIRST_COMPLETED)
-            if self._abort.done():
-                running.cancel()
-                return self._abort.result()
-            return await self._wait_init(container)
+            return await main.wait()
         finally:
             accept.cancel()
             listener.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await accept
 
-    async def _wait_init(self, container: Container) -> int:
-        code = await container.wait()
-        self.status = "stopped"
-        # The output relay ends with the init's last output; give it a moment to drain.
-        if self._init_out is not None:
-            await asyncio.wait([self._init_out], timeout=5)
-        if self._init_in is not None:
-            self._init_in.cancel()
-        return code
+    async def _stop_members(self) -> None:
+        """The sandbox is going away: kill the pod's other containers and wait for them."""
+        for member in list(self.members.values()):
+            with contextlib.suppress(UvmshimError):
+                await member.shutdown({})
+        if self._member_tasks:
+            await asyncio.wait(list(self._member_tasks), timeout=30)
 
     def _ready(self, message: dict[str, Any]) -> bool:
         """Tell ``create`` how it went (once); False if ``create`` is no longer there."""
@@ -174,14 +166,18 @@ class Shim:
             loop.add_signal_handler(signum, self._on_signal, signum)
 
     def _on_signal(self, signum: int) -> None:
-        if self._running.is_set() and self.status == "running":
-            self._spawn(self._kill(signum, False), "signal")
-        elif signum != signal.SIGWINCH and not self._abort.done():
-            self._abort.set_result(128 + signum)
-            if self.container is None:  # still booting: stop that
-                for t in asyncio.all_tasks():
-                    if t.get_name() == "shim-main":
-                        t.cancel()
+        main = self.main
+        if main is not None and main.status == "running":
+            self._spawn(main.signal(signum), "signal")
+        elif signum == signal.SIGWINCH:
+            return
+        elif main is not None:
+            if not main.abort.done() and main.status == "created":
+                main.abort.set_result(128 + signum)
+        else:  # still booting: stop that
+            for t in asyncio.all_tasks():
+                if t.get_name() == "shim-main":
+                    t.cancel()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -205,21 +201,23 @@ class Shim:
             conn.settimeout(10)
             line, fds = await loop.run_in_executor(None, protocol.recv_line_with_fds, conn)
             request = json.loads(line)
-            op = request.get("op")
-            if op == "exec":
-                await self._exec(conn, request, fds)
-                fds = []  # _exec closes them
+            op = str(request.get("op"))
+            if op == "add":
+                fds, taken = [], fds
+                await self._add(conn, request, taken)
                 return
-            handler = {"start": self._op_start, "kill": self._op_kill, "ps": self._op_ps,
-                       "pause": self._op_pause, "resume": self._op_resume,
-                       "shutdown": self._op_shutdown, "state": self._op_state,
-                       "guest-exec": self._op_guest_exec}.get(str(op))
-            if handler is None:
-                raise UvmshimError(f"unknown request {op!r}")
-            answer = await handler(request)
-            _reply(conn, {"ok": True, **answer})
+            target = self._target(str(request.get("id") or self.id))
+            if op == "exec":
+                fds, taken = [], fds
+                await target.exec(conn, request, taken)
+                return
+            if op == "guest-exec":
+                answer = await self._guest_exec(request)
+            else:
+                answer = await target.handle(op, request)
+            reply(conn, {"ok": True, **answer})
         except UvmshimError as err:
-            _reply(conn, {"error": str(err)})
+            reply(conn, {"error": str(err)})
         except (OSError, ValueError) as err:
             log.warning("request: %s", err)
         finally:
@@ -228,132 +226,60 @@ class Shim:
                     os.close(fd)
             conn.close()
 
-    async def _op_guest_exec(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Run a command in the UVM itself (diagnostics: ``uvmshim-runc guest-exec``)."""
+    def _target(self, container_id: str) -> Hosted:
+        if container_id == self.id and self.main is not None:
+            return self.main
+        member = self.members.get(container_id)
+        if member is None:
+            raise UvmshimError(f"container does not exist: {container_id}")
+        return member
+
+    async def _add(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+        """A pod member joins this UVM; answer when created and again when its init exits."""
+        hosted: Hosted | None = None
+        try:
+            member_id = str(request.get("id"))
+            if len(fds) != 3:
+                raise UvmshimError("a pod member needs its stdin, stdout and stderr")
+            if self.main is None or self.main.status not in ("created", "running"):
+                raise UvmshimError(f"the pod sandbox {self.id} is not running")
+            if member_id in self.members or member_id == self.id:
+                raise UvmshimError(f"container with id exists: {member_id}")
+            spec = guest_spec(Spec.from_json(request.get("spec")))
+            container = Container(self.uvm.vm, self.uvm.agent, member_id, spec)
+            await container.create(stdin=True)
+            member_dir = ContainerDir(self.cfg.cdir.root, member_id)
+            hosted = Hosted(container, self.uvm, (fds[0], fds[1], fds[2]), self._spawn,
+                            lambda st: member_dir.update(status=st))
+            self.members[member_id] = hosted
+            task = asyncio.current_task()
+            assert task is not None
+            self._member_tasks.add(task)
+            reply(conn, {"ok": True})
+            code = await hosted.wait()
+            reply(conn, {"exit": code})
+        except UvmshimError as err:
+            reply(conn, {"error": str(err)})
+        finally:
+            if hosted is not None:
+                self.members.pop(hosted.id, None)
+                try:
+                    await hosted.container.delete()
+                except ReleaseError as err:
+                    log.warning("%s", err)
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._member_tasks.discard(asyncio.current_task())
+
+    async def _guest_exec(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run a command in the UVM itself (diagnostics)."""
         argv = request.get("argv")
         if not isinstance(argv, list) or not argv or self.uvm is None:
             raise UvmshimError("guest-exec needs argv")
         res = await self.uvm.agent.exec([str(a) for a in argv], timeout=60)
         return {"exit": res.exit_code, "stdout": res.stdout.decode(errors="replace"),
                 "stderr": res.stderr.decode(errors="replace")}
-
-    async def _op_state(self, _request: dict[str, Any]) -> dict[str, Any]:
-        return {"status": self.status}
-
-    async def _op_start(self, _request: dict[str, Any]) -> dict[str, Any]:
-        container = self.container
-        if self.status != "created" or container is None:
-            what = {"running": "an already running", "paused": "a paused",
-                    "starting": "an already running"}.get(self.status, "a stopped")
-            raise UvmshimError(f"cannot start {what} container")
-        self.status = "starting"
-        cfg = self.cfg
-        self._init_out = self._spawn(relay_output(container.output(), cfg.stdout, cfg.stderr),
-                                     "init-out")
-        self._init_in = self._spawn(
-            relay_input(cfg.stdin, container.write_stdin, container.close_stdin), "init-in")
-        try:
-            await container.start()
-        except BaseException:
-            self.status = "stopped"
-            if not self._abort.done():
-                self._abort.set_result(255)
-            raise
-        self.status = "running"
-        self.cfg.cdir.update(status="running")
-        self._running.set()
-        return {}
-
-    async def _op_kill(self, request: dict[str, Any]) -> dict[str, Any]:
-        signum = int(request.get("signal", signal.SIGTERM))
-        if self.status == "created":
-            if signum and not self._abort.done():
-                self._abort.set_result(128 + signum)
-            return {}
-        if self.status not in ("running", "paused"):
-            raise UvmshimError("container not running")
-        await self._kill(signum, bool(request.get("all")))
-        return {}
-
-    async def _kill(self, signum: int, all_processes: bool) -> None:
-        assert self.container is not None
-        try:
-            await self.container.kill(signum, all_processes=all_processes)
-        except UvmshimError as err:
-            if self.status == "stopped":
-                raise UvmshimError("container not running") from None
-            raise UvmshimError(f"kill: {err}") from None
-
-    async def _guest_crun(self, *args: str) -> str:
-        result = await self.uvm.agent.exec([*GUEST_CRUN, *args])
-        if result.exit_code != 0:
-            raise UvmshimError(f"crun {args[0]}: "
-                               f"{result.stderr.decode(errors='replace').strip()}")
-        return str(result.stdout.decode(errors="replace"))
-
-    async def _op_ps(self, _request: dict[str, Any]) -> dict[str, Any]:
-        if self.status not in ("running", "paused"):
-            return {"pids": []}
-        out = await self._guest_crun("ps", "--format", "json", self.id)
-        pids = json.loads(out or "[]")
-        return {"pids": pids if isinstance(pids, list) else []}
-
-    async def _op_pause(self, _request: dict[str, Any]) -> dict[str, Any]:
-        if self.status != "running":
-            raise UvmshimError("container not running")
-        await self._guest_crun("pause", self.id)
-        self.status = "paused"
-        self.cfg.cdir.update(status="paused")
-        return {}
-
-    async def _op_resume(self, _request: dict[str, Any]) -> dict[str, Any]:
-        if self.status != "paused":
-            raise UvmshimError("container not paused")
-        await self._guest_crun("resume", self.id)
-        self.status = "running"
-        self.cfg.cdir.update(status="running")
-        return {}
-
-    async def _op_shutdown(self, _request: dict[str, Any]) -> dict[str, Any]:
-        """``delete --force``: kill whatever runs; the shim then tears down and exits."""
-        if self.status == "paused":
-            with contextlib.suppress(UvmshimError):
-                await self._guest_crun("resume", self.id)
-            self.status = "running"
-        if self.status in ("running", "starting"):
-            with contextlib.suppress(UvmshimError):
-                await self._kill(signal.SIGKILL, True)
-        elif not self._abort.done():
-            self._abort.set_result(128 + signal.SIGKILL)
-        return {}
-
-    async def _exec(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
-        """Run a process in the container; answer when it started and again when it exits."""
-        try:
-            if len(fds) != 3:
-                raise UvmshimError("exec needs the process's stdin, stdout and stderr")
-            if self.status != "running" or self.container is None:
-                raise UvmshimError("cannot exec in a stopped container"
-                                   if self.status == "stopped" else
-                                   f"cannot exec in a {self.status} container")
-            process = request.get("process")
-            if not isinstance(process, dict) or not process.get("args"):
-                raise UvmshimError("exec: the process has no args")
-            proc = await self.container.exec(process, stdin=True)
-            _reply(conn, {"ok": True})
-            out = self._spawn(relay_output(proc.output(), fds[1], fds[2]), "exec-out")
-            feed = self._spawn(relay_input(fds[0], proc.write_stdin, proc.close_stdin),
-                               "exec-in")
-            code = await proc.wait()
-            await asyncio.wait([out], timeout=5)
-            feed.cancel()
-            _reply(conn, {"exit": code if code >= 0 else 128 - code})
-        except UvmshimError as err:
-            _reply(conn, {"error": str(err)})
-        finally:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
 
 
 def guest_spec(spec: Spec) -> Spec:
@@ -379,12 +305,6 @@ def guest_spec(spec: Spec) -> Spec:
             raw["process"] = {**process, "env": [*env, f"PATH={DEFAULT_PATH}"]}
             spec = replace(spec, raw=raw)
     return spec
-
-
-def _reply(conn: socket.socket, answer: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):
-        conn.settimeout(10)
-        conn.sendall(json.dumps(answer).encode() + b"\n")
 
 
 def run_shim(cfg: ShimConfig, log_path: str | None, debug: bool) -> int:

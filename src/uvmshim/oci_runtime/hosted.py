@@ -1,0 +1,206 @@
+"""One container a shim hosts in its UVM: its state machine, stdio relay and requests.
+
+A shim hosts its own container and, for a pod sandbox, the pod's workload containers that joined
+its UVM. Each is a :class:`Hosted`: created → running (↔ paused) → stopped, or aborted before
+``start`` (a kill or ``delete --force`` of a created container).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from uvmshim.errors import UvmshimError
+from uvmshim.oci_runtime.stdio import relay_input, relay_output
+from uvmshim.runtime.container import Container
+
+log = logging.getLogger(__name__)
+
+#: crun's state root in the guest (see uvmshim.agent.runtime).
+GUEST_CRUN = ("crun", "--root", "/run/crun")
+
+Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+
+
+class Hosted:
+    """A container in the shim's UVM and the host fds its stdio goes to.
+
+    :param on_status: called with each new status (the owner records it in ``state.json``).
+    """
+
+    def __init__(self, container: Container, uvm: Any, stdio: tuple[int, int, int],
+                 spawn: Spawn, on_status: Callable[[str], object]) -> None:
+        self.container = container
+        self.id = container.id
+        self.uvm = uvm
+        self.stdio = stdio
+        self.status = "created"
+        self._spawn = spawn
+        self._on_status = on_status
+        self.running = asyncio.Event()
+        self.abort: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._out: asyncio.Task[Any] | None = None
+        self._in: asyncio.Task[Any] | None = None
+
+    def _set(self, status: str) -> None:
+        self.status = status
+        with contextlib.suppress(UvmshimError, OSError):
+            self._on_status(status)
+
+    async def wait(self) -> int:
+        """Until the init exits (or the container is aborted before start); its status."""
+        running: asyncio.Future[Any] = asyncio.ensure_future(self.running.wait())
+        abort: asyncio.Future[Any] = self.abort
+        await asyncio.wait([running, abort], return_when=asyncio.FIRST_COMPLETED)
+        if self.abort.done():
+            running.cancel()
+            self.status = "stopped"
+            return self.abort.result()
+        code = await self.container.wait()
+        self.status = "stopped"
+        if self._out is not None:  # its last output, then the exit
+            await asyncio.wait([self._out], timeout=5)
+        if self._in is not None:
+            self._in.cancel()
+        return code
+
+    def close_stdio(self) -> None:
+        for fd in set(self.stdio):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # Requests -------------------------------------------------------------------------------
+
+    async def handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        handler = {"start": self.start, "kill": self.kill, "ps": self.ps, "pause": self.pause,
+                   "resume": self.resume, "shutdown": self.shutdown,
+                   "state": self.state}.get(op)
+        if handler is None:
+            raise UvmshimError(f"unknown request {op!r}")
+        return await handler(request)
+
+    async def state(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.status}
+
+    async def start(self, _request: dict[str, Any]) -> dict[str, Any]:
+        if self.status != "created":
+            what = {"running": "an already running", "paused": "a paused",
+                    "starting": "an already running"}.get(self.status, "a stopped")
+            raise UvmshimError(f"cannot start {what} container")
+        self.status = "starting"
+        c = self.container
+        self._out = self._spawn(relay_output(c.output(), self.stdio[1], self.stdio[2]),
+                                f"{self.id}-out")
+        self._in = self._spawn(relay_input(self.stdio[0], c.write_stdin, c.close_stdin),
+                               f"{self.id}-in")
+        try:
+            await c.start()
+        except BaseException:
+            self.status = "stopped"
+            if not self.abort.done():
+                self.abort.set_result(255)
+            raise
+        self._set("running")
+        self.running.set()
+        return {}
+
+    async def kill(self, request: dict[str, Any]) -> dict[str, Any]:
+        signum = int(request.get("signal", signal.SIGTERM))
+        if self.status == "created":
+            if signum and not self.abort.done():
+                self.abort.set_result(128 + signum)
+            return {}
+        if self.status not in ("running", "paused"):
+            raise UvmshimError("container not running")
+        await self.signal(signum, bool(request.get("all")))
+        return {}
+
+    async def signal(self, signum: int, all_processes: bool = False) -> None:
+        try:
+            await self.container.kill(signum, all_processes=all_processes)
+        except UvmshimError as err:
+            if self.status == "stopped":
+                raise UvmshimError("container not running") from None
+            raise UvmshimError(f"kill: {err}") from None
+
+    async def guest_crun(self, *args: str) -> str:
+        result = await self.uvm.agent.exec([*GUEST_CRUN, *args])
+        if result.exit_code != 0:
+            raise UvmshimError(f"crun {args[0]}: "
+                               f"{result.stderr.decode(errors='replace').strip()}")
+        return str(result.stdout.decode(errors="replace"))
+
+    async def ps(self, _request: dict[str, Any]) -> dict[str, Any]:
+        if self.status not in ("running", "paused"):
+            return {"pids": []}
+        pids = json.loads(await self.guest_crun("ps", "--format", "json", self.id) or "[]")
+        return {"pids": pids if isinstance(pids, list) else []}
+
+    async def pause(self, _request: dict[str, Any]) -> dict[str, Any]:
+        if self.status != "running":
+            raise UvmshimError("container not running")
+        await self.guest_crun("pause", self.id)
+        self._set("paused")
+        return {}
+
+    async def resume(self, _request: dict[str, Any]) -> dict[str, Any]:
+        if self.status != "paused":
+            raise UvmshimError("container not paused")
+        await self.guest_crun("resume", self.id)
+        self._set("running")
+        return {}
+
+    async def shutdown(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """``delete --force``: kill whatever runs (the owner then removes the container)."""
+        if self.status == "paused":
+            with contextlib.suppress(UvmshimError):
+                await self.guest_crun("resume", self.id)
+            self.status = "running"
+        if self.status in ("running", "starting"):
+            with contextlib.suppress(UvmshimError):
+                await self.signal(signal.SIGKILL, True)
+        elif not self.abort.done():
+            self.abort.set_result(128 + signal.SIGKILL)
+        return {}
+
+    async def exec(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+        """Run a process in the container; answer when it started and again when it exits."""
+        try:
+            if len(fds) != 3:
+                raise UvmshimError("exec needs the process's stdin, stdout and stderr")
+            if self.status != "running":
+                raise UvmshimError("cannot exec in a stopped container"
+                                   if self.status == "stopped" else
+                                   f"cannot exec in a {self.status} container")
+            process = request.get("process")
+            if not isinstance(process, dict) or not process.get("args"):
+                raise UvmshimError("exec: the process has no args")
+            proc = await self.container.exec(process, stdin=True)
+            reply(conn, {"ok": True})
+            out = self._spawn(relay_output(proc.output(), fds[1], fds[2]), "exec-out")
+            feed = self._spawn(relay_input(fds[0], proc.write_stdin, proc.close_stdin),
+                               "exec-in")
+            code = await proc.wait()
+            await asyncio.wait([out], timeout=5)
+            feed.cancel()
+            reply(conn, {"exit": code if code >= 0 else 128 - code})
+        except UvmshimError as err:
+            reply(conn, {"error": str(err)})
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def reply(conn: socket.socket, answer: dict[str, Any]) -> None:
+    """Send one answer line (the client may be gone: nothing to do then)."""
+    with contextlib.suppress(OSError):
+        conn.settimeout(10)
+        conn.sendall(json.dumps(answer).encode() + b"\n")

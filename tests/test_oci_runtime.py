@@ -1,0 +1,172 @@
+"""The runc command line without a VM: dispatch, parsing, state, and bad input (issue #6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from uvmshim.cli.entry import is_runc_argv
+from uvmshim.cli.runc_cmd import main as runc_main
+from uvmshim.errors import UvmshimError
+from uvmshim.oci_runtime import ops
+from uvmshim.oci_runtime.state import ContainerDir, new_state
+
+
+def runc(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        runc_main(list(argv))
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+@pytest.mark.parametrize(("argv", "runc_mode"), [
+    (["--root", "/x", "state", "a"], True),
+    (["--log=/l", "--log-format", "json", "create", "--bundle", "b", "id"], True),
+    (["create", "--bundle", "b", "id"], True),
+    (["--debug", "kill", "id", "9"], True),
+    (["exec", "--process", "p", "id"], True),
+    (["features"], True),
+    (["run", "--rootfs", "r", "--", "sh"], False),
+    (["--debug", "plan", "x"], False),
+    (["leaks"], False),
+    (["--version"], False),
+    ([], False),
+])
+def test_dispatch(argv: list[str], runc_mode: bool) -> None:
+    assert is_runc_argv(argv) is runc_mode
+
+
+def test_signals() -> None:
+    assert [ops.parse_signal(s) for s in ("9", "KILL", "SIGTERM", "usr1", "SIGRTMIN+1")] == \
+        [9, 9, 15, 10, 35]
+    for bad in ("0", "100", "NOPE", ""):
+        with pytest.raises(UvmshimError):
+            ops.parse_signal(bad)
+
+
+@pytest.mark.parametrize("verb", [["state"], ["start"], ["kill"], ["delete"], ["pause"],
+                                  ["resume"], ["ps"], ["exec", "--process", "/nonexistent"]])
+def test_unknown_id(tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: list[str]) -> None:
+    code, out, err = runc(capsys, "--root", str(tmp_path), *verb, "nosuch")
+    assert code == 1
+    assert "does not exist" in err or "nosuch" in err or "process" in err
+    assert out == ""
+
+
+def test_delete_force_of_unknown_id_succeeds(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert runc(capsys, "--root", str(tmp_path), "delete", "--force", "nosuch")[0] == 0
+
+
+def test_json_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "log.json"
+    code, _, err = runc(capsys, "--root", str(tmp_path), "--log", str(log), "--log-format",
+                        "json", "kill", "nosuch", "9")
+    assert code == 1
+    line = json.loads(log.read_text().splitlines()[-1])
+    assert line["level"] == "error" and "does not exist" in line["msg"] and "time" in line
+    assert "does not exist" in err  # go-runc reads the output, as runc's fatal() writes both
+
+
+def bundle(tmp_path: Path, config: str | Mapping[str, object] | None,
+           rootfs: bool = True) -> Path:
+    b = tmp_path / "bundle"
+    b.mkdir()
+    if rootfs:
+        (b / "rootfs").mkdir()
+    if config is not None:
+        (b / "config.json").write_text(config if isinstance(config, str) else
+                                       json.dumps(config))
+    return b
+
+
+GOOD = {"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+        "process": {"args": ["true"], "cwd": "/"}}
+
+
+@pytest.mark.parametrize(("config", "rootfs", "message"), [
+    ("{not json", True, "invalid JSON"),
+    ({"root": {"path": 3}, "process": {"args": ["x"]}}, True, "root.path"),
+    (GOOD, False, "does not exist"),
+    ({**GOOD, "process": {"cwd": "/"}}, True, "process.args"),
+    (None, True, "no such file"),
+])
+def test_create_bad_bundle_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          config: str | Mapping[str, object] | None, rootfs: bool,
+                                          message: str) -> None:
+    b = bundle(tmp_path, config, rootfs)
+    root = tmp_path / "root"
+    code, _, err = runc(capsys, "--root", str(root), "create", "--bundle", str(b),
+                        "--pid-file", str(tmp_path / "pid"), "c1")
+    assert code == 1 and message in err
+    assert not (root / "containers" / "c1").exists()
+    assert not (tmp_path / "pid").exists()
+
+
+def test_create_same_id_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    b = bundle(tmp_path, GOOD)
+    root = tmp_path / "root"
+    ContainerDir.of(root, "c1").make()
+    code, _, err = runc(capsys, "--root", str(root), "create", "--bundle", str(b), "c1")
+    assert code == 1 and "container with id exists: c1" in err
+    assert (root / "containers" / "c1").is_dir()  # the first one's state is untouched
+
+
+def test_bad_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = runc(capsys, "--root", str(tmp_path), "state", "../x")
+    assert code == 1 and "invalid container id" in err
+
+
+def test_dead_shim_is_stopped_and_delete_cleans(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cdir = ContainerDir.of(tmp_path, "dead")
+    cdir.make()
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    state = new_state("dead", "/b", "/b/rootfs", {"a": "b"})
+    state.update(status="running", pid=proc.pid, shim_start="1")
+    cdir.write(state)
+    code, out, _ = runc(capsys, "--root", str(tmp_path), "state", "dead")
+    assert code == 0
+    got = json.loads(out)
+    assert got["status"] == "stopped" and got["pid"] == 0 and got["annotations"] == {"a": "b"}
+    assert "vm_id" not in got
+    code, out, _ = runc(capsys, "--root", str(tmp_path), "list", "--format", "json")
+    assert [s["id"] for s in json.loads(out)] == ["dead"]
+    code, _, err = runc(capsys, "--root", str(tmp_path), "kill", "dead", "9")
+    assert code == 1 and "container not running" in err
+    code, _, err = runc(capsys, "--root", str(tmp_path), "start", "dead")
+    assert code == 1 and "stopped" in err
+    assert runc(capsys, "--root", str(tmp_path), "delete", "dead")[0] == 0
+    assert not cdir.exists()
+
+
+def test_spec_features_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert runc(capsys, "spec", "--bundle", str(tmp_path))[0] == 0
+    spec = json.loads((tmp_path / "config.json").read_text())
+    assert spec["root"]["path"] == "rootfs" and spec["process"]["args"] == ["sh"]
+    code, _, err = runc(capsys, "spec", "--bundle", str(tmp_path))
+    assert code == 1 and "exists" in err
+    code, out, _ = runc(capsys, "features")
+    assert json.loads(out)["ociVersionMax"] == "1.0.2"
+    code, out, _ = runc(capsys, "--version")
+    assert out.startswith("uvmshim version ") and "spec: 1.0.2" in out
+
+
+def test_console_script_is_fast_enough() -> None:
+    """``state`` must not import asyncio, click or the QEMU code (podman calls us often)."""
+    code = ("import sys; from uvmshim.cli.entry import is_runc_argv; "
+            "from uvmshim.cli.runc_cmd import main\n"
+            "try: main(['--root', '/nonexistent', 'state', 'x'])\n"
+            "except SystemExit: pass\n"
+            "bad = [m for m in ('asyncio', 'click', 'rich', 'qemu') if m in sys.modules]\n"
+            "print(','.join(bad))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.stdout.strip() == ""
