@@ -386,3 +386,18 @@ def test_input_spec_is_never_changed(host: HostFiles) -> None:
     a, _ = alloc(spec)
     assert spec.to_json() == before
     assert a.spec is not spec and a.spec.to_json() != before
+
+
+def test_allocation_restores_the_cyclic_gc(host: HostFiles) -> None:
+    import gc
+
+    assert gc.isenabled()
+    alloc(make_spec(layers=[host.scratch()]))
+    alloc_error(make_spec())
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        alloc(make_spec(layers=[host.scratch()]))
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()

@@ -13,11 +13,14 @@ and without a UVM the mounts are validated and left as they are instead of crash
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -269,6 +272,33 @@ def linux_container_document(spec: Spec, container_root: str, scratch_path: str)
     }
 
 
+_gc_pauses = 0
+_gc_was_enabled = True
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause CPython's cyclic garbage collector for the duration of an allocation.
+
+    An allocation of N mounts keeps ~10·N new objects alive; the generational collector keeps
+    re-traversing that growing heap, which made a 10,000-mount allocation 13–18× slower than a
+    1,000-mount one instead of 10×. The allocation creates no garbage cycles worth collecting
+    (reference counting frees what it drops), so the collector is paused meanwhile and turned
+    back on — only if it was on, and only by the last of several concurrent allocations.
+    """
+    global _gc_pauses, _gc_was_enabled
+    if _gc_pauses == 0:
+        _gc_was_enabled = gc.isenabled()
+    _gc_pauses += 1
+    gc.disable()
+    try:
+        yield
+    finally:
+        _gc_pauses -= 1
+        if _gc_pauses == 0 and _gc_was_enabled:
+            gc.enable()
+
+
 async def create_container_resources(
     spec: Spec, vm: UtilityVM | None, container_id: str = ""
 ) -> Allocation:
@@ -278,6 +308,13 @@ async def create_container_resources(
     :raises UvmshimError: the spec is wrong or an allocation failed. Everything allocated by
         this call has been released by then, and ``spec`` is unchanged (it is never changed).
     """
+    with _cyclic_gc_paused():
+        return await _create_container_resources(spec, vm, container_id)
+
+
+async def _create_container_resources(
+    spec: Spec, vm: UtilityVM | None, container_id: str
+) -> Allocation:
     effective_id = container_id or str(uuid.uuid4())
     r = ContainerResources(effective_id)
     try:
