@@ -150,15 +150,9 @@ def _join_pod(cdir: ContainerDir, sandbox: ContainerDir, spec: Spec, terminal: b
             code = 255
             try:
                 os.setsid()
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
                 # Not the state lock (flock is per open file: it would stay held), nor the
                 # caller's pipes: only the connection.
-                for fd in _open_fds():
-                    if fd > 2 and fd != conn.sock.fileno():
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
+                detach_stdio(keep={conn.sock.fileno()})
                 try:
                     code = int(conn.receive().get("exit", 255))
                 except UvmshimError:
@@ -186,15 +180,7 @@ def _fork_shim(cdir: ContainerDir, spec: Spec, terminal: bool, console_socket: s
             os.setsid()
             os.close(ready_r)
             fds = [os.dup(fd) for fd in stdio]
-            keep = {ready_w, *fds}
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
-            for fd in _open_fds():
-                if fd > 2 and fd not in keep:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            detach_stdio(keep={ready_w, *fds})
             from uvmshim.oci_runtime.shim import ShimConfig, run_shim
 
             cfg = ShimConfig(cdir=cdir, spec=spec, stdin=fds[0], stdout=fds[1], stderr=fds[2],
@@ -213,6 +199,23 @@ def _fork_shim(cdir: ContainerDir, spec: Spec, terminal: bool, console_socket: s
         _reap(pid)
         raise UvmshimError(str(answer["error"]))
     return pid
+
+
+def detach_stdio(*, keep: set[int]) -> None:
+    """In a forked child: point stdin/out/err at /dev/null and close every other fd but ``keep``.
+
+    A process that outlives the CLI call must not hold the caller's pipes (conmon waits for
+    their EOF) or anything else it inherited.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    for fd in _open_fds():
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _open_fds() -> list[int]:

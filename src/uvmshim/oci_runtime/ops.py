@@ -223,15 +223,10 @@ def exec_process(root: str, container_id: str, process: dict[str, Any], *,
             code = 255
             try:
                 os.setsid()
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
-                from uvmshim.oci_runtime.create import _open_fds
+                from uvmshim.oci_runtime.create import detach_stdio
 
-                for fd in _open_fds():  # e.g. conmon's sync pipe: only the connection stays
-                    if fd > 2 and fd != conn.sock.fileno():
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
+                # e.g. conmon's sync pipe: only the connection stays
+                detach_stdio(keep={conn.sock.fileno()})
                 code = int(conn.receive().get("exit", 255))
             except BaseException:
                 code = 255
