@@ -62,6 +62,14 @@ class ExecResult:
     timed_out: bool = False
 
 
+async def _drain(
+    queue: asyncio.Queue[tuple[str, bytes] | None],
+) -> AsyncIterator[tuple[str, bytes]]:
+    """The items of a process's output queue, up to the ``None`` that ends it."""
+    while (item := await queue.get()) is not None:
+        yield item
+
+
 class ExecProcess:
     """A command running in the guest; iterate :meth:`output`, then :meth:`wait`."""
 
@@ -72,16 +80,12 @@ class ExecProcess:
         self._done = done
         self.timed_out = False
 
-    async def output(self) -> AsyncIterator[tuple[str, bytes]]:
+    def output(self) -> AsyncIterator[tuple[str, bytes]]:
         """Yield ``(stream, data)`` chunks (``stream`` is ``stdout`` or ``stderr``) as they come.
 
         Ends when the process has exited and all of its output was delivered.
         """
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                return
-            yield item
+        return _drain(self._queue)
 
     async def wait(self) -> int:
         """Return the exit status (negative: killed by that signal).
@@ -105,13 +109,9 @@ class ContainerProcess:
         self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
-    async def output(self) -> AsyncIterator[tuple[str, bytes]]:
+    def output(self) -> AsyncIterator[tuple[str, bytes]]:
         """Yield ``(stream, data)`` chunks as they come; ends when the process has exited."""
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                return
-            yield item
+        return _drain(self._queue)
 
     async def wait(self) -> int:
         """Return the exit status (crun reports 128+N for a process killed by signal N).
