@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from uvmsession import UvmSession, vm_gone
+from uvmsession import UvmSession
 from uvmshim.errors import UvmshimError
 from uvmshim.oci.spec import Spec
 from uvmshim.runtime.container import Container
@@ -39,16 +39,6 @@ def make_rootfs(path: Path) -> str:
 @pytest.fixture(scope="module")
 def rootfs(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_rootfs(tmp_path_factory.mktemp("rootfs"))
-
-
-@pytest.fixture(scope="module")
-def session() -> Iterator[UvmSession]:
-    s = UvmSession()
-    try:
-        yield s
-    finally:
-        s.close()
-    assert vm_gone(s.state_dir, s.pid) == {}
 
 
 GUEST_MOUNTS = "grep -E ' /run/(gcs|mounts|layers)' /proc/mounts || true"

@@ -11,22 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from uvmsession import UvmSession, vm_gone
+from uvmsession import UvmSession
 from uvmshim.runtime.leaks import find_holdings
 
 from helpers import ext4
 
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def session() -> Iterator[UvmSession]:
-    s = UvmSession()
-    try:
-        yield s
-    finally:
-        s.close()
-    assert vm_gone(s.state_dir, s.pid) == {}, "the UVM left something behind"
 
 
 @pytest.fixture(autouse=True)
