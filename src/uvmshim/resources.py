@@ -28,6 +28,26 @@ class Resource(Protocol):
         """A JSON-able description: ``kind`` plus kind-specific fields (for ``uvmshim plan``)."""
 
 
+async def release_newest_first(
+    resources: list[Resource],
+) -> tuple[list[Resource], list[BaseException]]:
+    """Release ``resources`` newest first, attempting every one.
+
+    :returns: the resources whose release failed (in their original order, to retry later)
+        and the failures.
+    """
+    errors: list[BaseException] = []
+    kept: list[Resource] = []
+    for resource in reversed(resources):
+        try:
+            await resource.release()
+        except Exception as err:  # keep going: every handle gets its chance
+            log.warning("failed to release resource: %s", err)
+            errors.append(err)
+            kept.append(resource)
+    return list(reversed(kept)), errors
+
+
 class ContainerResources:
     """One container's resources (hcsshim's ``resources.Resources``).
 
@@ -72,16 +92,7 @@ class ContainerResources:
         :raises ReleaseError: one or more releases failed; ``errors`` holds each failure.
             The failed handles stay tracked, so calling this again retries them.
         """
-        errors: list[BaseException] = []
-        kept: list[Resource] = []
-        for resource in reversed(self._resources):
-            try:
-                await resource.release()
-            except Exception as err:  # keep going: every handle gets its chance
-                log.warning("failed to release container resource: %s", err)
-                errors.append(err)
-                kept.append(resource)
-        self._resources = list(reversed(kept))
+        self._resources, errors = await release_newest_first(self._resources)
         if self._layers is not None:
             try:
                 await self._layers.release()

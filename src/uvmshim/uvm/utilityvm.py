@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from uvmshim.errors import ReleaseError
-from uvmshim.resources import Resource
+from uvmshim.resources import Resource, release_newest_first
 from uvmshim.uvm.backend import GuestBackend, HostBackend, LayerRef
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.plan9 import Plan9Manager, Plan9Share
@@ -111,15 +111,7 @@ class UtilityVM:
 
     async def release_owned(self) -> None:
         """Release what the UVM adopted, newest first (part of tearing the UVM down)."""
-        errors: list[BaseException] = []
-        kept: list[Resource] = []
-        for resource in reversed(self._owned):
-            try:
-                await resource.release()
-            except Exception as err:
-                errors.append(err)
-                kept.append(resource)
-        self._owned = list(reversed(kept))
+        self._owned, errors = await release_newest_first(self._owned)
         if errors:
             raise ReleaseError("failed to release the UVM's own resources", errors)
 
