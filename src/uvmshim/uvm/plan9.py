@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uvmshim.errors import UvmError, UvmshimError
-from uvmshim.uvm.backend import host_then_guest
-
-if TYPE_CHECKING:
-    from uvmshim.uvm.utilityvm import UtilityVM
+from uvmshim.uvm.backend import GuestBackend, HostBackend, host_then_guest
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +74,12 @@ class Plan9Share:
 class Plan9Manager:
     """Names and tracks Plan9 shares."""
 
-    def __init__(self, vm: UtilityVM) -> None:
-        self._vm = vm
+    def __init__(self, host: HostBackend, guest: GuestBackend, vm_id: str, *,
+                 no_writable_file_shares: bool = False) -> None:
+        self._host = host
+        self._guest = guest
+        self._vm_id = vm_id
+        self._no_writable_file_shares = no_writable_file_shares
         self._counter = 0
         self._shares: dict[str, Plan9Share] = {}
 
@@ -94,13 +95,13 @@ class Plan9Manager:
         """
         if not guest_path:
             raise UvmError("uvmPath must be passed to AddPlan9")
-        if not read_only and self._vm.options.no_writable_file_shares:
+        if not read_only and self._no_writable_file_shares:
             raise UvmError("adding writable shares is denied: operation denied",
                            hint="mount it read-only (option \"ro\")")
         name = str(self._counter)
         self._counter += 1
         allowed = tuple(allowed_names or ()) if restrict else ()
-        host, guest = self._vm.host, self._vm.guest
+        host, guest = self._host, self._guest
         await host_then_guest(
             lambda: host.plan9_add(name, host_path, read_only=read_only, allowed_files=allowed),
             lambda: guest.mount_plan9(name, guest_path, read_only=read_only),
@@ -113,11 +114,11 @@ class Plan9Manager:
     async def remove(self, share: Plan9Share) -> None:
         try:
             if not share._guest_released:
-                await self._vm.guest.unmount_plan9(share.name, share.guest_path)
+                await self._guest.unmount_plan9(share.name, share.guest_path)
                 share._guest_released = True
-            await self._vm.host.plan9_remove(share.name)
+            await self._host.plan9_remove(share.name)
         except UvmshimError as err:
             err.wrap(f"failed to remove plan9 share: failed to remove plan9 share {share.name} "
-                     f"from {self._vm.id}")
+                     f"from {self._vm_id}")
             raise
         del self._shares[share.name]

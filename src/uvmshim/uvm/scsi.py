@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uvmshim.errors import (
     ConflictingAttachment,
@@ -29,11 +29,8 @@ from uvmshim.errors import (
     UvmshimError,
     os_error_text,
 )
-from uvmshim.uvm.backend import host_then_guest
+from uvmshim.uvm.backend import GuestBackend, HostBackend, host_then_guest
 from uvmshim.uvm.options import LUNS_PER_CONTROLLER
-
-if TYPE_CHECKING:
-    from uvmshim.uvm.utilityvm import UtilityVM
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +127,11 @@ class ScsiMount:
 class ScsiManager:
     """Hands out (controller, LUN) slots and keeps one refcounted attachment per disk."""
 
-    def __init__(self, vm: UtilityVM, controllers: int) -> None:
-        self._vm = vm
+    def __init__(self, host: HostBackend, guest: GuestBackend, vm_id: str,
+                 controllers: int) -> None:
+        self._host = host
+        self._guest = guest
+        self._vm_id = vm_id
         self.controllers = controllers
         self._slots: list[list[_Attachment | None]] = [
             [None] * LUNS_PER_CONTROLLER for _ in range(controllers)
@@ -240,7 +240,7 @@ class ScsiManager:
             done.exception()
 
     async def _attach_and_mount(self, a: _Attachment) -> None:
-        host, guest = self._vm.host, self._vm.guest
+        host, guest = self._host, self._guest
         await host_then_guest(
             lambda: host.scsi_attach(a.controller, a.lun, a.host_path, read_only=a.read_only,
                                      passthrough=a.passthrough),
@@ -282,7 +282,7 @@ class ScsiManager:
             if guest_path and not a.guest_path:
                 # Attached without a mount so far: this caller is the first to need one.
                 a.guest_path, a.options = guest_path, options
-                await self._vm.guest.mount_scsi(a.controller, a.lun, guest_path,
+                await self._guest.mount_scsi(a.controller, a.lun, guest_path,
                                                 read_only=a.read_only, options=options)
                 a.guest_mounted = True
         except BaseException:
@@ -305,14 +305,14 @@ class ScsiManager:
             # lets go of the device before the LUN can be reused. A retry after a failed
             # detach skips it if it already succeeded.
             if not a.guest_released:
-                await self._vm.guest.unmount_scsi(a.controller, a.lun, a.guest_path)
+                await self._guest.unmount_scsi(a.controller, a.lun, a.guest_path)
                 a.guest_mounted = False
                 a.guest_released = True
-            await self._vm.host.scsi_detach(a.controller, a.lun)
+            await self._host.scsi_detach(a.controller, a.lun)
         except UvmshimError as err:
             a.state = _State.DETACH_FAILED
             err.wrap(f"failed to remove SCSI device: failed to remove SCSI disk {a.host_path} "
-                     f"from container {self._vm.id}")
+                     f"from container {self._vm_id}")
             raise
         except BaseException:
             a.state = _State.DETACH_FAILED

@@ -47,11 +47,13 @@ class UtilityVM:
         self.options = options or UvmOptions()
         self.new_guid = new_guid or (lambda: str(uuid.uuid4()))
         self._mount_counter = itertools.count(1)
-        self.scsi = ScsiManager(self, self.options.scsi_controller_count)
-        self.plan9 = Plan9Manager(self)
-        self.vpmem = VPMemManager(self, self.options.effective_vpmem_count,
+        # hcsshim's NewManager: each manager gets the backends and the VM id, not the UVM.
+        self.scsi = ScsiManager(host, guest, vm_id, self.options.scsi_controller_count)
+        self.plan9 = Plan9Manager(host, guest, vm_id,
+                                  no_writable_file_shares=self.options.no_writable_file_shares)
+        self.vpmem = VPMemManager(host, guest, vm_id, self.options.effective_vpmem_count,
                                   self.options.vpmem_max_size)
-        self.vpci = VPCIManager(self)
+        self.vpci = VPCIManager(host, guest, vm_id, new_guid=self.new_guid)
         self._owned: list[Resource] = []
 
     # Section: counters and properties

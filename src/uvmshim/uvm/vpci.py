@@ -6,14 +6,12 @@ is only made for a device that is really new.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uvmshim.errors import UvmError, UvmshimError
-from uvmshim.uvm.backend import host_then_guest
-
-if TYPE_CHECKING:
-    from uvmshim.uvm.utilityvm import UtilityVM
+from uvmshim.uvm.backend import GuestBackend, HostBackend, host_then_guest
 
 
 @dataclass(eq=False)
@@ -56,8 +54,12 @@ class VPCIDevice:
 
 
 class VPCIManager:
-    def __init__(self, vm: UtilityVM) -> None:
-        self._vm = vm
+    def __init__(self, host: HostBackend, guest: GuestBackend, vm_id: str, *,
+                 new_guid: Callable[[], str]) -> None:
+        self._host = host
+        self._guest = guest
+        self._vm_id = vm_id
+        self._new_guid = new_guid
         self._devices: dict[tuple[str, int], _Assigned] = {}
 
     def devices(self) -> list[dict[str, Any]]:
@@ -71,13 +73,13 @@ class VPCIManager:
         if existing is not None:
             existing.refcount += 1
             return VPCIDevice(self, existing)
-        device = _Assigned(instance_id, function, vmbus_guid or self._vm.new_guid())
+        device = _Assigned(instance_id, function, vmbus_guid or self._new_guid())
         self._devices[key] = device
-        host, guid = self._vm.host, device.vmbus_guid
+        host, guid = self._host, device.vmbus_guid
         try:
             await host_then_guest(
                 lambda: host.vpci_add(guid, instance_id, function),
-                lambda: self._vm.guest.add_vpci(guid),
+                lambda: self._guest.add_vpci(guid),
                 lambda: host.vpci_remove(guid),
             )
         except BaseException:
@@ -89,9 +91,9 @@ class VPCIManager:
         key = (d.instance_id, d.function)
         if self._devices.get(key) is not d:
             raise UvmError(f"no device with ID {d.instance_id} and index {d.function} is "
-                           f"present on the uvm {self._vm.id}")
+                           f"present on the uvm {self._vm_id}")
         if d.refcount > 1:
             d.refcount -= 1
             return
-        await self._vm.host.vpci_remove(d.vmbus_guid)
+        await self._host.vpci_remove(d.vmbus_guid)
         del self._devices[key]

@@ -11,14 +11,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uvmshim import guestpath
 from uvmshim.errors import NoAvailableLocation, UvmError, UvmshimError, VPMemTooLarge, os_error_text
-from uvmshim.uvm.backend import host_then_guest
-
-if TYPE_CHECKING:
-    from uvmshim.uvm.utilityvm import UtilityVM
+from uvmshim.uvm.backend import GuestBackend, HostBackend, host_then_guest
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +61,11 @@ class VPMemMount:
 
 
 class VPMemManager:
-    def __init__(self, vm: UtilityVM, count: int, max_size: int) -> None:
-        self._vm = vm
+    def __init__(self, host: HostBackend, guest: GuestBackend, vm_id: str, count: int,
+                 max_size: int) -> None:
+        self._host = host
+        self._guest = guest
+        self._vm_id = vm_id
         self.count = count
         self.max_size = max_size
         self._devices: list[_Device | None] = [None] * count
@@ -97,7 +97,7 @@ class VPMemManager:
             raise NoAvailableLocation()
         device = _Device(number, resolved, guestpath.vpmem_layer_path(number), size)
         self._devices[number] = device  # reserve the slot across the awaits below
-        host, guest = self._vm.host, self._vm.guest
+        host, guest = self._host, self._guest
         try:
             await host_then_guest(
                 lambda: host.vpmem_add(number, resolved),
@@ -121,11 +121,11 @@ class VPMemManager:
             return
         try:
             if not d.guest_released:
-                await self._vm.guest.unmount_vpmem(d.number, d.guest_path)
+                await self._guest.unmount_vpmem(d.number, d.guest_path)
                 d.guest_released = True
-            await self._vm.host.vpmem_remove(d.number)
+            await self._host.vpmem_remove(d.number)
         except UvmshimError as err:
-            err.wrap(f"failed to remove VPMEM {d.host_path} from utility VM {self._vm.id}")
+            err.wrap(f"failed to remove VPMEM {d.host_path} from utility VM {self._vm_id}")
             raise
         d.refcount = 0
         self._devices[d.number] = None
