@@ -21,12 +21,17 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-from uvmshim.image import ImageStore, ImportEvent, import_image, testimages
+# The busybox test images live with the tests (they are not part of the package).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import testimages
+from uvmshim.image import ImageStore, ImportEvent, import_image
 from uvmshim.image.tar2ext4 import BLOCK, INODE_SIZE, fs_bytes, measure
 
 

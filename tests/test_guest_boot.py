@@ -1,21 +1,30 @@
-"""Boot the real kernel + initrd under TCG and talk to the agent (``-m vm``)."""
+"""Boot the product's utility VM and talk to its agent (``-m vm``).
+
+Every test boots the real kernel and initrd through :class:`QemuMachine`, so QEMU runs with the
+production command line (TCG wherever the KVM probe fails); only the state directory is private
+to the test. Disks, shares and vPMEM devices are hot-added by the QMP host backend, as the
+device managers do, and the guest is driven through the agent client.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from guestvm import launch
 from uvmshim.agentclient import AgentClient, AgentGuestBackend
 from uvmshim.errors import BackendError
 from uvmshim.uvm.backend import LayerRef
 from uvmshim.uvm.bootfiles import BootFiles, ensure_boot_files
+from uvmshim.uvm.qemu import QemuConfig, QemuHostBackend, QemuMachine, list_leftovers
 
 pytestmark = [
     pytest.mark.vm,
@@ -28,14 +37,43 @@ def boot_files() -> BootFiles:
     return asyncio.run(ensure_boot_files())
 
 
+@contextlib.asynccontextmanager
+async def booted(boot: BootFiles, tmp_path: Path, **config: Any) -> AsyncIterator[QemuMachine]:
+    """A launched :class:`QemuMachine` with the default config plus ``config``; afterwards
+    nothing of it (process, mounts, state directory) may remain."""
+    base = tmp_path / "vm"
+    cfg = QemuConfig(kernel=boot.kernel, initrd=boot.initrd, base_dir=base, **config)
+    async with QemuMachine(cfg) as vm:
+        yield vm
+    assert vm.returncode is not None
+    assert list_leftovers(base) == []
+
+
+def console(vm: QemuMachine) -> str:
+    """The guest serial console so far."""
+    try:
+        return vm.console_log.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+async def exits(vm: QemuMachine, timeout: float = 30) -> bool:
+    """True once QEMU has exited (the guest powered off), False after ``timeout`` seconds."""
+    try:
+        await asyncio.wait_for(vm.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
 def test_boot_ping_exec_shutdown(boot_files: BootFiles, tmp_path: Path) -> None:
     async def main() -> None:
-        async with launch(boot_files.kernel, boot_files.initrd, tmp_path / "run") as vm:
+        async with booted(boot_files, tmp_path) as vm:
             t0 = time.monotonic()
             try:
-                client = await AgentClient.connect(vm.agent_socket, timeout=60)
+                client = await AgentClient.connect(vm.agent_socket_path, timeout=60)
             except BackendError:
-                pytest.fail(f"agent did not answer; console:\n{vm.console()}")
+                pytest.fail(f"agent did not answer; console:\n{console(vm)}")
             ready = time.monotonic() - t0
             print(f"agent ready after {ready:.2f} s; guest info {client.guest_info}")
             backend = AgentGuestBackend(client)
@@ -78,15 +116,14 @@ def test_boot_ping_exec_shutdown(boot_files: BootFiles, tmp_path: Path) -> None:
                 # The host may drop the connection and come back (the guest sees EOF, then
                 # data again); ids from the old connection do not leak into the new one.
                 await client.close()
-                client = await AgentClient.connect(vm.agent_socket, timeout=20)
+                client = await AgentClient.connect(vm.agent_socket_path, timeout=20)
                 backend = AgentGuestBackend(client)
                 assert (await backend.exec(["echo", "again"])).stdout == b"again\n"
 
                 await backend.shutdown()
-                assert await vm.wait_exit(30) is not None, "QEMU did not exit after shutdown"
+                assert await exits(vm), "QEMU did not exit after shutdown"
             finally:
                 await client.close()
-        assert vm.proc.returncode is not None
 
     asyncio.run(main())
 
@@ -120,22 +157,20 @@ def test_storage_requests_and_crun(boot_files: BootFiles, tmp_path: Path) -> Non
     _busybox_image(tmp_path / "lower.ext4", tmp_path / "lowertree")
     _mkfs_ext4(tmp_path / "scratch.ext4", "32M")
     _mkfs_ext4(tmp_path / "other.ext4", "8M")
-    share = tmp_path / "export"
-    (share / "3").mkdir(parents=True)
-    (share / "3" / "hello.txt").write_text("hi from the host\n")
-
-    def disk(i: int, f: str, bus: str, lun: int, ro: bool) -> list[str]:
-        return ["-drive", f"if=none,id=d{i},file={tmp_path / f},format=raw,"
-                f"readonly={'on' if ro else 'off'}",
-                "-device", f"scsi-hd,drive=d{i},bus={bus}.0,channel=0,scsi-id=0,lun={lun}"]
-
-    extra = [*disk(0, "lower.ext4", "scsi0", 0, True), *disk(1, "scratch.ext4", "scsi0", 1, False),
-             *disk(2, "other.ext4", "scsi1", 3, False)]
+    shared = tmp_path / "export"
+    shared.mkdir()
+    (shared / "hello.txt").write_text("hi from the host\n")
 
     async def main() -> None:
-        async with launch(boot_files.kernel, boot_files.initrd, tmp_path / "run",
-                          scsi_controllers=2, share_dir=share, extra=extra) as vm:
-            client = await AgentClient.connect(vm.agent_socket, timeout=60)
+        async with booted(boot_files, tmp_path) as vm:
+            host = QemuHostBackend(vm)
+            for c, lun, f, writable in ((0, 0, "lower.ext4", False), (0, 1, "scratch.ext4", True),
+                                        (1, 3, "other.ext4", True)):
+                await host.scsi_attach(c, lun, str(tmp_path / f), read_only=not writable,
+                                       passthrough=False)
+            # Writable on the host: the guest's read-only mount is what refuses writes below.
+            await host.plan9_add("3", str(shared), read_only=False, allowed_files=())
+            client = await AgentClient.connect(vm.agent_socket_path, timeout=60)
             g = AgentGuestBackend(client)
 
             async def sh(script: str) -> str:
@@ -179,7 +214,7 @@ def test_storage_requests_and_crun(boot_files: BootFiles, tmp_path: Path) -> Non
                     await g.unmount_scsi(c, lun, path)
                 assert "/run/mounts/m" not in await sh("cat /proc/mounts")
                 assert (await sh("ls /sys/block")).split() == []  # all let go
-                # The disk is still plugged in on the host: a new mount finds it again
+                # The disk is still attached on the host: a new mount finds it again
                 # (the agent asks the SCSI host to rescan that LUN).
                 await g.mount_scsi(0, 0, "/run/mounts/m4", read_only=True, options=[])
                 assert await sh("cat /run/mounts/m4/etc/marker") == "from-lower\n"
@@ -195,7 +230,7 @@ def test_storage_requests_and_crun(boot_files: BootFiles, tmp_path: Path) -> Non
                 assert f"{hp} hugetlbfs" in await sh("cat /proc/mounts")
 
                 await g.shutdown()
-                assert await vm.wait_exit(30) is not None
+                assert await exits(vm)
             finally:
                 await client.close()
 
@@ -210,28 +245,22 @@ def test_vpmem_mount(boot_files: BootFiles, tmp_path: Path) -> None:
     (tree / "f").write_text("pmem\n")
     img = tmp_path / "layer.ext4"
     _mkfs_ext4(img, "16M", tree)
-    extra = ["-m", "512,slots=2,maxmem=1G",
-             "-object", f"memory-backend-file,id=pm0,share=off,readonly=on,mem-path={img},"
-             "size=16M",
-             # As the QEMU host backend does: vPMEM n behind root port n at slot 0x10+n.
-             "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1,addr=0x10",
-             "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=2,slot=2,addr=0x11",
-             "-device", "virtio-pmem-pci,memdev=pm0,id=vpmem1,bus=rp1"]
 
     async def main() -> None:
-        async with launch(boot_files.kernel, boot_files.initrd, tmp_path / "run",
-                          extra=extra) as vm:
-            client = await AgentClient.connect(vm.agent_socket, timeout=60)
+        # A UVM with vPMEM has one SCSI controller by default (UvmOptions.scsi_controller_count).
+        async with booted(boot_files, tmp_path, vpmem_slots=2, scsi_controllers=1) as vm:
+            await QemuHostBackend(vm).vpmem_add(1, str(img))
+            client = await AgentClient.connect(vm.agent_socket_path, timeout=60)
             g = AgentGuestBackend(client)
             try:
                 await g.mount_vpmem(1, "/run/layers/p1")
                 res = await g.exec(["cat", "/run/layers/p1/f"])
-                assert res.stdout == b"pmem\n", (res, vm.console())
+                assert res.stdout == b"pmem\n", (res, console(vm))
                 assert b"/run/layers/p1 ext4 ro" in (await g.exec(["cat", "/proc/mounts"])).stdout
                 await g.unmount_vpmem(1, "/run/layers/p1")
                 assert b"/run/layers" not in (await g.exec(["cat", "/proc/mounts"])).stdout
                 await g.shutdown()
-                assert await vm.wait_exit(30) is not None
+                assert await exits(vm)
             finally:
                 await client.close()
 
@@ -242,13 +271,12 @@ def test_vpmem_mount(boot_files: BootFiles, tmp_path: Path) -> None:
 def test_containers(boot_files: BootFiles, tmp_path: Path) -> None:
     """container_create/start/exec/signal/delete with streamed output and stdin."""
     _busybox_image(tmp_path / "lower.ext4", tmp_path / "lowertree")
-    extra = ["-drive", f"if=none,id=d0,file={tmp_path / 'lower.ext4'},format=raw,readonly=on",
-             "-device", "scsi-hd,drive=d0,bus=scsi0.0,channel=0,scsi-id=0,lun=0"]
 
     async def main() -> None:
-        async with launch(boot_files.kernel, boot_files.initrd, tmp_path / "run",
-                          extra=extra) as vm:
-            client = await AgentClient.connect(vm.agent_socket, timeout=60)
+        async with booted(boot_files, tmp_path) as vm:
+            await QemuHostBackend(vm).scsi_attach(0, 0, str(tmp_path / "lower.ext4"),
+                                                  read_only=True, passthrough=False)
+            client = await AgentClient.connect(vm.agent_socket_path, timeout=60)
             g = AgentGuestBackend(client)
             try:
                 await g.mount_scsi(0, 0, "/run/mounts/m1", read_only=True, options=[])
@@ -302,7 +330,7 @@ def test_containers(boot_files: BootFiles, tmp_path: Path) -> None:
                 with pytest.raises(BackendError, match="does not exist"):
                     await client.container_start("c2")
                 await g.shutdown()
-                assert await vm.wait_exit(30) is not None
+                assert await exits(vm)
             finally:
                 await client.close()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import testimages
 from uvmshim.cli.image_cmd import image_group, parse_size
 from uvmshim.image import (
     ImageError,
@@ -30,7 +31,6 @@ from uvmshim.image import (
     layer_folders,
     list_images,
     remove_image,
-    testimages,
     vhd,
 )
 from uvmshim.uvm.qemu.host import detect_image_format

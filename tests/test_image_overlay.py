@@ -2,7 +2,7 @@
 
 Set ``UVMSHIM_IMAGE_MOUNT_TESTS=1`` to run. Each ``layer.vhd`` is attached read-only to a loop
 device limited to the disk's size (the VHD footer excluded), mounted ``ro,noload`` as the guest
-does, stacked with a tmpfs upper, and :data:`~uvmshim.image.testimages.CONTAINER_CHECK` runs
+does, stacked with a tmpfs upper, and :data:`testimages.CONTAINER_CHECK` runs
 chrooted in it. Everything is unmounted and detached again, whatever happens.
 """
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from uvmshim.image import ImageStore, import_image, testimages
+import testimages
+from uvmshim.image import ImageStore, import_image
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("UVMSHIM_IMAGE_MOUNT_TESTS") != "1" or os.geteuid() != 0

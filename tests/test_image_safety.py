@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from uvmshim.image import ImageError, ImageStore, ImportEvent, import_image, testimages
+import testimages
+from testimages import Layer, TarBuilder
+from uvmshim.image import ImageError, ImageStore, ImportEvent, import_image
 from uvmshim.image import store as store_mod
-from uvmshim.image.testimages import Layer, TarBuilder
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("mkfs.ext4"), reason="needs root and e2fsprogs")

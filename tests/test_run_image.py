@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from uvmshim.image import testimages
+import testimages
 from uvmshim.runtime.leaks import find_holdings
 
 pytestmark = pytest.mark.vm

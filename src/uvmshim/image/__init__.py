@@ -9,8 +9,8 @@
 
 Modules: :mod:`.layout` reads images, :mod:`.unpack` stages a layer tar safely,
 :mod:`.tar2ext4` turns the stage into ``layer.vhd`` (with :mod:`.vhd`'s footer), :mod:`.store`
-caches layers by diff id and records images, :mod:`.scratch` makes ``sandbox.vhdx``, and
-:mod:`.testimages` builds small test images from busybox.
+caches layers by diff id and records images, and :mod:`.scratch` makes ``sandbox.vhdx``.
+(The busybox test images are built by ``tests/testimages.py``, outside the package.)
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from uvmshim.image.store import (
     ImageRecord,
     ImageStore,
     ImportEvent,
-    default_root,
     get_image,
     image_config,
     import_image,
@@ -41,7 +40,6 @@ __all__ = [
     "ImageStore",
     "ImportEvent",
     "create_scratch",
-    "default_root",
     "get_image",
     "image_config",
     "import_image",

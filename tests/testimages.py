@@ -1,5 +1,7 @@
 """Small test images built from busybox-static, without a registry or a container engine.
 
+Used by the image tests and ``bench/bench_image_import.py``; not part of the installed package.
+
 The image ``uvmshim-test:latest`` has two layers:
 
 * **base**: ``/bin/busybox`` with an applet symlink for each applet, ``/etc/passwd`` and
