@@ -22,7 +22,7 @@ from uvmshim.uvm.guest.cpio import CpioWriter
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.qemu.config import QemuConfig
 
-#: Guest memory and vCPUs: what :func:`uvmshim.uvm.qemu_uvm.start_uvm` uses by default.
+#: Guest memory and vCPUs: what :func:`uvmshim.runtime.vm.start_uvm` uses by default.
 MEMORY_MB = 512
 CPUS = 2
 

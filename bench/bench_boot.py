@@ -51,9 +51,9 @@ from _uvm import (
     uvm_config,
     verdict,
 )
+from uvmshim.runtime.vm import start_uvm
 from uvmshim.uvm.bootfiles import BootFiles, ensure_boot_files
 from uvmshim.uvm.qemu.machine import QemuMachine
-from uvmshim.uvm.qemu_uvm import start_uvm
 
 TARGET = 1.2
 MARKER = "UVMSHIM-BENCH-READY"

@@ -6,9 +6,9 @@ invocations (podman calls create via conmon, then start and delete), and the int
 start-up (``uvmshim --version``, ``uvmshim state``) is measured on its own. ``create`` includes
 booting the utility VM, which is most of uvmshim's time.
 
-Needs podman (and runsc for the gVisor column; skipped if missing) and the sandbox fixes of
-``oci-clients-notes.md`` (the hugetlb cgroup mount; ulimits via ``CONTAINERS_CONF``, which
-this script sets up itself).
+Needs podman (and runsc for the gVisor column; skipped if missing) and the host fixes of
+``docs/oci-runtime.md`` (podman: the hugetlb cgroup mount; ulimits via ``CONTAINERS_CONF``,
+which this script sets up itself).
 
     python bench/bench_podman.py [--repeat N]
 """

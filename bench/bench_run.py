@@ -90,13 +90,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _uvm import interleaved, median, now, require_root, run, spread, verdict
+from uvmshim.protocol.constants import CRUN_ROOT
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.pod import Pod, pause_spec
 from uvmshim.runtime.specgen import RunOptions, build_spec
-from uvmshim.uvm.qemu_uvm import QemuUvm, start_uvm
+from uvmshim.runtime.vm import QemuUvm, start_uvm
 
 TARGET = 1.5
-GUEST_CRUN_ROOT = "/run/crun"  # what the agent uses (uvmshim.agent.runtime.CRUN_ROOT)
+GUEST_CRUN_ROOT = CRUN_ROOT  # what the agent uses
 #: Run argv[2:] with cwd argv[1], stdio on pipes as the agent does; print "rc seconds".
 GUEST_TIMER = (
     "import subprocess, sys, time\n"

@@ -42,8 +42,8 @@ from typing import Any
 
 from _uvm import median, now, require_root, run, spread, verdict
 from uvmshim.protocol import SCSI_TARGET, scsi_controller_pci_address, scsi_linux_lun
+from uvmshim.runtime.vm import QemuUvm, start_uvm
 from uvmshim.uvm.qemu.host import scsi_wwn
-from uvmshim.uvm.qemu_uvm import QemuUvm, start_uvm
 
 TARGET = 1.25
 #: Pause after each teardown (not timed): lets the guest finish hot-unplug work.
@@ -169,7 +169,7 @@ async def round_trips(uvm: QemuUvm, n: int = 7) -> tuple[float, float]:
     pings, execs = [], []
     for _ in range(n):
         start = now()
-        await uvm.agent.request("ping")
+        await uvm.agent.ping()
         pings.append(now() - start)
         start = now()
         await uvm.agent.exec(["true"])

@@ -25,7 +25,7 @@ from uvmshim.agent.storage import (
     scsi_host_name,
 )
 from uvmshim.agent.util import AgentError, _reason, mounts
-from uvmshim.protocol import PROTOCOL_VERSION, FrameDecoder, encode_frame
+from uvmshim.protocol import PROTOCOL_VERSION, FrameDecoder, MountScsi, encode_frame
 
 # Path rules ----------------------------------------------------------------------------------
 
@@ -120,7 +120,8 @@ def test_mount_scsi_attach_only_waits_for_node(tmp_path: Path) -> None:
     _fake_disk(sysfs, 5, 0, 2, "sdb")
     (dev / "sdb").touch()
     storage = Storage(_NoModules(), sysfs=str(sysfs), dev=str(dev))
-    assert storage.mount_scsi(0, 2, "", read_only=True, options=[]) == {"device": f"{dev}/sdb"}
+    assert storage.mount_scsi(MountScsi(controller=0, lun=2, read_only=True)) == {
+        "device": f"{dev}/sdb"}
 
 
 def test_find_port(tmp_path: Path) -> None:
@@ -263,6 +264,12 @@ class _Peer:
             self.buffered += self.dec.feed(chunk)
 
 
+def _failure(resp: dict[str, Any]) -> tuple[str, str]:
+    """``(kind, message)`` of a failed response."""
+    assert resp["ok"] is False, resp
+    return resp["error"]["kind"], resp["error"]["message"]
+
+
 @pytest.fixture
 def peer(tmp_path: Path) -> Any:
     host, guest = socket.socketpair()
@@ -285,16 +292,27 @@ def test_server_hello_ping_and_errors(peer: _Peer) -> None:
     resp, _ = peer.until_response(peer.send("ping"))
     assert resp["ok"] and "uptime" in resp["result"]
     resp, _ = peer.until_response(peer.send("ping", version=PROTOCOL_VERSION + 1))
-    assert not resp["ok"] and "protocol version mismatch" in resp["error"]
+    kind, message = _failure(resp)
+    assert kind == "protocol" and "protocol version mismatch" in message
     resp, _ = peer.until_response(peer.send("frobnicate"))
-    assert resp == {"id": resp["id"], "ok": False, "error": "unknown operation 'frobnicate'"}
+    assert resp == {"id": resp["id"], "ok": False,
+                    "error": {"kind": "protocol", "message": "unknown operation 'frobnicate'"}}
     resp, _ = peer.until_response(peer.send("mount_scsi", controller="0", lun=0))
-    assert not resp["ok"] and "controller must be a non-negative integer" in resp["error"]
+    assert _failure(resp) == (
+        "invalid", "mount_scsi: controller must be a non-negative integer, got '0'")
+    resp, _ = peer.until_response(peer.send("mount_scsi", controller=0))
+    assert _failure(resp) == ("invalid", "mount_scsi: lun is missing")
+    resp, _ = peer.until_response(peer.send("ping", extra=1))
+    assert _failure(resp) == ("invalid", "ping: unknown field 'extra'")
     resp, _ = peer.until_response(peer.send("add_vpci", vmbus_guid="g"))
-    assert "not supported" in resp["error"]
+    kind, message = _failure(resp)
+    assert kind == "unsupported" and "not supported" in message
     resp, _ = peer.until_response(peer.send("mount_plan9", name="../x", guest_path="/x",
                                             read_only=True))
-    assert "invalid share name" in resp["error"]
+    kind, message = _failure(resp)
+    assert kind == "invalid" and "invalid share name" in message
+    resp, _ = peer.until_response(peer.send("container_start", container_id="nope"))
+    assert _failure(resp) == ("not_found", "container nope does not exist")
 
 
 def test_server_exec_streams_then_answers(peer: _Peer) -> None:
@@ -317,7 +335,8 @@ def test_server_exec_timeout_and_missing_binary(peer: _Peer) -> None:
     resp, _ = peer.until_response(slow)
     assert resp["result"]["timed_out"] is True
     resp, _ = peer.until_response(peer.send("exec", argv=["/nonexistent/tool"]))
-    assert not resp["ok"] and resp["error"].startswith("exec /nonexistent/tool: ")
+    kind, message = _failure(resp)
+    assert kind == "not_found" and message.startswith("exec /nonexistent/tool: ")
 
 
 def test_server_shutdown_answers_before_poweroff(peer: _Peer) -> None:
@@ -328,7 +347,8 @@ def test_server_shutdown_answers_before_poweroff(peer: _Peer) -> None:
 
 def test_server_sandbox_dir(peer: _Peer, tmp_path: Path) -> None:
     resp, _ = peer.until_response(peer.send("sandbox_dir", sandbox_id="sb", path="../../x"))
-    assert not resp["ok"] and "outside" in resp["error"]
+    kind, message = _failure(resp)
+    assert kind == "invalid" and "outside" in message
     assert not os.path.exists("/run/gcs/c/sb/x")
 
 
@@ -336,5 +356,4 @@ def test_server_sandbox_dir(peer: _Peer, tmp_path: Path) -> None:
 def test_server_install_drivers_missing_tool(peer: _Peer) -> None:
     resp, _ = peer.until_response(peer.send("install_drivers", rw_path="/run/drivers/x",
                                             disk_path="/run/mounts/m1"))
-    assert resp == {"id": resp["id"], "ok": False,
-                    "error": "/bin/install-drivers is not present in this guest"}
+    assert _failure(resp) == ("unsupported", "/bin/install-drivers is not present in this guest")

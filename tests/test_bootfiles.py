@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from uvmshim import hostpath
 from uvmshim.errors import ToolError, UvmshimError
 from uvmshim.uvm import bootfiles
 from uvmshim.uvm.bootfiles import BuildInputs, PackageInfo, compute_key, extract_vmlinux
@@ -117,7 +118,7 @@ def _parse_newc(data: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt (Debian 12)")
 def test_real_build_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real build into a private cache; a second call reuses it without building."""
-    real_cache = bootfiles.cache_root()
+    real_cache = hostpath.cache_dir()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     debs = real_cache / "debs"
     if debs.is_dir():  # reuse downloads: the test is about the build, not the mirror

@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 
-from uvmshim.agentclient import AgentClient, AgentGuestBackend
-from uvmshim.errors import BackendError
+from uvmshim.errors import BackendError, GuestError
+from uvmshim.protocol import CRUN_ROOT, ErrorKind
 from uvmshim.uvm.backend import LayerRef
 from uvmshim.uvm.bootfiles import BootFiles, ensure_boot_files
 from uvmshim.uvm.qemu import QemuConfig, QemuHostBackend, QemuMachine, list_leftovers
+from uvmshim.uvm.qemu.agent_client import AgentClient
+from uvmshim.uvm.qemu.guest import AgentGuestBackend
 
 pytestmark = [
     pytest.mark.vm,
@@ -78,7 +80,7 @@ def test_boot_ping_exec_shutdown(boot_files: BootFiles, tmp_path: Path) -> None:
             print(f"agent ready after {ready:.2f} s; guest info {client.guest_info}")
             backend = AgentGuestBackend(client)
             try:
-                pong = await client.request("ping")
+                pong = await client.ping()
                 assert pong["uptime"] > 0
 
                 mounts = await backend.exec(["cat", "/proc/mounts"])
@@ -101,7 +103,7 @@ def test_boot_ping_exec_shutdown(boot_files: BootFiles, tmp_path: Path) -> None:
                 # Concurrency: a slow command does not hold up a quick one.
                 slow = asyncio.ensure_future(backend.exec(["sleep", "2"]))
                 t = time.monotonic()
-                await client.request("ping")
+                await client.ping()
                 assert time.monotonic() - t < 1.5
                 assert (await slow).exit_code == 0
 
@@ -316,7 +318,7 @@ def test_containers(boot_files: BootFiles, tmp_path: Path) -> None:
                     "c2", "/run/gcs/c/c2", spec("c2", ["/bin/sleep", "300"]), sandbox_id="sb")
                 await client.container_start("c2")
                 for _ in range(100):  # crun run needs a moment to have the container running
-                    state = await g.exec(["crun", "--root", "/run/crun", "state", "c2"])
+                    state = await g.exec(["crun", "--root", CRUN_ROOT, "state", "c2"])
                     if b'"running"' in state.stdout:
                         break
                     await asyncio.sleep(0.1)
@@ -327,8 +329,9 @@ def test_containers(boot_files: BootFiles, tmp_path: Path) -> None:
                 await client.container_signal("c2", 9)
                 assert await asyncio.wait_for(init2.wait(), 20) == 137
                 await client.container_delete("c2")
-                with pytest.raises(BackendError, match="does not exist"):
+                with pytest.raises(GuestError, match="does not exist") as gone:
                     await client.container_start("c2")
+                assert gone.value.kind is ErrorKind.NOT_FOUND
                 await g.shutdown()
                 assert await exits(vm)
             finally:

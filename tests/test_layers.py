@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "guestpath": 2,
     "hostpath": 2,
     "procscan": 2,
+    "asyncutil": 2,
     "tools": 2,
     "spec": 2,
     "resources": 2,
@@ -37,7 +38,7 @@ LAYERS: dict[str, int] = {
     "__main__": 7,
     "__init__": 0,
     # names before the renames of this change
-    "run": 2, "oci": 2, "oci_runtime": 6, "agentclient": 3,
+    "run": 2, "oci": 2, "oci_runtime": 6,
 }
 
 

@@ -1,4 +1,8 @@
-"""Plan9, vPMEM, vPCI, the mount counter and container resources (§4, §6.4, §6.6, §6.9, §6.10)."""
+"""Plan9, vPMEM, vPCI, the mount counter and container resources.
+
+hcsshim's ``AddPlan9``, ``AddVPMem``, ``AssignDevice``, the UVM mount counter and
+``internal/resources``; docs/design.md (sections 2 and 6) maps them onto uvmshim.
+"""
 
 from __future__ import annotations
 

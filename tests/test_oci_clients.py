@@ -3,7 +3,7 @@
 Each test boots one or two UVMs through the runtime's shim and checks afterwards that nothing
 of them is left: no VM directory named ``oci-*``, no state directory. podman and containerd
 tests run when the Debian packages are installed (``.ci/run`` installs them) and apply the
-sandbox fixes of ``oci-clients-notes.md`` themselves: a v1 ``hugetlb`` mount (crun refuses a
+host fixes of ``docs/oci-runtime.md`` (podman) themselves: a v1 ``hugetlb`` mount (crun refuses a
 hybrid cgroup layout otherwise; undone afterwards) and ulimits within the hard limits.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from uvmshim.oci_runtime.state import proc_start_time
+from uvmshim import procscan
 from uvmshim.runtime.leaks import find_holdings
 
 pytestmark = pytest.mark.vm
@@ -133,7 +133,7 @@ def test_runc_lifecycle_and_bad_calls(tmp_path: Path, rootfs: Path) -> None:
     runc("delete", "c1")
     assert not (runc.root / "containers" / "c1").exists()
     assert b"started" in out.read_bytes()
-    assert proc_start_time(shim) is None  # exited (a zombie if its new parent does not reap)
+    assert procscan.start_time(shim) is None  # exited (a zombie if its new parent does not reap)
 
 
 def test_killed_shim_and_caller_killed_mid_create(tmp_path: Path, rootfs: Path) -> None:
@@ -170,7 +170,7 @@ def _need(*tools: str) -> None:
 
 @pytest.fixture(scope="module")
 def sandbox_fixes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """The two fixes of oci-clients-notes.md §0, undone afterwards where we made them."""
+    """The two host fixes of docs/oci-runtime.md (podman), undone afterwards where we made them."""
     mounted = False
     unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
     hugetlb = Path("/sys/fs/cgroup/hugetlb")

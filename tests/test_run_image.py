@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import testimages
+from uvmshim import hostpath
 from uvmshim.runtime.leaks import find_holdings
 
 pytestmark = pytest.mark.vm
@@ -32,5 +33,5 @@ def test_imported_image_runs_with_the_right_tree(tmp_path: Path, form: str) -> N
     assert res.stdout.strip().endswith("overlay-ok")
     held = find_holdings(tmp_path / "vms")
     assert held.vms == [] and held.qemu_pids == []
-    assert not Path("/run/uvmshim/scratch").exists() or \
-        not any(Path("/run/uvmshim/scratch").iterdir())
+    scratch = hostpath.scratch_dir()
+    assert not scratch.exists() or not any(scratch.iterdir())

@@ -1,4 +1,5 @@
-"""SCSI manager: slots, refcounts, reuse, conflicts, attach-only, failed detach (§6.5)."""
+"""SCSI manager (hcsshim's ``AddSCSI``/``RemoveSCSI``): slots, refcounts, reuse, conflicts,
+attach-only, failed detach."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from uvmshim.runtime.leaks import Holdings, find_holdings
+from uvmshim.runtime.vm import QemuUvm, start_uvm
 from uvmshim.uvm.options import UvmOptions
-from uvmshim.uvm.qemu_uvm import QemuUvm, start_uvm
 
 T = TypeVar("T")
 

@@ -12,6 +12,8 @@
     │   ├── NotAttached             release of something that is not attached
     │   └── ConflictingAttachment   a disk is already attached with other settings
     ├── BackendError                a host (QMP, bind mount) or guest (agent) operation failed
+    │   ├── GuestError              the guest agent refused or failed a request (``kind``)
+    │   └── AgentConnectionError    no answer: the agent connection is not open, lost or slow
     └── ToolError                   an external program failed (argv, returncode, stderr tail)
 
 Library code raises these; only the command line turns them into messages and exit codes.
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
+from uvmshim.protocol.messages import ErrorKind
 
 
 class UvmshimError(Exception):
@@ -95,6 +99,26 @@ class ConflictingAttachment(UvmError):
 
 class BackendError(UvmshimError):
     """A host-side (QMP, bind mount) or guest-side (agent) operation failed."""
+
+
+class GuestError(BackendError):
+    """The guest agent answered a request with a failure: ``guest <op>: <guest's reason>``.
+
+    :param op: the operation (``mount_scsi``).
+    :param kind: why, as the guest classified it (``ErrorKind.NOT_FOUND``, ...).
+    :param reason: the guest's message.
+    """
+
+    def __init__(self, op: str, kind: ErrorKind, reason: str) -> None:
+        self.op = op
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"guest {op}: {reason}")
+
+
+class AgentConnectionError(BackendError):
+    """A request got no answer: the agent connection is not open (yet or any more), broke, or
+    the answer did not come in time."""
 
 
 class ToolError(UvmshimError):

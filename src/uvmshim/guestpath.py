@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import posixpath
 
-#: Parent of each container's bundle directory in the UVM.
-LCOW_ROOT_PREFIX_IN_UVM = "/run/gcs/c"
-#: A mount source naming a UVM directory shared by the whole pod.
-SANDBOX_MOUNT_PREFIX = "sandbox://"
-#: A mount source backed by a hugetlbfs mount in the UVM.
-HUGEPAGES_MOUNT_PREFIX = "hugepages://"
+# The values the guest agent uses too are defined once, in the host ↔ guest contract:
+# the container root prefix, the ``sandbox://``/``hugepages://`` prefixes and the directories
+# the guest resolves them to (``docs/design.md``, section 3), below the sandbox's root.
+from uvmshim.protocol.constants import CONTAINER_ROOT_PREFIX as LCOW_ROOT_PREFIX_IN_UVM
+from uvmshim.protocol.constants import HUGEPAGES_DIR as HUGEPAGES_DIR
+from uvmshim.protocol.constants import HUGEPAGES_MOUNT_PREFIX as HUGEPAGES_MOUNT_PREFIX
+from uvmshim.protocol.constants import SANDBOX_MOUNT_PREFIX as SANDBOX_MOUNT_PREFIX
+from uvmshim.protocol.constants import SANDBOX_MOUNTS_DIR as SANDBOX_MOUNTS_DIR
+
 #: Per-container Plan9 share path, joined under the container root (``%`` = mount index).
 LCOW_MOUNT_PATH_PREFIX_FMT = "/mounts/m%d"
 #: UVM-wide SCSI mount path (``%`` = the UVM mount counter).
@@ -27,9 +30,6 @@ LCOW_VPMEM_LAYER_PATH_FMT = "/run/layers/p%d"
 ROOTFS_PATH = "rootfs"
 #: Directory under the scratch mount that holds each container's upper/work directories.
 SCRATCH_DIR = "scratch"
-#: Where the guest resolves ``sandbox://`` and ``hugepages://`` (§8), below the sandbox's root.
-SANDBOX_MOUNTS_DIR = "sandboxMounts"
-HUGEPAGES_DIR = "hugepages"
 
 
 def join(*parts: str) -> str:

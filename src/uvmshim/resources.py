@@ -1,9 +1,10 @@
 """Container resources: the handles one container holds, released newest first.
 
-This is hcsshim's ``internal/resources``, with the defects of §11.9 fixed: releasing never
-stops halfway (every handle is attempted and all failures are reported together), the layers
-are released even when another release failed, and a handle that was released is never
-released again, so a second :meth:`ContainerResources.release` after a clean one is a no-op.
+This is hcsshim's ``internal/resources``, with its ``ReleaseResources`` defects fixed (see
+``docs/design.md``, section 6): releasing never stops halfway (every handle is attempted and all
+failures are reported together), the layers are released even when another release failed, and
+a handle that was released is never released again, so a second
+:meth:`ContainerResources.release` after a clean one is a no-op.
 A handle whose release failed stays tracked, so releasing again retries exactly those.
 """
 

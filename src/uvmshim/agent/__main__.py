@@ -14,7 +14,7 @@ import sys
 import time
 
 from uvmshim.agent.server import make_server
-from uvmshim.protocol.messages import AGENT_PORT_NAME
+from uvmshim.protocol.constants import AGENT_PORT_NAME
 
 #: How long to wait for the port to show up (virtio_console probes asynchronously).
 PORT_TIMEOUT = 30.0

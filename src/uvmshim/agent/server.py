@@ -1,10 +1,14 @@
 """The agent's request loop over the virtio-serial port. STDLIB ONLY.
 
 Threads, not asyncio: importing asyncio costs a few hundred milliseconds under TCG at every
-boot (for the same reason ``subprocess`` and ``base64`` are imported on first use), and every
-request here is a blocking syscall or child process anyway. The reader thread decodes frames
-and starts one worker thread per request, so a long ``exec`` never blocks a mount; all writes
-go through one lock so frames never interleave.
+boot (for the same reason ``subprocess`` is imported on first use), and every request here is a
+blocking syscall or child process anyway. The reader thread decodes frames and starts one worker
+thread per request, so a long ``exec`` never blocks a mount; all writes go through one lock so
+frames never interleave.
+
+Each request's arguments are checked into their typed structure
+(:mod:`uvmshim.protocol.requests`) before a handler sees them; every failure goes back as an
+:class:`~uvmshim.protocol.messages.ErrorKind` and a message.
 
 The port behaves like a pipe whose far end comes and goes: while no host client is connected
 ``read()`` returns EOF (we poll), and ``write()`` blocks until one connects.
@@ -21,17 +25,30 @@ from uvmshim.agent.kmods import ModuleLoader
 from uvmshim.agent.runtime import Runtime
 from uvmshim.agent.storage import Storage
 from uvmshim.agent.util import AgentError, run
+from uvmshim.protocol.events import OutputEvent
 from uvmshim.protocol.framing import FrameDecoder, encode_frame
 from uvmshim.protocol.messages import (
     PROTOCOL_VERSION,
-    Event,
-    EventKind,
+    ErrorKind,
     Op,
     ProtocolError,
     Request,
     Response,
     parse_message,
 )
+from uvmshim.protocol.requests import (
+    REQUEST_TYPES,
+    AddVpci,
+    Exec,
+    ExecStatus,
+    Hello,
+    InstallDrivers,
+    Ping,
+    ProcessStdin,
+    Shutdown,
+    decode_request,
+)
+from uvmshim.protocol.schema import Struct
 
 # Not ``from typing import TYPE_CHECKING``: that imports typing (tens of ms of guest boot under
 # TCG). Type checkers treat any name TYPE_CHECKING as true.
@@ -41,7 +58,8 @@ if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are string
     from collections.abc import Callable
     from typing import Any
 
-    Handler = Callable[[Request], Any]
+    #: Performs one operation: its typed arguments in, its JSON result out.
+    Handler = Callable[[Any], object]
 
 #: Largest chunk of process output per event.
 OUTPUT_CHUNK = 32 * 1024
@@ -77,47 +95,30 @@ class Server:
         self._poweroff = poweroff or _poweroff
         self._write_lock = threading.Lock()
         self._started = _uptime()
-        self._runtime = Runtime(storage, lambda name, fields: self.send(
-            Event(name, fields).to_json()))
+        self._runtime = Runtime(storage, lambda event: self.send(event.to_event().to_json()))
         rt = self._runtime
+        # Every operation but exec (whose output events carry the request id; see _answer).
         self._handlers: dict[str, Handler] = {
             Op.HELLO: self._hello,
-            Op.PING: lambda _r: {"uptime": _uptime()},
-            Op.MOUNT_SCSI: lambda r: storage.mount_scsi(
-                _i(r, "controller"), _i(r, "lun"), _s(r, "guest_path"),
-                read_only=bool(r.args.get("read_only")), options=_strs(r, "options")),
-            Op.UNMOUNT_SCSI: lambda r: storage.unmount_scsi(
-                _i(r, "controller"), _i(r, "lun"), _s(r, "guest_path")),
-            Op.MOUNT_PLAN9: lambda r: storage.mount_plan9(
-                _s(r, "name"), _s(r, "guest_path"), read_only=bool(r.args.get("read_only"))),
-            Op.UNMOUNT_PLAN9: lambda r: storage.unmount_plan9(_s(r, "name"),
-                                                              _s(r, "guest_path")),
-            Op.MOUNT_VPMEM: lambda r: storage.mount_vpmem(_i(r, "device"), _s(r, "guest_path")),
-            Op.UNMOUNT_VPMEM: lambda r: storage.unmount_vpmem(_i(r, "device"),
-                                                              _s(r, "guest_path")),
+            Op.PING: self._ping,
+            Op.MOUNT_SCSI: storage.mount_scsi,
+            Op.UNMOUNT_SCSI: storage.unmount_scsi,
+            Op.MOUNT_PLAN9: storage.mount_plan9,
+            Op.UNMOUNT_PLAN9: storage.unmount_plan9,
+            Op.MOUNT_VPMEM: storage.mount_vpmem,
+            Op.UNMOUNT_VPMEM: storage.unmount_vpmem,
             Op.ADD_VPCI: self._add_vpci,
-            Op.COMBINE_LAYERS: lambda r: storage.combine_layers(
-                _s(r, "container_id"), _s(r, "rootfs"), _strs(r, "layers"),
-                _s(r, "scratch_dir")),
-            Op.REMOVE_COMBINED_LAYERS: lambda r: storage.remove_combined_layers(_s(r, "rootfs")),
-            Op.SANDBOX_DIR: lambda r: storage.sandbox_dir(_s(r, "sandbox_id"), _s(r, "path")),
-            Op.HUGEPAGES_DIR: lambda r: storage.hugepages_dir(_s(r, "sandbox_id"),
-                                                              _s(r, "path")),
+            Op.COMBINE_LAYERS: storage.combine_layers,
+            Op.REMOVE_COMBINED_LAYERS: storage.remove_combined_layers,
+            Op.SANDBOX_DIR: storage.sandbox_dir,
+            Op.HUGEPAGES_DIR: storage.hugepages_dir,
             Op.INSTALL_DRIVERS: self._install_drivers,
-            Op.EXEC: self._exec,
-            Op.SHUTDOWN: lambda _r: None,
-            Op.CONTAINER_CREATE: lambda r: rt.create(
-                _s(r, "container_id"), _s(r, "bundle"), _obj(r, "spec"),
-                sandbox_id=_s(r, "sandbox_id"), scratch_dir=_s(r, "scratch_dir"),
-                stdin=bool(r.args.get("stdin"))),
-            Op.CONTAINER_START: lambda r: rt.start(_s(r, "container_id")),
-            Op.CONTAINER_EXEC: lambda r: rt.exec(
-                _s(r, "container_id"), _s(r, "exec_id"), _obj(r, "process"),
-                stdin=bool(r.args.get("stdin"))),
-            Op.CONTAINER_SIGNAL: lambda r: rt.signal(
-                _s(r, "container_id"), _i(r, "signal"),
-                all_processes=bool(r.args.get("all_processes"))),
-            Op.CONTAINER_DELETE: lambda r: rt.delete(_s(r, "container_id")),
+            Op.SHUTDOWN: self._shutdown,
+            Op.CONTAINER_CREATE: rt.create,
+            Op.CONTAINER_START: rt.start,
+            Op.CONTAINER_EXEC: rt.exec,
+            Op.CONTAINER_SIGNAL: rt.signal,
+            Op.CONTAINER_DELETE: rt.delete,
             Op.PROCESS_STDIN: self._process_stdin,
         }
 
@@ -163,7 +164,8 @@ class Server:
         except ProtocolError as err:
             rid = frame.get("id")
             if isinstance(rid, int):
-                self.send(Response(rid, False, error=f"bad request: {err}").to_json())
+                self.send(Response.failure(rid, ErrorKind.PROTOCOL,
+                                           f"bad request: {err}").to_json())
             return
         if not isinstance(msg, Request):
             return  # the host sends only requests; ignore anything else
@@ -171,90 +173,99 @@ class Server:
                          name=f"req-{msg.id}-{msg.op}").start()
 
     def _handle(self, req: Request) -> None:
-        if req.version != PROTOCOL_VERSION:
-            reply = Response(req.id, False, error=(
-                f"protocol version mismatch: host {req.version}, guest {PROTOCOL_VERSION}"))
-        elif req.op not in self._handlers:
-            reply = Response(req.id, False, error=f"unknown operation {req.op!r}")
-        else:
-            try:
-                reply = Response(req.id, True, self._handlers[req.op](req))
-            except AgentError as err:
-                reply = Response(req.id, False, error=str(err))
-            except Exception as err:  # a bug must not kill the agent; tell the host
-                reply = Response(req.id, False, error=f"internal error: {err!r}")
+        reply = self._answer(req)
         try:
             self.send(reply.to_json())
         except ProtocolError as err:
-            self.send(Response(req.id, False, error=f"reply not sendable: {err}").to_json())
+            self.send(Response.failure(req.id, ErrorKind.INTERNAL,
+                                       f"reply not sendable: {err}").to_json())
         if req.op == Op.SHUTDOWN and reply.ok:
             self._poweroff()
 
+    def _answer(self, req: Request) -> Response:
+        if req.version != PROTOCOL_VERSION:
+            return Response.failure(req.id, ErrorKind.PROTOCOL, (
+                f"protocol version mismatch: host {req.version}, guest {PROTOCOL_VERSION}"))
+        if req.op not in REQUEST_TYPES:
+            return Response.failure(req.id, ErrorKind.PROTOCOL, f"unknown operation {req.op!r}")
+        try:
+            body = decode_request(req.op, req.args)
+            result: object
+            if isinstance(body, Exec):
+                result = self._exec(body, req.id)
+            else:
+                result = self._handlers[req.op](body)
+        except ProtocolError as err:
+            return Response.failure(req.id, ErrorKind.INVALID, str(err))
+        except AgentError as err:
+            return Response.failure(req.id, err.kind, str(err))
+        except Exception as err:  # a bug must not kill the agent; tell the host
+            return Response.failure(req.id, ErrorKind.INTERNAL, f"internal error: {err!r}")
+        return Response(req.id, True, result.to_json() if isinstance(result, Struct) else result)
+
     # Handlers ----------------------------------------------------------------------------------
 
-    def _hello(self, req: Request) -> dict[str, Any]:
+    def _hello(self, req: Hello) -> dict[str, Any]:
         return {"version": PROTOCOL_VERSION, "agent": "uvmshim-agent", "pid": os.getpid(),
                 "uptime": _uptime(), "agent_started": self._started,
                 "init_started": float(os.environ.get("UVMSHIM_T_INIT", "-1") or -1)}
 
-    def _add_vpci(self, req: Request) -> None:
+    def _ping(self, req: Ping) -> dict[str, Any]:
+        return {"uptime": _uptime()}
+
+    def _shutdown(self, req: Shutdown) -> None:
+        pass  # _handle powers off once the answer is out
+
+    def _add_vpci(self, req: AddVpci) -> None:
         # The host side would assign a VFIO device; this guest has no mapping from a VMBus
         # GUID to a PCI function and no drivers for pass-through hardware.
-        raise AgentError(f"vPCI device {_s(req, 'vmbus_guid')}: assigned PCI devices are not "
-                         "supported by this guest")
+        raise AgentError(f"vPCI device {req.vmbus_guid}: assigned PCI devices are not "
+                         "supported by this guest", ErrorKind.UNSUPPORTED)
 
-    def _install_drivers(self, req: Request) -> None:
+    def _install_drivers(self, req: InstallDrivers) -> None:
         tool = "/bin/install-drivers"
         if not os.access(tool, os.X_OK):
-            raise AgentError(f"{tool} is not present in this guest")
-        rw_path, disk_path = _s(req, "rw_path"), _s(req, "disk_path")
+            raise AgentError(f"{tool} is not present in this guest", ErrorKind.UNSUPPORTED)
+        rw_path, disk_path = req.rw_path, req.disk_path
         os.makedirs(rw_path, exist_ok=True)
         try:
             run([tool, rw_path, disk_path], timeout=600)
         except AgentError as err:
-            raise AgentError(f"install-drivers {rw_path} {disk_path}: {err}") from None
+            raise AgentError(f"install-drivers {rw_path} {disk_path}: {err}", err.kind) from None
 
-    def _process_stdin(self, req: Request) -> None:
-        import base64
+    def _process_stdin(self, req: ProcessStdin) -> None:
+        self._runtime.write_stdin(req)
 
-        self._runtime.write_stdin(_s(req, "process"), base64.b64decode(_s(req, "data")),
-                                  eof=bool(req.args.get("eof")))
-
-    def _exec(self, req: Request) -> dict[str, Any]:
-        argv = _strs(req, "argv")
+    def _exec(self, req: Exec, rid: int) -> ExecStatus:
+        """Run ``req.argv``; its output goes out as events carrying ``rid``, before the answer."""
+        argv = list(req.argv)
         if not argv:
-            raise AgentError("exec needs a non-empty argv")
+            raise AgentError("exec needs a non-empty argv", ErrorKind.INVALID)
         env = dict(BASE_ENV)
-        raw_env = req.args.get("env") or {}
-        if not isinstance(raw_env, dict):
-            raise AgentError("exec env must be an object")
-        env.update({str(k): str(v) for k, v in raw_env.items()})
-        import base64
+        env.update(req.env or {})
         import subprocess
 
-        cwd = req.args.get("cwd") or "/"
-        stdin_data = base64.b64decode(req.args.get("stdin") or "")
-        timeout = req.args.get("timeout")
         try:
             proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.PIPE if stdin_data else
-                subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True)
+                argv, cwd=req.cwd or "/", env=env,
+                stdin=subprocess.PIPE if req.stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as err:
-            raise AgentError(f"exec {argv[0]}: {err.strerror or err}") from None
-        pumps = [threading.Thread(target=self._pump, args=(req.id, name, pipe), daemon=True)
+            kind = ErrorKind.NOT_FOUND if isinstance(err, FileNotFoundError) else ErrorKind.FAILED
+            raise AgentError(f"exec {argv[0]}: {err.strerror or err}", kind) from None
+        pumps = [threading.Thread(target=self._pump, args=(rid, name, pipe), daemon=True)
                  for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))]
         for t in pumps:
             t.start()
-        if stdin_data and proc.stdin is not None:
+        if req.stdin and proc.stdin is not None:
             try:
-                proc.stdin.write(stdin_data)
+                proc.stdin.write(req.stdin)
                 proc.stdin.close()
             except OSError:
                 pass  # the process did not read its input; its exit status tells the story
         timed_out = False
         try:
-            rc = proc.wait(timeout=float(timeout) if timeout else None)
+            rc = proc.wait(timeout=req.timeout or None)
         except subprocess.TimeoutExpired:
             timed_out = True
             proc.kill()
@@ -262,19 +273,15 @@ class Server:
         # Every output event must be on the wire before the response, which ends the stream.
         for t in pumps:
             t.join()
-        return {"exit_code": rc, "timed_out": timed_out}
+        return ExecStatus(exit_code=rc, timed_out=timed_out)
 
     def _pump(self, rid: int, stream: str, pipe: Any) -> None:
-        import base64
-
         fd = pipe.fileno()
         while True:
             chunk = os.read(fd, OUTPUT_CHUNK)
             if not chunk:
                 break
-            self.send(Event(EventKind.OUTPUT, {
-                "id": rid, "stream": stream, "data": base64.b64encode(chunk).decode("ascii"),
-            }).to_json())
+            self.send(OutputEvent(id=rid, stream=stream, data=chunk).to_event().to_json())
         pipe.close()
 
 
@@ -284,36 +291,6 @@ def _poweroff() -> None:
     os.sync()
     # -f: straight to the reboot(2) syscall; QEMU (with -no-reboot) then exits.
     subprocess.run(["poweroff", "-f"], check=False)
-
-
-def _s(req: Request, key: str) -> str:
-    value = req.args.get(key, "")
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise AgentError(f"{req.op}: {key} must be a string")
-    return value
-
-
-def _i(req: Request, key: str) -> int:
-    value = req.args.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise AgentError(f"{req.op}: {key} must be a non-negative integer")
-    return value
-
-
-def _obj(req: Request, key: str) -> dict[str, Any]:
-    value = req.args.get(key)
-    if not isinstance(value, dict):
-        raise AgentError(f"{req.op}: {key} must be an object")
-    return value
-
-
-def _strs(req: Request, key: str) -> list[str]:
-    value = req.args.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise AgentError(f"{req.op}: {key} must be a list of strings")
-    return list(value)
 
 
 def make_server(fd: int, **kw: Any) -> Server:

@@ -15,7 +15,6 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Sequence
 
 from uvmshim.agent import paths
 from uvmshim.agent.kmods import ModuleLoader
@@ -29,16 +28,32 @@ from uvmshim.agent.util import (
     umount,
     wait_for,
 )
-from uvmshim.protocol.messages import (
+from uvmshim.protocol.constants import (
+    CONTAINER_ROOT_PREFIX,
+    HUGEPAGES_DIR,
     PLAN9_GUEST_ROOT,
     PLAN9_MOUNT_OPTIONS,
     PLAN9_MOUNT_TAG,
+    SANDBOX_MOUNTS_DIR,
     SCSI_TARGET,
     check_share_name,
     plan9_share_guest_path,
     scsi_controller_pci_address,
     scsi_linux_lun,
     vpmem_root_port_pci_address,
+)
+from uvmshim.protocol.messages import ErrorKind
+from uvmshim.protocol.requests import (
+    CombineLayers,
+    HugepagesDir,
+    MountPlan9,
+    MountScsi,
+    MountVpmem,
+    RemoveCombinedLayers,
+    SandboxDir,
+    UnmountPlan9,
+    UnmountScsi,
+    UnmountVpmem,
 )
 
 #: How long to wait for a hot-added disk or pmem device (seen in ~50 ms normally).
@@ -53,7 +68,7 @@ def find_scsi_block_device(controller: int, lun: int, *, sysfs: str = "/sys") ->
     try:
         addr = scsi_controller_pci_address(controller)
     except ValueError as err:
-        raise AgentError(str(err)) from None
+        raise AgentError(str(err), ErrorKind.INVALID) from None
     t, lun_l = SCSI_TARGET, scsi_linux_lun(lun)
     pattern = f"{sysfs}/bus/pci/devices/{addr}/virtio*/host*/target*:0:{t}/*:0:{t}:{lun_l}/block/*"
     for hit in sorted(glob.glob(pattern)):
@@ -71,7 +86,7 @@ def find_pmem_device(device: int, *, sysfs: str = "/sys") -> str | None:
     try:
         port = f"{sysfs}/bus/pci/devices/{vpmem_root_port_pci_address(device)}"
     except ValueError as err:
-        raise AgentError(str(err)) from None
+        raise AgentError(str(err), ErrorKind.INVALID) from None
     if not os.path.exists(port):
         name = f"pmem{device}"
         return name if os.path.exists(f"{sysfs}/block/{name}") else None
@@ -118,7 +133,8 @@ def detect_fstype(device: str, *, settle: float = DEVICE_SETTLE_TIMEOUT) -> str:
         return "erofs"
     if len(head) >= 1082 and struct.unpack_from("<H", head, 1024 + 56)[0] == 0xEF53:
         return "ext4"  # ext2/3 images mount fine with the ext4 driver
-    raise AgentError(f"{device}: no ext4, xfs or erofs file system found")
+    raise AgentError(f"{device}: no ext4, xfs or erofs file system found",
+                     ErrorKind.UNSUPPORTED)
 
 
 def read_only_options(fstype: str) -> list[str]:
@@ -168,36 +184,36 @@ class Storage:
         name = wait_for(check, timeout=DEVICE_TIMEOUT, on_slow=rescan)
         if name is None:
             raise AgentError(
-                f"no SCSI disk at controller {controller} LUN {lun} after {DEVICE_TIMEOUT:g} s"
-            )
+                f"no SCSI disk at controller {controller} LUN {lun} after {DEVICE_TIMEOUT:g} s",
+                ErrorKind.TIMEOUT)
         return name
 
-    def mount_scsi(self, controller: int, lun: int, guest_path: str, *, read_only: bool,
-                   options: Sequence[str]) -> dict[str, str]:
+    def mount_scsi(self, req: MountScsi) -> dict[str, str]:
         """Wait for the disk at (controller, LUN) and mount it (or only wait, if no path)."""
+        guest_path = req.guest_path
         self._loader.ensure_group("scsi")
-        name = self._wait_scsi(controller, lun)
+        name = self._wait_scsi(req.controller, req.lun)
         device = f"{self._dev}/{name}"
         if not guest_path:
             return {"device": device}
         fstype = detect_fstype(device)
         self._loader.ensure_group(fstype)
-        opts = read_only_options(fstype) if read_only else []
-        opts += [o for o in options if o and o not in opts]
+        opts = read_only_options(fstype) if req.read_only else []
+        opts += [o for o in req.options if o and o not in opts]
         makedirs(guest_path)
         mount(device, guest_path, fstype=fstype, options=",".join(opts))
         return {"device": device, "fstype": fstype}
 
-    def unmount_scsi(self, controller: int, lun: int, guest_path: str) -> None:
+    def unmount_scsi(self, req: UnmountScsi) -> None:
         """Unmount ``guest_path`` (if given) and detach the disk from the guest kernel.
 
         Deleting the SCSI device makes the later hot-unplug clean: the kernel has flushed and
         forgotten the disk instead of seeing it vanish under it.
         """
-        if guest_path:
-            umount(guest_path)
-            remove_dir(guest_path)
-        name = find_scsi_block_device(controller, lun, sysfs=self._sysfs)
+        if req.guest_path:
+            umount(req.guest_path)
+            remove_dir(req.guest_path)
+        name = find_scsi_block_device(req.controller, req.lun, sysfs=self._sysfs)
         if name is None:
             return
         device = f"{self._dev}/{name}"
@@ -223,18 +239,20 @@ class Storage:
             makedirs(PLAN9_GUEST_ROOT)
             mount(PLAN9_MOUNT_TAG, PLAN9_GUEST_ROOT, fstype="9p", options=PLAN9_MOUNT_OPTIONS)
 
-    def mount_plan9(self, name: str, guest_path: str, *, read_only: bool) -> None:
+    def mount_plan9(self, req: MountPlan9) -> None:
         """Bind share ``name`` (``PLAN9_GUEST_ROOT/<name>``) onto ``guest_path``."""
+        name, guest_path = req.name, req.guest_path
         try:
             check_share_name(name)
         except ValueError as err:
-            raise AgentError(str(err)) from None
+            raise AgentError(str(err), ErrorKind.INVALID) from None
         if not guest_path:
-            raise AgentError("mount_plan9 needs a guest path")
+            raise AgentError("mount_plan9 needs a guest path", ErrorKind.INVALID)
         self._ensure_share_root()
         src = plan9_share_guest_path(name)
         if not os.path.lexists(src):
-            raise AgentError(f"share {name} not found in the 9p export ({src})")
+            raise AgentError(f"share {name} not found in the 9p export ({src})",
+                             ErrorKind.NOT_FOUND)
         if os.path.isdir(src):
             makedirs(guest_path)
         else:
@@ -242,7 +260,7 @@ class Storage:
             if not os.path.exists(guest_path):
                 open(guest_path, "a").close()  # an empty file as the bind target
         mount(src, guest_path, options="bind")
-        if read_only:
+        if req.read_only:
             # The host already enforces read-only shares; this makes the guest view match.
             try:
                 mount(src, guest_path, options="remount,bind,ro")
@@ -250,16 +268,17 @@ class Storage:
                 umount(guest_path)
                 raise
 
-    def unmount_plan9(self, name: str, guest_path: str) -> None:
+    def unmount_plan9(self, req: UnmountPlan9) -> None:
         """Unmount share ``name`` from ``guest_path`` and remove the mount point."""
-        if guest_path:
-            umount(guest_path)
-            remove_dir(guest_path)
+        if req.guest_path:
+            umount(req.guest_path)
+            remove_dir(req.guest_path)
 
     # vPMEM -----------------------------------------------------------------------------------
 
-    def mount_vpmem(self, device: int, guest_path: str) -> None:
+    def mount_vpmem(self, req: MountVpmem) -> None:
         """Mount ``/dev/pmem<device>`` read-only on ``guest_path``."""
+        device, guest_path = req.device, req.guest_path
         self._loader.ensure_group("pmem")
 
         def check() -> str | None:
@@ -269,22 +288,22 @@ class Storage:
 
         node = wait_for(check, timeout=DEVICE_TIMEOUT)
         if node is None:
-            raise AgentError(f"vPMEM device {device} did not appear after {DEVICE_TIMEOUT:g} s")
+            raise AgentError(f"vPMEM device {device} did not appear after {DEVICE_TIMEOUT:g} s",
+                             ErrorKind.TIMEOUT)
         fstype = detect_fstype(node)
         self._loader.ensure_group(fstype)
         makedirs(guest_path)
         mount(node, guest_path, fstype=fstype, options=",".join(read_only_options(fstype)))
 
-    def unmount_vpmem(self, device: int, guest_path: str) -> None:
+    def unmount_vpmem(self, req: UnmountVpmem) -> None:
         """Unmount vPMEM device ``device`` from ``guest_path``."""
-        if guest_path:
-            umount(guest_path)
-            remove_dir(guest_path)
+        if req.guest_path:
+            umount(req.guest_path)
+            remove_dir(req.guest_path)
 
     # Overlay ---------------------------------------------------------------------------------
 
-    def combine_layers(self, container_id: str, rootfs: str, layers: Sequence[str],
-                       scratch_dir: str) -> None:
+    def combine_layers(self, req: CombineLayers) -> None:
         """Mount an overlay of ``layers`` (top-most first) on ``rootfs``.
 
         With ``scratch_dir`` the overlay is writable (``upper``/``work`` below it, one pair per
@@ -292,14 +311,17 @@ class Storage:
         read-only; a single read-only layer is bind-mounted read-only instead, because
         overlayfs needs two lower dirs when there is no upper dir.
         """
+        container_id, rootfs, layers, scratch_dir = (
+            req.container_id, req.rootfs, req.layers, req.scratch_dir)
         if not layers:
-            raise AgentError(f"combine_layers for {container_id}: no layers")
+            raise AgentError(f"combine_layers for {container_id}: no layers", ErrorKind.INVALID)
         if not rootfs:
-            raise AgentError(f"combine_layers for {container_id}: no rootfs path")
+            raise AgentError(f"combine_layers for {container_id}: no rootfs path",
+                             ErrorKind.INVALID)
         for layer in layers:
             if ":" in layer or "," in layer:
                 # overlayfs splits lowerdir on ':' and options on ','
-                raise AgentError(f"layer path {layer!r} contains ':' or ','")
+                raise AgentError(f"layer path {layer!r} contains ':' or ','", ErrorKind.INVALID)
         makedirs(rootfs)
         if not scratch_dir and len(layers) == 1:
             mount(layers[0], rootfs, options="bind")
@@ -316,21 +338,21 @@ class Storage:
             opts.insert(0, "ro")
         mount("overlay", rootfs, fstype="overlay", options=",".join(opts))
 
-    def remove_combined_layers(self, rootfs: str) -> None:
+    def remove_combined_layers(self, req: RemoveCombinedLayers) -> None:
         """Unmount the overlay (or bind) on ``rootfs``."""
-        umount(rootfs)
+        umount(req.rootfs)
 
     # Sandbox and hugepages -------------------------------------------------------------------
 
-    def sandbox_dir(self, sandbox_id: str, source: str) -> str:
+    def sandbox_dir(self, req: SandboxDir) -> str:
         """Create (mode 0777) and return the guest directory for a ``sandbox://`` source."""
-        path = paths.sandbox_mount_path(sandbox_id, source)
+        path = paths.sandbox_mount_path(req.sandbox_id, req.path)
         makedirs(path, 0o777)
         return path
 
-    def hugepages_dir(self, sandbox_id: str, source: str) -> str:
+    def hugepages_dir(self, req: HugepagesDir) -> str:
         """Create the directory for a ``hugepages://`` source, with hugetlbfs mounted on it."""
-        path, size = paths.hugepages_mount_path(sandbox_id, source)
+        path, size = paths.hugepages_mount_path(req.sandbox_id, req.path)
         if is_mountpoint(path):
             return path
         self._reserve_hugepages(paths.hugepage_size_kb(size))
@@ -344,12 +366,12 @@ class Storage:
         Called when the sandbox (a pod's sandbox container, or a container that is its own
         sandbox) is deleted: these directories are shared by the pod and live as long as it.
         """
-        root = os.path.join(paths.ROOT_PREFIX, sandbox_id)
-        huge = os.path.join(root, paths.HUGEPAGES_DIR)
+        root = os.path.join(CONTAINER_ROOT_PREFIX, sandbox_id)
+        huge = os.path.join(root, HUGEPAGES_DIR)
         for _src, target, *_ in sorted(mounts(), key=lambda m: -len(m[1])):
             if target == huge or target.startswith(huge + "/"):
                 umount(target)
-        for sub in (paths.HUGEPAGES_DIR, paths.SANDBOX_MOUNTS_DIR):
+        for sub in (HUGEPAGES_DIR, SANDBOX_MOUNTS_DIR):
             path = os.path.join(root, sub)
             if os.path.isdir(path) and not is_mountpoint(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -357,7 +379,8 @@ class Storage:
     def _reserve_hugepages(self, size_kb: int) -> None:
         base = f"{self._sysfs}/kernel/mm/hugepages/hugepages-{size_kb}kB"
         if not os.path.isdir(base):
-            raise AgentError(f"the guest does not support {size_kb} kB huge pages")
+            raise AgentError(f"the guest does not support {size_kb} kB huge pages",
+                             ErrorKind.UNSUPPORTED)
         try:
             with open(f"{base}/free_hugepages") as f:
                 if int(f.read()) > 0:

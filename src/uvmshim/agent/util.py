@@ -7,13 +7,34 @@ host reports to the user (``mount /dev/sdb on /run/mounts/m1: Invalid argument``
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Sequence
 
+from uvmshim.protocol.messages import ErrorKind
+
 
 class AgentError(Exception):
-    """A request failed; ``str(err)`` is the reason sent back to the host."""
+    """A request failed; ``str(err)`` is the reason and ``kind`` the :class:`ErrorKind` sent
+    back to the host."""
+
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.FAILED) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+#: What busybox says (after :func:`_reason`) when the target is in use.
+_BUSY = "Device or resource busy"
+
+
+def _os_kind(err: OSError) -> ErrorKind:
+    """The kind of failure an ``OSError`` is."""
+    if err.errno == errno.ENOENT:
+        return ErrorKind.NOT_FOUND
+    if err.errno == errno.EBUSY:
+        return ErrorKind.BUSY
+    return ErrorKind.FAILED
 
 
 def run(argv: Sequence[str], *, timeout: float | None = 120.0) -> str:
@@ -29,9 +50,9 @@ def run(argv: Sequence[str], *, timeout: float | None = 120.0) -> str:
             check=False,
         )
     except FileNotFoundError as err:
-        raise AgentError(f"{argv[0]}: not found in the guest") from err
+        raise AgentError(f"{argv[0]}: not found in the guest", ErrorKind.NOT_FOUND) from err
     except subprocess.TimeoutExpired as err:
-        raise AgentError(f"{argv[0]}: timed out after {timeout} s") from err
+        raise AgentError(f"{argv[0]}: timed out after {timeout} s", ErrorKind.TIMEOUT) from err
     if proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
         raise AgentError(msg)
@@ -61,7 +82,7 @@ def mount(source: str, target: str, *, fstype: str | None = None, options: str =
     try:
         run([*argv, source, target])
     except AgentError as err:
-        raise AgentError(f"mount {source} on {target}: {_reason(str(err))}") from None
+        raise _tool_error(f"mount {source} on {target}", err) from None
 
 
 def umount(target: str) -> None:
@@ -74,7 +95,14 @@ def umount(target: str) -> None:
     try:
         run(["umount", target])
     except AgentError as err:
-        raise AgentError(f"unmount {target}: {_reason(str(err))}") from None
+        raise _tool_error(f"unmount {target}", err) from None
+
+
+def _tool_error(what: str, err: AgentError) -> AgentError:
+    """``<what>: <reason>`` for a failed mount(8)/umount(8), with the kind that reason is."""
+    reason = _reason(str(err))
+    kind = ErrorKind.BUSY if reason == _BUSY else err.kind
+    return AgentError(f"{what}: {reason}", kind)
 
 
 def _unescape(field: str) -> str:
@@ -127,7 +155,7 @@ def makedirs(path: str, mode: int | None = None) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
-        raise AgentError(f"mkdir {path}: {err.strerror}") from None
+        raise AgentError(f"mkdir {path}: {err.strerror}", _os_kind(err)) from None
     if mode is not None:
         os.chmod(path, mode)
 
@@ -142,4 +170,4 @@ def remove_dir(path: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as err:
-        raise AgentError(f"remove {path}: {err.strerror}") from None
+        raise AgentError(f"remove {path}: {err.strerror}", _os_kind(err)) from None

@@ -16,16 +16,21 @@ from uvmshim.runtime.leaks import find_holdings, reclaim_all
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--reclaim", is_flag=True,
               help="Kill leftover QEMU processes, unmount and remove leftover state.")
-def leaks_command(as_json: bool, reclaim: bool) -> None:
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="The OCI runtime's state root, as given to 'uvmshim --root' "
+                   "(default: $UVMSHIM_ROOT, else /run/uvmshim).")
+def leaks_command(as_json: bool, reclaim: bool, root: str | None) -> None:
     """List the UVMs, QEMU processes, host mounts and state directories uvmshim holds.
 
-    With nothing running, this is empty and the exit status is 0; otherwise it is 1.
+    It looks at every directory uvmshim uses, with the environment's overrides
+    ($UVMSHIM_VM_DIR, $UVMSHIM_POD_DIR, $UVMSHIM_ROOT). With nothing running, this is empty and
+    the exit status is 0; otherwise it is 1.
     """
-    holdings = find_holdings()
+    holdings = find_holdings(root=root)
     if reclaim and not holdings.empty:
         for line in reclaim_all(holdings):
             click.echo(line, err=True)
-        holdings = find_holdings()
+        holdings = find_holdings(root=root)
     if as_json:
         dump_json({"empty": holdings.empty, **holdings.as_dict()})
     elif holdings.empty:

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -14,10 +13,11 @@ from typing import Any
 
 import click
 
+from uvmshim import run
 from uvmshim.cli.main import dump_json, run_async
 from uvmshim.errors import UvmshimError
+from uvmshim.hostpath import pod_dir, pods_dir
 from uvmshim.protocol.framing import read_frame, write_frame
-from uvmshim.runtime.podd import PODS_DIR, pod_dir
 from uvmshim.runtime.specgen import RunOptions, build_spec
 
 CREATE_TIMEOUT = 180.0
@@ -61,10 +61,10 @@ def create_command(name: str, rootfs: str, memory_mb: int, cpus: int) -> None:
     directory.mkdir(parents=True)
     (directory / "rootfs").write_text(os.path.abspath(rootfs))
     with open(directory / "pod.log", "wb") as logf:
-        proc = subprocess.Popen(
+        proc = run.start(
             [sys.executable, "-m", "uvmshim.runtime.podd", name, "--rootfs",
              os.path.abspath(rootfs), "--memory", str(memory_mb), "--cpus", str(cpus)],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+            stdout=logf, stderr=logf, new_session=True)
     deadline = time.monotonic() + CREATE_TIMEOUT
     while not (directory / "ready").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -185,6 +185,7 @@ def stop_command(name: str) -> None:
 @pod_group.command("ls")
 def ls_command() -> None:
     """List the pods on this host."""
-    if PODS_DIR.is_dir():
-        for d in sorted(PODS_DIR.iterdir()):
+    pods = pods_dir()
+    if pods.is_dir():
+        for d in sorted(pods.iterdir()):
             click.echo(f"{d.name}\t{'running' if _alive(d.name) else 'dead'}")

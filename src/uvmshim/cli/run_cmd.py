@@ -6,15 +6,14 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import click
 from rich.console import Console
 
+from uvmshim import hostpath
 from uvmshim.cli.main import run_async
 from uvmshim.errors import UvmshimError
 from uvmshim.oci.spec import Spec, load_spec
@@ -22,10 +21,6 @@ from uvmshim.runtime.run import run_container
 from uvmshim.runtime.specgen import RunOptions, build_spec
 
 err_console = Console(stderr=True)
-
-#: Scratch disks of ``run --image`` containers live here while the container runs.
-SCRATCH_BASE = Path("/run/uvmshim/scratch") if os.geteuid() == 0 else \
-    Path(tempfile.gettempdir()) / f"uvmshim-{os.geteuid()}-scratch"
 
 
 @contextlib.contextmanager
@@ -154,7 +149,7 @@ def _image_options(name: str, cid: str, opts: RunOptions, workdir: str | None,
 
     record = get_image(name)
     config = image_config(record)
-    scratch = SCRATCH_BASE / cid
+    scratch = hostpath.scratch_dir() / cid  # removed when the container is gone
     scratch.mkdir(parents=True, exist_ok=False)
     try:
         run_async(create_scratch(scratch))

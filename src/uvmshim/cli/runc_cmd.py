@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from uvmshim import __version__
+from uvmshim import __version__, hostpath
 from uvmshim.errors import UvmshimError
 
 #: Commands only runc's command line has; their presence selects runc mode in ``uvmshim``.
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uvmshim", add_help=True, allow_abbrev=False,
                                 description="runc-compatible OCI runtime: containers in a "
                                             "QEMU utility VM.")
-    p.add_argument("--root", default=os.environ.get("UVMSHIM_ROOT", "/run/uvmshim"))
+    p.add_argument("--root", default=str(hostpath.runtime_root()))
     p.add_argument("--log", default=None)
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--debug", action="store_true")

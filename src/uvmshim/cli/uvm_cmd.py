@@ -10,13 +10,13 @@ import click
 from rich.console import Console
 
 from uvmshim import guestpath
-from uvmshim.agentclient import AgentClient
 from uvmshim.cli.main import run_async
 from uvmshim.errors import UvmshimError
 from uvmshim.resources import ContainerResources
+from uvmshim.runtime.vm import start_uvm
 from uvmshim.uvm.bootfiles import ensure_boot_files
 from uvmshim.uvm.plan9 import Plan9Share
-from uvmshim.uvm.qemu_uvm import start_uvm
+from uvmshim.uvm.qemu.agent_client import AgentClient
 from uvmshim.uvm.utilityvm import UtilityVM
 
 err_console = Console(stderr=True)

@@ -1,7 +1,7 @@
 """The image store: layer disks cached by diff id, and named images that use them.
 
 Layout under the store root (``UVMSHIM_IMAGE_ROOT``, else ``/var/lib/uvmshim/images`` as root,
-else ``${XDG_DATA_HOME:-~/.local/share}/uvmshim/images``)::
+else ``${XDG_DATA_HOME:-~/.local/share}/uvmshim/images``; see :mod:`uvmshim.hostpath`)::
 
     lock                               flock(2) target: one writer at a time
     images.json                        {"version": 1, "images": {name: record}}
@@ -35,26 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from uvmshim import hostpath
 from uvmshim.image.layout import ImageConfig, ImageError, LayerBlob, ResolvedImage, open_image
 from uvmshim.image.tar2ext4 import LAYER_FILE, convert_layer
 
-ENV_ROOT = "UVMSHIM_IMAGE_ROOT"
 _INDEX_VERSION = 1
 #: ext4 + staging overhead over the tar size, for the free-space check.
 _SPACE_FACTOR = 1.15
 #: Assumed compression ratio when the uncompressed size can't be read from the blob.
 _GUESS_RATIO = 4
-
-
-def default_root() -> Path:
-    """The store root for this user (see the module docstring)."""
-    env = os.environ.get(ENV_ROOT)
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/uvmshim/images")
-    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(data) / "uvmshim" / "images"
 
 
 @dataclass(frozen=True)
@@ -134,7 +123,7 @@ class ImageStore:
     """One store root. Cheap to make; nothing is created until something is written."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
+        self.root = Path(root) if root is not None else hostpath.image_store_dir()
 
     @property
     def index_path(self) -> Path:
@@ -299,7 +288,8 @@ def _check_space(store: ImageStore, img: ResolvedImage, todo: list[LayerBlob]) -
     if need > free:
         raise ImageError(f"the image needs about {need >> 20} MiB to import, but only "
                          f"{free >> 20} MiB are free", where=str(store.root),
-                         hint=f"free disk space, or point {ENV_ROOT} at a bigger filesystem")
+                         hint=f"free disk space, or point {hostpath.IMAGE_ROOT_ENV} at a bigger "
+                              "filesystem")
 
 
 # The public operations ------------------------------------------------------------------------

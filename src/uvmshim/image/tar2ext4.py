@@ -140,7 +140,6 @@ async def make_ext4(stage: Path, image: Path, *, diff_id: str, root: RootAttrs,
     """
     tree = await asyncio.to_thread(measure, stage)
     fs_uuid = str(_uuid_for(diff_id))
-    last: ToolError | None = None
     for attempt in range(_MKFS_ATTEMPTS):
         size, inodes = fs_bytes(tree, attempt)
         with open(image, "wb") as f:
@@ -153,18 +152,16 @@ async def make_ext4(stage: Path, image: Path, *, diff_id: str, root: RootAttrs,
                 "lazy_itable_init=0", "-d", stage, image])
             break
         except ToolError as e:
-            last = e
             if not any(w in e.stderr.lower() for w in ("allocate", "space", "inode", "full")):
                 raise
             if shutil.disk_usage(image.parent).free < size:
                 # The host is full, not our filesystem estimate: a bigger one won't help.
                 raise ImageError("no space left on device for the layer disk", where=where,
                                  hint=f"free disk space under {image.parent}") from e
+            if attempt == _MKFS_ATTEMPTS - 1:
+                e.wrap(f"{where}: the layer does not fit the estimated filesystem size")
+                raise
             log.debug("%s: mkfs.ext4 needs more than %d bytes; retrying", where, size)
-    else:
-        assert last is not None
-        last.wrap(f"{where}: the layer does not fit the estimated filesystem size")
-        raise last
     cmds = []
     if not (stage / "lost+found").exists():
         # mkfs made it, the layer did not have it: the container must not see /lost+found.

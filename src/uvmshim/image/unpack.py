@@ -26,7 +26,6 @@ import io
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 import threading
 import zlib
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import unquote
 
+from uvmshim import run
+from uvmshim.errors import ToolError
 from uvmshim.image.layout import ImageError, new_hash
 
 WHITEOUT_PREFIX = ".wh."
@@ -326,18 +327,23 @@ class _Zstd(io.RawIOBase):
 
     def __init__(self, src: IO[bytes], where: str) -> None:
         try:
-            self._proc = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except FileNotFoundError:
+            self._proc = run.start(["zstd", "-dcq"], stdin=run.PIPE, stdout=run.PIPE,
+                                   stderr=run.PIPE)
+        except ToolError:
             raise ImageError("a zstd-compressed layer needs the zstd program", where=where,
                              hint="install it (Debian: apt-get install zstd)") from None
+        stdin, stdout = self._proc.stdin, self._proc.stdout
+        if stdin is None or stdout is None:  # not reached: both are pipes
+            self._proc.kill()
+            self._proc.wait()
+            raise ImageError("zstd was started without pipes", where=where)
+        self._stdin, self._stdout = stdin, stdout
         self._feed_error: BaseException | None = None
         self._feeder = threading.Thread(target=self._feed, args=(src,), daemon=True)
         self._feeder.start()
 
     def _feed(self, src: IO[bytes]) -> None:
-        stdin = self._proc.stdin
-        assert stdin is not None
+        stdin = self._stdin
         try:
             while chunk := src.read(_COPY_CHUNK):
                 stdin.write(chunk)
@@ -351,8 +357,7 @@ class _Zstd(io.RawIOBase):
         return True
 
     def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
-        out = self._proc.stdout
-        assert out is not None
+        out = self._stdout
         data = out.read1(len(b)) if hasattr(out, "read1") else out.read(len(b))
         n = len(data)
         b[:n] = data

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from uvmshim import hostpath, procscan
 from uvmshim.errors import UvmshimError
 from uvmshim.oci.spec import Spec, load_spec
 from uvmshim.oci_runtime import protocol
@@ -133,8 +134,6 @@ def _join_pod(cdir: ContainerDir, sandbox: ContainerDir, spec: Spec, terminal: b
     That process (the pid in ``--pid-file``) holds the connection on which the sandbox's shim
     reports the container's exit, records it and exits with the same status.
     """
-    from uvmshim.oci_runtime.state import proc_start_time
-
     stdio, slave = _console(terminal, console_socket)
     conn = protocol.Connection(sandbox.socket, timeout=300)
     try:
@@ -161,7 +160,7 @@ def _join_pod(cdir: ContainerDir, sandbox: ContainerDir, spec: Spec, terminal: b
                     cdir.update(status="stopped", exit_code=code)
             finally:
                 os._exit(code)
-        cdir.update(status="created", pid=pid, shim_start=proc_start_time(pid))
+        cdir.update(status="created", pid=pid, shim_start=procscan.start_time(pid))
         return pid
     finally:
         conn.close()
@@ -212,17 +211,10 @@ def detach_stdio(*, keep: set[int]) -> None:
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
-    for fd in _open_fds():
+    for fd in procscan.open_fds():
         if fd > 2 and fd not in keep:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _open_fds() -> list[int]:
-    try:
-        return [int(n) for n in os.listdir("/proc/self/fd")]
-    except OSError:
-        return list(range(3, 1024))
 
 
 def _wait_ready(fd: int, pid: int) -> dict[str, Any]:
@@ -283,10 +275,9 @@ def cleanup(cdir: ContainerDir) -> list[str]:
     with contextlib.suppress(UvmshimError):
         vm_id = cdir.read().get("vm_id")
     if isinstance(vm_id, str) and vm_id:
-        from uvmshim.uvm.qemu.config import default_base_dir
         from uvmshim.uvm.qemu.machine import list_leftovers, reclaim
 
-        for left in list_leftovers(default_base_dir()):
+        for left in list_leftovers(hostpath.vm_dir()):
             if left.state_dir.name == vm_id:
                 problems += reclaim(left)
     shutil.rmtree(cdir.path, ignore_errors=True)

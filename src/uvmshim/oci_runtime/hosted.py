@@ -19,12 +19,13 @@ from typing import Any
 
 from uvmshim.errors import UvmshimError
 from uvmshim.oci_runtime.stdio import relay_input, relay_output
+from uvmshim.protocol.constants import CRUN_ROOT
 from uvmshim.runtime.container import Container
 
 log = logging.getLogger(__name__)
 
-#: crun's state root in the guest (see uvmshim.agent.runtime).
-GUEST_CRUN = ("crun", "--root", "/run/crun")
+#: crun as the agent runs it in the guest (same state root).
+GUEST_CRUN = ("crun", "--root", CRUN_ROOT)
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 

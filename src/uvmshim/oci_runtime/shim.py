@@ -28,11 +28,12 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from uvmshim import procscan
 from uvmshim.errors import ReleaseError, UvmshimError
 from uvmshim.oci.spec import Spec
 from uvmshim.oci_runtime import protocol
 from uvmshim.oci_runtime.hosted import Hosted, reply
-from uvmshim.oci_runtime.state import ContainerDir, proc_start_time
+from uvmshim.oci_runtime.state import ContainerDir
 from uvmshim.runtime.container import Container
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ class Shim:
 
     async def run(self) -> int:
         """Create, serve, wait for the init, tear down; return the exit status."""
+        from uvmshim.runtime.vm import start_uvm
         from uvmshim.uvm.options import UvmOptions
-        from uvmshim.uvm.qemu_uvm import start_uvm
 
         self._install_signals()
         code = 255
@@ -127,7 +128,7 @@ class Shim:
         accept = asyncio.create_task(self._accept_loop(listener))
         try:
             pid = os.getpid()
-            self.cfg.cdir.update(status="created", pid=pid, shim_start=proc_start_time(pid))
+            self.cfg.cdir.update(status="created", pid=pid, shim_start=procscan.start_time(pid))
             if not self._ready({"ok": True, "pid": pid}):
                 return 255  # create's caller is gone: nobody will ever start this container
             return await main.wait()
@@ -253,8 +254,8 @@ class Shim:
                             lambda st: member_dir.update(status=st))
             self.members[member_id] = hosted
             task = asyncio.current_task()
-            assert task is not None
-            self._member_tasks.add(task)
+            if task is not None:  # always, in a coroutine run by a task
+                self._member_tasks.add(task)
             reply(conn, {"ok": True})
             code = await hosted.wait()
             reply(conn, {"exit": code})

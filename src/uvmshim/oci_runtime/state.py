@@ -1,5 +1,7 @@
 """The state of runtime containers on the host: ``<root>/containers/<id>/``.
 
+``<root>`` is runc's ``--root`` (default :func:`uvmshim.hostpath.runtime_root`).
+
 Layout of one container's directory:
 
 ``state.json``
@@ -30,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from uvmshim import hostpath, procscan
 from uvmshim.errors import UvmshimError
 
-DEFAULT_ROOT = "/run/uvmshim"
 OCI_VERSION = "1.0.2"
 
 #: runc's id rule (``[\w+-\.]+``), which also keeps ids usable as file and guest path names.
@@ -49,21 +51,6 @@ def check_id(container_id: str) -> None:
         raise UvmshimError(f"invalid container id format: {container_id!r}")
 
 
-def proc_start_time(pid: int) -> str | None:
-    """Field 22 of ``/proc/<pid>/stat`` (start time in ticks), or None if there is no such pid.
-
-    A zombie counts as gone: its process has exited.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = stat[stat.rfind(")") + 2:].split()
-    if rest[0] in ("Z", "X"):
-        return None
-    return rest[19]
-
-
 @dataclass
 class ContainerDir:
     """One container's state directory."""
@@ -74,7 +61,7 @@ class ContainerDir:
     @classmethod
     def of(cls, root: str | os.PathLike[str], container_id: str) -> ContainerDir:
         check_id(container_id)
-        return cls(Path(root) / "containers", container_id)
+        return cls(hostpath.containers_dir(root), container_id)
 
     @property
     def path(self) -> Path:
@@ -153,7 +140,7 @@ def shim_alive(state: dict[str, Any]) -> bool:
     pid = state.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
-    return proc_start_time(pid) == state.get("shim_start")
+    return procscan.start_time(pid) == state.get("shim_start")
 
 
 def new_state(container_id: str, bundle: str, rootfs: str,
@@ -182,7 +169,7 @@ def public(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def list_ids(root: str | os.PathLike[str]) -> list[str]:
-    base = Path(root) / "containers"
+    base = hostpath.containers_dir(root)
     if not base.is_dir():
         return []
     return sorted(p.name for p in base.iterdir() if p.is_dir())

@@ -1,24 +1,27 @@
-"""Wire messages and layout conventions shared by the host and the guest agent.
-
-STDLIB ONLY: this module is copied into the utility VM's initrd and imported by the agent.
+"""The message envelope of the host ↔ guest-agent channel. STDLIB ONLY (shipped in the initrd).
 
 Three kinds of message travel over the agent channel, each one JSON object per frame
 (see :mod:`uvmshim.protocol.framing`):
 
-* a **request**, host → guest: ``{"v": 1, "id": 7, "op": "mount_scsi", "args": {...}}``;
-* a **response**, guest → host, exactly one per request:
-  ``{"id": 7, "ok": true, "result": ...}`` or ``{"id": 7, "ok": false, "error": "<reason>"}``;
-* an **event**, guest → host, pushed at any time: ``{"event": "output", "id": 7, ...}``.
-  Events that belong to a request (exec output) carry that request's ``id``, and the guest
-  sends them all *before* the request's response.
+* a **request**, host → guest: ``{"v": 2, "id": 7, "op": "mount_scsi", "args": {...}}``; the
+  arguments of each operation are one typed structure (:mod:`uvmshim.protocol.requests`);
+* a **response**, guest → host, exactly one per request: ``{"id": 7, "ok": true, "result": ...}``
+  or ``{"id": 7, "ok": false, "error": {"kind": "not_found", "message": "<reason>"}}``, where
+  ``kind`` is an :class:`ErrorKind` and ``message`` is worded for a person;
+* an **event**, guest → host, pushed at any time: ``{"event": "output", "id": 7, ...}``
+  (:mod:`uvmshim.protocol.events`). Events that belong to a request (exec output) carry that
+  request's ``id``, and the guest sends them all *before* the request's response; events of a
+  container process carry its ``process`` key, and its ``exit`` event comes last.
 
-The first request of every connection is ``hello`` with ``{"version": PROTOCOL_VERSION}``; the
-guest answers with its own version and refuses requests of another version.
+The first request of every connection is ``hello``; the guest answers with its own version and
+refuses requests of another version (kind ``protocol``).
+
+What both sides must agree on besides messages (PCI slots, the 9p tag, guest paths) is in
+:mod:`uvmshim.protocol.constants`.
 """
 
 from __future__ import annotations
 
-import posixpath
 from enum import StrEnum
 
 # Not ``from typing import TYPE_CHECKING``: that imports typing (tens of ms of guest boot under
@@ -31,34 +34,9 @@ if TYPE_CHECKING:
 
     JSONObject: TypeAlias = dict[str, Any]
 
-#: Bumped on any incompatible change to a request, response or event.
-PROTOCOL_VERSION = 1
-
-#: ``name=`` of the ``virtserialport`` the agent listens on (``/sys/class/virtio-ports/*/name``).
-AGENT_PORT_NAME = "agent"
-
-#: PCI slots (bus 0, function 0) of the boot-time ``virtio-scsi-pci`` controllers: controller
-#: ``i`` is at ``0000:00:<slot>.0``. The host must create them there; the guest finds disks
-#: through these addresses because the guest-side SCSI host number is not predictable.
-SCSI_CONTROLLER_PCI_SLOTS: tuple[int, ...] = (5, 6, 7, 8)
-
-#: PCI slot of the ``pcie-root-port`` behind which vPMEM device ``n`` sits: ``0000:00:<base+n>.0``
-#: (the ``virtio-pmem-pci`` device is the port's only child). /dev/pmemX numbering follows probe
-#: order, not the device number, so the guest resolves the device through this address.
-VPMEM_ROOT_PORT_PCI_SLOT_BASE = 0x10
-
-#: SCSI target (QMP ``scsi-id``) every disk uses; the LUN is the hcsshim LUN, channel is 0.
-SCSI_TARGET = 0
-
-#: ``mount_tag`` of the one virtio-9p export of a utility VM.
-PLAN9_MOUNT_TAG = "share0"
-
-#: Where the agent mounts the 9p export (once, lazily).
-PLAN9_GUEST_ROOT = "/run/uvmshim/share0"
-
-#: 9p mount options: ``msize=512000`` doubles throughput; ``cache=none`` so that host-side bind
-#: mounts made after the guest mounted the export are seen at once.
-PLAN9_MOUNT_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=none"
+#: Bumped on any incompatible change to a request, response or event. 2: typed failures
+#: (``{"kind", "message"}`` instead of a bare string) and strictly checked request arguments.
+PROTOCOL_VERSION = 2
 
 
 class Op(StrEnum):
@@ -98,66 +76,41 @@ class EventKind(StrEnum):
     EXIT = "exit"
 
 
+class ErrorKind(StrEnum):
+    """Why the guest refused or failed a request (the ``kind`` of a failed response)."""
+
+    #: The request is not understood: another protocol version, an unknown operation, a
+    #: malformed message.
+    PROTOCOL = "protocol"
+    #: An argument is wrong: a mistyped or missing field, a bad id, a path outside its folder.
+    INVALID = "invalid"
+    #: What the request names does not exist: a container, a process, a share, a tool.
+    NOT_FOUND = "not_found"
+    #: The request conflicts with the current state: the container exists, was already started,
+    #: is not running.
+    CONFLICT = "conflict"
+    #: The resource is in use (``Device or resource busy``).
+    BUSY = "busy"
+    #: This guest cannot do it (assigned PCI devices, a huge page size, a file system).
+    UNSUPPORTED = "unsupported"
+    #: A device or process did not show up in time, or a tool ran too long.
+    TIMEOUT = "timeout"
+    #: crun failed.
+    CRUN = "crun"
+    #: A system call or tool failed (mount, mkdir, insmod).
+    FAILED = "failed"
+    #: A bug in the agent.
+    INTERNAL = "internal"
+
+
 class ProtocolError(Exception):
     """A frame or message does not follow the protocol (bad JSON, missing field, too large)."""
 
 
-def scsi_controller_pci_address(controller: int) -> str:
-    """Return the PCI address (``0000:00:05.0``) of SCSI controller ``controller``.
-
-    :raises ValueError: if there is no such controller.
-    """
-    if not 0 <= controller < len(SCSI_CONTROLLER_PCI_SLOTS):
-        raise ValueError(f"SCSI controller {controller} out of range")
-    return f"0000:00:{SCSI_CONTROLLER_PCI_SLOTS[controller]:02x}.0"
-
-
-def vpmem_root_port_pci_address(device: int) -> str:
-    """Return the PCI address of the root port that holds vPMEM device ``device``."""
-    if not 0 <= device < 0x20 - VPMEM_ROOT_PORT_PCI_SLOT_BASE:
-        raise ValueError(f"vPMEM device {device} out of range")
-    return f"0000:00:{VPMEM_ROOT_PORT_PCI_SLOT_BASE + device:02x}.0"
-
-
-def scsi_linux_lun(lun: int) -> int:
-    """Return the LUN number Linux shows for QMP ``lun``.
-
-    Linux presents LUNs >= 256 in SAM flat-space addressing, i.e. ``0x4000 | lun``.
-    """
-    return lun if lun < 256 else 0x4000 | lun
-
-
-def check_share_name(name: str) -> str:
-    """Return ``name`` if it is a valid 9p share name (one plain path component).
-
-    :raises ValueError: for an empty name, ``.``/``..`` or a name containing ``/`` or NUL.
-    """
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise ValueError(f"invalid share name {name!r}")
-    return name
-
-
-def plan9_share_host_path(export_root: str, name: str) -> str:
-    """Return where the host puts share ``name``: ``<export_root>/<name>``.
-
-    The host bind-mounts the shared directory there; a single-file share is a directory
-    ``<export_root>/<name>`` that holds just that file (bound in). Never bind over the
-    export root itself: QEMU would not see it (it holds an fd to the root).
-    """
-    return posixpath.join(export_root, check_share_name(name))
-
-
-def plan9_share_guest_path(name: str) -> str:
-    """Return where the guest finds share ``name``: ``PLAN9_GUEST_ROOT/<name>``."""
-    return posixpath.join(PLAN9_GUEST_ROOT, check_share_name(name))
-
-
 class Request:
-    """A request from the host.
+    """A request from the host: the envelope of one typed argument structure.
 
-    (Plain classes rather than dataclasses: the agent imports this module at every boot, and
-    ``dataclasses`` pulls in ``inspect`` and runs ``exec`` per class, which costs tens of
-    milliseconds under TCG.)
+    (Plain classes rather than dataclasses: see :mod:`uvmshim.protocol.schema`.)
     """
 
     __slots__ = ("args", "id", "op", "version")
@@ -181,28 +134,37 @@ class Request:
 
 
 class Response:
-    """The guest's answer to request ``id``: ``result`` if ``ok``, else ``error``."""
+    """The guest's answer to request ``id``: ``result`` if ``ok``, else ``kind`` and ``error``."""
 
-    __slots__ = ("error", "id", "ok", "result")
+    __slots__ = ("error", "id", "kind", "ok", "result")
 
-    def __init__(self, id: int, ok: bool, result: Any = None,
-                 error: str = "") -> None:
+    def __init__(self, id: int, ok: bool, result: Any = None, error: str = "",
+                 kind: ErrorKind = ErrorKind.INTERNAL) -> None:
         self.id = id
         self.ok = ok
         self.result = result
         self.error = error
+        self.kind = kind
+
+    @classmethod
+    def failure(cls, id: int, kind: ErrorKind, error: str) -> Response:
+        """A failed response."""
+        return cls(id, False, error=error, kind=kind)
 
     def to_json(self) -> JSONObject:
         """Return the wire form."""
         if self.ok:
             return {"id": self.id, "ok": True, "result": self.result}
-        return {"id": self.id, "ok": False, "error": self.error}
+        return {"id": self.id, "ok": False,
+                "error": {"kind": str(self.kind), "message": self.error}}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Response) and self.to_json() == other.to_json()
 
     def __repr__(self) -> str:
-        return f"Response({self.id!r}, {self.ok!r}, {self.result!r}, error={self.error!r})"
+        if self.ok:
+            return f"Response({self.id!r}, True, {self.result!r})"
+        return f"Response.failure({self.id!r}, {self.kind!r}, {self.error!r})"
 
 
 class Event:
@@ -262,8 +224,21 @@ def parse_message(obj: object) -> Message:
             raise ProtocolError("ok must be a boolean")
         if ok:
             return Response(_int(obj, "id"), True, obj.get("result"))
-        error = obj.get("error")
-        if not isinstance(error, str):
-            raise ProtocolError("a failed response needs an error string")
-        return Response(_int(obj, "id"), False, error=error)
+        return _failure(_int(obj, "id"), obj.get("error"))
     raise ProtocolError("message is neither a request, a response nor an event")
+
+
+def _failure(rid: int, error: object) -> Response:
+    if isinstance(error, str):
+        # A version-1 agent fails with a bare string. A version-2 host only ever gets one as
+        # the answer to its first request: "protocol version mismatch: ...".
+        return Response.failure(rid, ErrorKind.PROTOCOL, error)
+    if not isinstance(error, dict):
+        raise ProtocolError("a failed response needs an error object")
+    kind, message = error.get("kind"), error.get("message")
+    if not isinstance(message, str) or not isinstance(kind, str):
+        raise ProtocolError("an error needs a kind and a message string")
+    try:
+        return Response.failure(rid, ErrorKind(kind), message)
+    except ValueError:
+        raise ProtocolError(f"unknown error kind {kind!r}") from None

@@ -14,10 +14,10 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from uvmshim.agentclient import AgentClient, ContainerProcess
 from uvmshim.allocator import Allocation, create_container_resources
-from uvmshim.errors import ReleaseError, UvmshimError
+from uvmshim.errors import AllocationError, ReleaseError, UvmshimError
 from uvmshim.oci.spec import Spec
+from uvmshim.uvm.qemu.agent_client import AgentClient, ContainerProcess
 from uvmshim.uvm.utilityvm import UtilityVM
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,10 @@ class Container:
         :raises UvmshimError: allocation or the guest's create failed; nothing is left behind.
         """
         self.allocation = await create_container_resources(self.spec, self.vm, self.id)
-        doc = self.allocation.guest_document
-        assert doc is not None
         try:
+            doc = self.allocation.guest_document
+            if doc is None:  # only an allocation made without a UVM has none
+                raise AllocationError(f"container {self.id}: no guest document to send")
             self.init = await self.agent.container_create(
                 self.id, doc["OciBundlePath"], doc["OciSpecification"],
                 sandbox_id=self.sandbox_id, scratch_dir=doc["ScratchDirPath"], stdin=stdin)
@@ -82,24 +83,26 @@ class Container:
         await self.agent.container_start(self.id)
         self.state = ContainerState.RUNNING
 
+    def _init_process(self) -> ContainerProcess:
+        """The init process. :raise UvmshimError: the container was never created."""
+        if self.init is None:
+            raise UvmshimError(f"container {self.id} is {self.state.value}, not created")
+        return self.init
+
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
         """The init process's ``(stream, data)`` chunks as they come, until it exits."""
-        assert self.init is not None
-        async for item in self.init.output():
+        async for item in self._init_process().output():
             yield item
 
     async def write_stdin(self, data: bytes) -> None:
-        assert self.init is not None
-        await self.init.write_stdin(data)
+        await self._init_process().write_stdin(data)
 
     async def close_stdin(self) -> None:
-        assert self.init is not None
-        await self.init.close_stdin()
+        await self._init_process().close_stdin()
 
     async def wait(self) -> int:
         """Wait for the init process; return its exit status (128+N if killed by signal N)."""
-        assert self.init is not None
-        code = await self.init.wait()
+        code = await self._init_process().wait()
         self.exit_code = code if code >= 0 else 128 - code
         self.state = ContainerState.STOPPED
         return self.exit_code

@@ -2,6 +2,9 @@
 
 ``uvmshim leaks`` lists it; with nothing running, the list must be empty. The tests use it
 after every VM test to check, by looking at the host, that nothing was left behind.
+
+It looks wherever :mod:`uvmshim.hostpath` resolves to, overrides included: the VM state
+directories, and the containers (below the runtime root), pods and scratch directories.
 """
 
 from __future__ import annotations
@@ -11,12 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uvmshim import hostpath, procscan
 from uvmshim.uvm.qemu import mounts
-from uvmshim.uvm.qemu.config import default_base_dir
 from uvmshim.uvm.qemu.machine import Leftover, list_leftovers, reclaim
-
-#: Directories uvmshim creates for running things (besides VM state directories).
-RUNTIME_DIRS = ("/run/uvmshim/scratch", "/run/uvmshim/pods", "/run/uvmshim/containers")
 
 
 @dataclass
@@ -40,31 +40,31 @@ class Holdings:
 def _qemu_pids_of(base: Path) -> list[int]:
     """Processes whose command line names a path under ``base`` (our QEMUs, even untracked)."""
     needle = os.fsencode(str(base))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and needle in cmdline:
-            found.append(int(entry))
-    return sorted(found)
+    return sorted(
+        pid for pid, argv in procscan.command_lines()
+        if any(b"qemu-system" in arg for arg in argv) and any(needle in arg for arg in argv)
+    )
 
 
-def find_holdings(base_dir: Path | None = None) -> Holdings:
-    """Look at the host (``/proc``, mountinfo, the state directories) and report."""
-    base = base_dir or default_base_dir()
+def find_holdings(
+    base_dir: Path | None = None, *, root: str | os.PathLike[str] | None = None
+) -> Holdings:
+    """Look at the host (``/proc``, mountinfo, the state directories) and report.
+
+    :param base_dir: the parent of the VM state directories; default
+        :func:`uvmshim.hostpath.vm_dir`.
+    :param root: the OCI runtime root (``--root``); default :func:`uvmshim.hostpath.runtime_root`.
+    """
+    base = base_dir or hostpath.vm_dir()
+    transient = hostpath.transient_dirs(root)
     holdings = Holdings(vms=list_leftovers(base), qemu_pids=_qemu_pids_of(base))
-    roots = [str(base), *RUNTIME_DIRS]
-    for root in roots:
-        holdings.mounts.extend(m.mount_point for m in mounts.mounts_under(root))
-    for d in RUNTIME_DIRS:
-        p = Path(d)
-        if p.is_dir():
-            holdings.state_dirs.extend(str(c) for c in sorted(p.iterdir()))
+    for d in (base, *transient):
+        for m in mounts.mounts_under(d):
+            if m.mount_point not in holdings.mounts:
+                holdings.mounts.append(m.mount_point)
+    for d in transient:
+        if d.is_dir():
+            holdings.state_dirs.extend(str(c) for c in sorted(d.iterdir()))
     return holdings
 
 

@@ -18,8 +18,8 @@ from uvmshim.errors import ReleaseError, UvmshimError
 from uvmshim.oci.spec import Spec
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.specgen import RunOptions, build_spec
+from uvmshim.runtime.vm import QemuUvm, start_uvm
 from uvmshim.uvm.options import UvmOptions
-from uvmshim.uvm.qemu_uvm import QemuUvm, start_uvm
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 A pod outlives any one command, so ``uvmshim pod create`` starts this daemon (detached, in its
 own session); it boots the UVM, starts the pod's sandbox container, and serves requests on a
-unix socket in the pod's directory ``/run/uvmshim/pods/<name>/``:
+unix socket in the pod's directory (:func:`uvmshim.hostpath.pod_dir`, by default
+``/run/uvmshim/pods/<name>/``):
 
 * ``run`` {id, spec, stdin}: create and start a workload container, stream its output back on
   the same connection as ``{"stream", "data"}`` frames, then ``{"exit_code"}``; the container
@@ -24,24 +25,16 @@ import os
 import shutil
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 from uvmshim.errors import UvmshimError
+from uvmshim.hostpath import pod_dir
 from uvmshim.oci.spec import Spec
 from uvmshim.protocol.framing import read_frame, write_frame
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.pod import Pod, pause_spec, run_pod
 
 log = logging.getLogger(__name__)
-
-PODS_DIR = Path(os.environ.get("UVMSHIM_POD_DIR", "/run/uvmshim/pods"))
-
-
-def pod_dir(name: str) -> Path:
-    if not name or "/" in name or name in (".", ".."):
-        raise UvmshimError(f"bad pod name {name!r}", hint="use letters, digits, - and _")
-    return PODS_DIR / name
 
 
 class PodServer:

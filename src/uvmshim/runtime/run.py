@@ -14,8 +14,8 @@ from typing import BinaryIO
 
 from uvmshim.oci.spec import Spec
 from uvmshim.runtime.container import Container
+from uvmshim.runtime.vm import start_uvm
 from uvmshim.uvm.options import UvmOptions
-from uvmshim.uvm.qemu_uvm import start_uvm
 
 log = logging.getLogger(__name__)
 

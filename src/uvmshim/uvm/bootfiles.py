@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from uvmshim import hostpath
 from uvmshim.agent import kmods
 from uvmshim.errors import ToolError, UvmshimError
 from uvmshim.run import run_tool
@@ -105,12 +106,6 @@ def compute_key(inputs: BuildInputs) -> str:
     """Return the cache key (24 hex digits) for ``inputs``."""
     blob = json.dumps(asdict(inputs), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
-
-
-def cache_root() -> Path:
-    """``${XDG_CACHE_HOME:-~/.cache}/uvmshim``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "uvmshim"
 
 
 def source_files() -> list[tuple[str, Path]]:
@@ -231,7 +226,7 @@ def _apt_state() -> str:
 async def _resolve_all() -> tuple[str, tuple[PackageInfo, ...]]:
     # apt-cache takes ~1 s per call on the bookworm lists; remember its answer until the lists
     # (or preferences, or the dpkg status) change, so a cache hit costs milliseconds.
-    memo = cache_root() / "apt-resolve.json"
+    memo = hostpath.cache_dir() / "apt-resolve.json"
     state = _apt_state()
     try:
         data = json.loads(memo.read_text())
@@ -313,7 +308,7 @@ def _write_cpio(stage_dir: Path, out: Path) -> None:
 
 
 async def _build(inputs: BuildInputs, work: Path, out: Path, progress: Progress) -> None:
-    debs = cache_root() / "debs"
+    debs = hostpath.cache_dir() / "debs"
     await _download(inputs.packages, debs, progress)
     progress("unpacking packages")
     pkgs = work / "pkgs"
@@ -400,7 +395,7 @@ async def ensure_boot_files(*, rebuild: bool = False,
     say = progress or (lambda _msg: None)
     inputs = await build_inputs()
     key = compute_key(inputs)
-    boot = cache_root() / "boot"
+    boot = hostpath.cache_dir() / "boot"
     boot.mkdir(parents=True, exist_ok=True)
     entry = boot / key
     if not rebuild and (found := _complete(entry)):

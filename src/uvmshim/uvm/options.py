@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from uvmshim.errors import UvmError
+from uvmshim.protocol.constants import MAX_SCSI_CONTROLLERS
 
 GiB = 1 << 30
-MAX_SCSI_CONTROLLERS = 4
 LUNS_PER_CONTROLLER = 64
 MAX_VPMEM_COUNT = 128
 DEFAULT_VPMEM_MAX_SIZE = 4 * GiB
@@ -38,7 +38,7 @@ class UvmOptions:
 
     def __post_init__(self) -> None:
         if self.scsi_controllers is not None and self.scsi_controllers > MAX_SCSI_CONTROLLERS:
-            raise UvmError("SCSI controller count can't be more than 4")
+            raise UvmError(f"SCSI controller count can't be more than {MAX_SCSI_CONTROLLERS}")
         if self.scsi_controllers is not None and self.scsi_controllers < 0:
             raise UvmError("SCSI controller count can't be negative")
         if self.vpmem_count > MAX_VPMEM_COUNT:

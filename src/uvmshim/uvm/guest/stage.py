@@ -1,6 +1,6 @@
 """Assemble the initrd tree from unpacked Debian packages (synchronous filesystem work).
 
-The recipe (measured; see the guest-initrd notes): copy 18 packages whole, delete what the
+The recipe (measured; ``docs/design.md``, section 5): copy 18 packages whole, delete what the
 guest never runs (docs, gconv, most of /usr/bin, optional stdlib parts and extension
 modules), keep only the shared libraries reachable through DT_NEEDED from what is left, add
 busybox applet links, kernel modules, our agent, /init, and precompiled sourceless .pyc.

@@ -1,18 +1,27 @@
-"""The QEMU utility VM: machine (process + QMP) and host backend (hot-plug, bind-mount shares).
+"""The QEMU utility VM: machine (process + QMP), host backend (hot-plug, bind-mount shares), and
+the guest agent with its guest backend.
 
-* :mod:`.config` — :class:`QemuConfig`, :class:`MachinePaths` and the fixed device contract
-  (PCI slots, mount tag, agent port name).
+* :mod:`.config` — :class:`QemuConfig` and :class:`MachinePaths` (the device contract with the
+  guest — PCI slots, mount tag, agent port name — is :mod:`uvmshim.protocol.constants`).
 * :mod:`.cmdline` — the pure argv builder.
 * :mod:`.kvm` — "does KVM really work here?" probe, cached per host boot.
 * :mod:`.sandbox` — how QEMU is confined (unprivileged user, seccomp) and why.
 * :mod:`.mounts` — host bind mounts and ``mountinfo``.
 * :mod:`.machine` — :class:`QemuMachine` lifecycle and :func:`list_leftovers`.
 * :mod:`.host` — :class:`QemuHostBackend`, the :class:`~uvmshim.uvm.backend.HostBackend` on QMP.
+* :mod:`.agent_connection` — :class:`AgentConnection`: the agent socket, its run state, requests
+  in flight and event routing.
+* :mod:`.agent_client` — :class:`AgentClient`: the agent's typed operations (exec, containers).
+* :mod:`.guest` — :class:`AgentGuestBackend`, the :class:`~uvmshim.uvm.backend.GuestBackend` on
+  the agent.
+
+Putting a machine, an agent and the device managers together is the runtime's job
+(:mod:`uvmshim.runtime.vm`).
 """
 
 from __future__ import annotations
 
-from .config import MachinePaths, QemuConfig, default_base_dir
+from .config import MachinePaths, QemuConfig
 from .host import QemuHostBackend, detect_image_format
 from .machine import Leftover, QemuLaunchError, QemuMachine, Runstate, list_leftovers, reclaim
 
@@ -24,7 +33,6 @@ __all__ = [
     "QemuLaunchError",
     "QemuMachine",
     "Runstate",
-    "default_base_dir",
     "detect_image_format",
     "list_leftovers",
     "reclaim",

@@ -10,19 +10,25 @@ Device map of the q35 machine (fixed, so the guest can rely on it)::
     00:08.0  virtio-scsi-pci     scsi3
     00:10.0+ pcie-root-port      rp0, rp1, ... spare hot-plug slots (vPMEM, VFIO)
 
+The port name, the mount tag and the SCSI and root-port slots are the guest's contract
+(:mod:`uvmshim.protocol.constants`); the agent relies on them.
+
 There is no network device, no default device (``-nodefaults``), no config file
 (``-no-user-config``) and no host file other than the boot files on the command line.
 """
 
 from __future__ import annotations
 
-from .config import (
+from uvmshim.protocol.constants import (
     AGENT_PORT_NAME,
+    PLAN9_MOUNT_TAG,
+    SCSI_CONTROLLER_PCI_SLOTS,
+    root_port_pci_slot,
+)
+
+from .config import (
     DEFAULT_KERNEL_ARGS,
-    P9_MOUNT_TAG,
     P9_PCI_SLOT,
-    ROOT_PORT_PCI_SLOT_BASE,
-    SCSI_PCI_SLOT_BASE,
     SERIAL_PCI_SLOT,
     Accel,
     MachinePaths,
@@ -91,19 +97,19 @@ def build_argv(
             f"local,id=fs0,path={paths.share_dir},"
             f"security_model={config.p9_security_model},multidevs=remap"
         ),
-        "-device", f"virtio-9p-pci,id=p9{P9_MOUNT_TAG},fsdev=fs0,mount_tag={P9_MOUNT_TAG},"
+        "-device", f"virtio-9p-pci,id=p9{PLAN9_MOUNT_TAG},fsdev=fs0,mount_tag={PLAN9_MOUNT_TAG},"
                    f"addr={P9_PCI_SLOT:#x}",
     ]
     # fmt: on
     for i in range(config.scsi_controllers):
-        slot = SCSI_PCI_SLOT_BASE + i
+        slot = SCSI_CONTROLLER_PCI_SLOTS[i]
         argv += ["-device", f"virtio-scsi-pci,id={scsi_controller_id(i)},addr={slot:#x}"]
     for i in range(config.hotplug_ports):
         # One root port per slot; chassis/slot numbers must be unique on the machine.
         argv += [
             "-device",
             f"pcie-root-port,id={root_port_id(i)},bus=pcie.0,chassis={i + 1},slot={i + 1},"
-            f"addr={ROOT_PORT_PCI_SLOT_BASE + i:#x}",
+            f"addr={root_port_pci_slot(i):#x}",
         ]
     if config.qemu_sandbox:
         argv += ["-sandbox", QEMU_SANDBOX]

@@ -3,7 +3,8 @@
 Both are frozen; the argv builder (:mod:`uvmshim.uvm.qemu.cmdline`) turns them into a command line
 without touching the file system.
 
-State directory layout (one private directory per VM, mode 0700)::
+State directory layout (one private directory per VM, mode 0700, below ``base_dir``, by
+default :func:`uvmshim.hostpath.vm_dir`)::
 
     <base>/<id>/
         console.log     the guest serial console (ttyS0)
@@ -21,31 +22,24 @@ boot files, the disks hot-added over QMP and the shares bind-mounted under ``sha
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from uvmshim.protocol.constants import MAX_ROOT_PORTS, MAX_SCSI_CONTROLLERS
 
 #: ``auto`` means: use KVM only if a short probe shows it really runs a guest, else TCG.
 Accel = Literal["kvm", "tcg"]
 AccelChoice = Literal["kvm", "tcg", "auto"]
 SecurityModel = Literal["none", "mapped-xattr"]
 
-#: The guest finds SCSI controller ``i`` at PCI ``0000:00:0{5+i}.0``. Contract with the agent.
-SCSI_PCI_SLOT_BASE = 0x5
-#: Maximum number of virtio-scsi controllers (PCI slots 0x5..0x8).
-MAX_SCSI_CONTROLLERS = 4
-#: Fixed PCI slots of the other boot-time devices.
+#: Fixed PCI slots of the boot-time devices the guest finds by name, not by address (the agent
+#: port by its name, the 9p export by its tag). The slots, the tag and the port name the guest
+#: relies on are in :mod:`uvmshim.protocol.constants`.
 SERIAL_PCI_SLOT = 0x3
 P9_PCI_SLOT = 0x4
-#: Hot-plug root ports start at this slot (one per slot, ``rp0`` at 0x10, ``rp1`` at 0x11, ...).
-ROOT_PORT_PCI_SLOT_BASE = 0x10
-#: The 9p mount tag of the one share device. Contract with the agent.
-P9_MOUNT_TAG = "share0"
-#: The virtio-serial port name the guest agent opens. Contract with the agent.
-AGENT_PORT_NAME = "agent"
 
-#: Kernel arguments measured to boot fastest under TCG (see qemu-notes section 1); ``panic=-1``
+#: Kernel arguments measured to boot fastest under TCG (``docs/design.md``, section 4); ``panic=-1``
 #: makes a guest panic end the QEMU process (``-no-reboot``) instead of hanging.
 DEFAULT_KERNEL_ARGS: tuple[str, ...] = (
     "console=ttyS0",
@@ -80,7 +74,8 @@ class QemuConfig:
     :param p9_security_model: the 9p ``security_model``; ``none`` keeps host symlinks working.
     :param cpu_model: ``-cpu`` value; default ``max`` under TCG and ``host`` under KVM.
     :param qemu_binary: the QEMU executable.
-    :param base_dir: where state directories are created; default :func:`default_base_dir`.
+    :param base_dir: where state directories are created; default
+        :func:`uvmshim.hostpath.vm_dir`.
     :param qemu_sandbox: pass QEMU's own ``-sandbox on,...`` seccomp policy.
     :param die_with_parent: QEMU gets SIGKILL when the thread that launched it exits (so a
         crashed host process leaves no VM behind); turn off for VMs that must outlive it.
@@ -111,8 +106,8 @@ class QemuConfig:
             raise ValueError(f"scsi_controllers must be 0..{MAX_SCSI_CONTROLLERS}")
         if self.memory_mb < 64 or self.cpus < 1:
             raise ValueError("memory_mb must be >= 64 and cpus >= 1")
-        if not 0 <= self.hotplug_ports <= 16:
-            raise ValueError("hotplug_ports must be 0..16")
+        if not 0 <= self.hotplug_ports <= MAX_ROOT_PORTS:
+            raise ValueError(f"hotplug_ports must be 0..{MAX_ROOT_PORTS}")
         if self.vpmem_slots < 0 or (self.vpmem_slots and self.vpmem_max_mb < 2):
             raise ValueError("vpmem_slots must be >= 0 and vpmem_max_mb >= 2")
         if self.vpmem_slots > self.hotplug_ports:
@@ -154,19 +149,3 @@ class MachinePaths:
     def share_dir(self) -> Path:
         """The 9p export root (a read-only bind mount of :attr:`exports_dir`)."""
         return self.state_dir / "share"
-
-
-def default_base_dir() -> Path:
-    """Where state directories go.
-
-    ``$UVMSHIM_VM_DIR`` if set, else ``/run/uvmshim/vm`` as root, else
-    ``$XDG_RUNTIME_DIR/uvmshim/vm``, else ``/tmp/uvmshim-<uid>/vm``.
-    """
-    if os.environ.get("UVMSHIM_VM_DIR"):
-        return Path(os.environ["UVMSHIM_VM_DIR"])
-    if os.geteuid() == 0:
-        return Path("/run/uvmshim/vm")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return Path(xdg) / "uvmshim" / "vm"
-    return Path(f"/tmp/uvmshim-{os.geteuid()}") / "vm"

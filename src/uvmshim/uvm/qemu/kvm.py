@@ -17,6 +17,8 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from ... import run
+from ...errors import ToolError
 from .config import Accel
 
 #: An async function answering "does KVM work here?".
@@ -47,30 +49,22 @@ async def probe_kvm(
         "-display", "none", "-m", "32", "-debugcon", "stdio", "-no-reboot",
     ]  # fmt: skip
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-    except OSError:
-        return False
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(timeout):
-            seen = b""
-            while b"SeaBIOS" not in seen:
-                chunk = await proc.stdout.read(4096)
-                if not chunk:
-                    return False
-                seen = (seen + chunk)[-4096:]
-            return True
+        async with run.running(argv, stdout=run.PIPE) as proc:
+            stdout = proc.stdout
+            if stdout is None:  # not reached: stdout is a pipe
+                return False
+            async with asyncio.timeout(timeout):
+                seen = b""
+                while b"SeaBIOS" not in seen:
+                    chunk = await stdout.read(4096)
+                    if not chunk:
+                        return False
+                    seen = (seen + chunk)[-4096:]
+                return True
     except TimeoutError:
         return False
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+    except (OSError, ToolError):  # QEMU could not be started
+        return False
 
 
 class KvmProbe:

@@ -1,5 +1,10 @@
 """A running QEMU utility VM, put together: boot files, QEMU, QMP, the agent, device managers.
 
+This is the runtime layer's job (it uses :mod:`uvmshim.uvm` and never the other way round): the
+machine and its host backend (:mod:`uvmshim.uvm.qemu.machine`, :mod:`uvmshim.uvm.qemu.host`),
+the agent and its guest backend (:mod:`uvmshim.uvm.qemu.agent_client`,
+:mod:`uvmshim.uvm.qemu.guest`) and the device managers (:class:`UtilityVM`) are assembled here.
+
 :func:`start_uvm` is the one way to get a real UVM. It is an async context manager: whatever
 happens inside (success, an error, Ctrl-C or cancellation), on the way out the UVM's own
 resources are released, the guest is asked to power off, QEMU is stopped (forced after a
@@ -14,11 +19,12 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from uvmshim.agentclient import AgentClient, AgentGuestBackend
 from uvmshim.errors import ReleaseError
 from uvmshim.uvm.bootfiles import BootFiles, ensure_boot_files
 from uvmshim.uvm.options import UvmOptions
+from uvmshim.uvm.qemu.agent_client import AgentClient
 from uvmshim.uvm.qemu.config import QemuConfig
+from uvmshim.uvm.qemu.guest import AgentGuestBackend
 from uvmshim.uvm.qemu.host import QemuHostBackend
 from uvmshim.uvm.qemu.machine import QemuMachine
 from uvmshim.uvm.utilityvm import UtilityVM

@@ -1,0 +1,132 @@
+"""Every host directory uvmshim uses, and what overrides it, in one place.
+
+The host counterpart of :mod:`uvmshim.guestpath`. Each function reads the environment when it is
+called (not at import), so an override set by a parent process or a test always applies.
+
+* **OCI runtime root** (:func:`runtime_root`): ``--root``, else ``$UVMSHIM_ROOT``, else
+  ``/run/uvmshim`` for every user. Container ``<id>``'s state is ``<root>/containers/<id>/``.
+* **VM state directories** (:func:`vm_dir`): ``$UVMSHIM_VM_DIR``, else ``/run/uvmshim/vm`` as
+  root, else ``$XDG_RUNTIME_DIR/uvmshim/vm`` if that directory exists, else
+  ``/tmp/uvmshim-<uid>/vm``. The KVM probe's verdict is kept beside it (``../kvm-probe.json``).
+* **Pod daemons** (:func:`pods_dir`): ``$UVMSHIM_POD_DIR``, else ``/run/uvmshim/pods``.
+* **Scratch disks of** ``run --image`` (:func:`scratch_dir`): ``/run/uvmshim/scratch`` as root,
+  else ``<temp dir>/uvmshim-<uid>-scratch`` (``$TMPDIR``, else ``/tmp``). No override.
+* **Image store** (:func:`image_store_dir`): ``$UVMSHIM_IMAGE_ROOT``, else
+  ``/var/lib/uvmshim/images`` as root, else ``${XDG_DATA_HOME:-~/.local/share}/uvmshim/images``.
+* **Boot file cache** (:func:`cache_dir`): ``${XDG_CACHE_HOME:-~/.cache}/uvmshim``.
+
+The containers, pods and scratch directories hold entries only while something runs, as the VM
+state directories do; :func:`transient_dirs` names the first three for ``uvmshim leaks``, which
+lists the VM state directories on their own.
+
+STDLIB ONLY: imported by every CLI call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from uvmshim.errors import UvmshimError
+
+#: Overrides the OCI runtime's state root (runc's ``--root``).
+ROOT_ENV = "UVMSHIM_ROOT"
+#: Overrides the parent of the VM state directories.
+VM_DIR_ENV = "UVMSHIM_VM_DIR"
+#: Overrides the parent of the pod daemons' directories.
+POD_DIR_ENV = "UVMSHIM_POD_DIR"
+#: Overrides the image store root.
+IMAGE_ROOT_ENV = "UVMSHIM_IMAGE_ROOT"
+
+#: The runtime root (and parent of the other run-time directories) as root.
+RUN_DIR = Path("/run/uvmshim")
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def runtime_root() -> Path:
+    """The OCI runtime's state root: ``$UVMSHIM_ROOT``, else ``/run/uvmshim`` (for every user)."""
+    return Path(os.environ.get(ROOT_ENV) or RUN_DIR)
+
+
+def containers_dir(root: str | os.PathLike[str] | None = None) -> Path:
+    """``<root>/containers``: one state directory per OCI runtime container.
+
+    :param root: the runtime root (``--root``); default :func:`runtime_root`.
+    """
+    return (Path(root) if root is not None else runtime_root()) / "containers"
+
+
+def vm_dir() -> Path:
+    """The parent of the VM state directories (see the module docstring)."""
+    env = os.environ.get(VM_DIR_ENV)
+    if env:
+        return Path(env)
+    if _is_root():
+        return RUN_DIR / "vm"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "uvmshim" / "vm"
+    return Path(f"/tmp/uvmshim-{os.geteuid()}") / "vm"
+
+
+def kvm_probe_cache() -> Path:
+    """The cached KVM-or-TCG verdict of this host boot, beside the VM state directories."""
+    return vm_dir().parent / "kvm-probe.json"
+
+
+def pods_dir() -> Path:
+    """The parent of the pod daemons' directories: ``$UVMSHIM_POD_DIR``, else
+    ``/run/uvmshim/pods``."""
+    return Path(os.environ.get(POD_DIR_ENV) or RUN_DIR / "pods")
+
+
+def pod_dir(name: str) -> Path:
+    """``<pods dir>/<name>``: pod ``name``'s directory (socket, log, ready file).
+
+    :raise UvmshimError: ``name`` is not usable as a directory name.
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise UvmshimError(f"bad pod name {name!r}", hint="use letters, digits, - and _")
+    return pods_dir() / name
+
+
+def scratch_dir() -> Path:
+    """The parent of ``run --image`` containers' scratch disks (see the module docstring)."""
+    if _is_root():
+        return RUN_DIR / "scratch"
+    import tempfile  # only here: the OCI runtime's CLI never needs it
+
+    return Path(tempfile.gettempdir()) / f"uvmshim-{os.geteuid()}-scratch"
+
+
+def image_store_dir() -> Path:
+    """The image store root: ``$UVMSHIM_IMAGE_ROOT``, else ``/var/lib/uvmshim/images`` as
+    root, else ``${XDG_DATA_HOME:-~/.local/share}/uvmshim/images``."""
+    env = os.environ.get(IMAGE_ROOT_ENV)
+    if env:
+        return Path(env)
+    if _is_root():
+        return Path("/var/lib/uvmshim/images")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(data) / "uvmshim" / "images"
+
+
+def cache_dir() -> Path:
+    """The boot file cache: ``${XDG_CACHE_HOME:-~/.cache}/uvmshim``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "uvmshim"
+
+
+def transient_dirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The directories whose entries exist only while something runs, besides the VM state
+    directories: the ``run --image`` scratch directory, the pods directory and the OCI runtime's
+    containers directory (under ``root``, default :func:`runtime_root`). Without duplicates.
+    """
+    found: list[Path] = []
+    for d in (scratch_dir(), pods_dir(), containers_dir(root)):
+        if d not in found:
+            found.append(d)
+    return found

@@ -1,0 +1,270 @@
+"""One typed argument structure per agent operation, used by the host and the guest. STDLIB ONLY.
+
+The host builds one (``MountScsi(controller=0, lun=3, guest_path="/run/mounts/m1")``) and sends
+``Request(id, body.OP, body.to_json())``; the agent turns the request's ``args`` back into the
+same class with :func:`decode_request`, which checks every field. The result each operation
+answers with is described on its class.
+"""
+
+from __future__ import annotations
+
+from uvmshim.protocol.messages import PROTOCOL_VERSION, Op, ProtocolError
+from uvmshim.protocol.schema import Struct
+
+TYPE_CHECKING = False  # not from typing: importing typing costs guest boot time
+if TYPE_CHECKING:
+    from typing import ClassVar
+
+    from uvmshim.protocol.schema import Index, JSONObject, StrList, StrMap
+
+
+class RequestBody(Struct):
+    """The arguments of one operation; ``OP`` names it."""
+
+    OP: ClassVar[Op]
+
+    @classmethod
+    def wire_name(cls) -> str:
+        return str(cls.OP)
+
+
+# Section: the connection --------------------------------------------------------------------------
+
+
+class Hello(RequestBody):
+    """The first request of a connection. Result: ``{"version": PROTOCOL_VERSION, "agent": ...,
+    "pid": n, "uptime": s, "agent_started": s, "init_started": s}`` (times: guest uptime)."""
+
+    OP = Op.HELLO
+    version: int = PROTOCOL_VERSION
+
+
+class Ping(RequestBody):
+    """Is the agent there? Result: ``{"uptime": s}``."""
+
+    OP = Op.PING
+
+
+class Shutdown(RequestBody):
+    """Sync and power off once the (empty) result has been sent."""
+
+    OP = Op.SHUTDOWN
+
+
+# Section: storage -------------------------------------------------------------------------------
+
+
+class MountScsi(RequestBody):
+    """Wait for the disk at (controller, LUN) and mount it on ``guest_path`` (if not empty).
+
+    Result: ``{"device": "/dev/sdX"}``, plus ``"fstype"`` if it was mounted.
+    """
+
+    OP = Op.MOUNT_SCSI
+    controller: Index
+    lun: Index
+    guest_path: str = ""
+    read_only: bool = False
+    options: StrList = ()
+
+
+class UnmountScsi(RequestBody):
+    """Unmount ``guest_path`` (if not empty) and let go of the disk at (controller, LUN)."""
+
+    OP = Op.UNMOUNT_SCSI
+    controller: Index
+    lun: Index
+    guest_path: str = ""
+
+
+class MountPlan9(RequestBody):
+    """Bind share ``name`` of the 9p export onto ``guest_path``."""
+
+    OP = Op.MOUNT_PLAN9
+    name: str
+    guest_path: str
+    read_only: bool = False
+
+
+class UnmountPlan9(RequestBody):
+    """Unmount share ``name`` from ``guest_path`` and remove the mount point."""
+
+    OP = Op.UNMOUNT_PLAN9
+    name: str
+    guest_path: str = ""
+
+
+class MountVpmem(RequestBody):
+    """Mount vPMEM device ``device`` read-only on ``guest_path``."""
+
+    OP = Op.MOUNT_VPMEM
+    device: Index
+    guest_path: str
+
+
+class UnmountVpmem(RequestBody):
+    """Unmount vPMEM device ``device`` from ``guest_path``."""
+
+    OP = Op.UNMOUNT_VPMEM
+    device: Index
+    guest_path: str = ""
+
+
+class AddVpci(RequestBody):
+    """Wait for assigned PCI device ``vmbus_guid`` (this guest refuses: kind ``unsupported``)."""
+
+    OP = Op.ADD_VPCI
+    vmbus_guid: str
+
+
+class CombineLayers(RequestBody):
+    """Overlay ``layers`` (top-most first) on ``rootfs``; upper/work below ``scratch_dir``
+    (none: read-only)."""
+
+    OP = Op.COMBINE_LAYERS
+    container_id: str
+    rootfs: str
+    layers: StrList
+    scratch_dir: str = ""
+
+
+class RemoveCombinedLayers(RequestBody):
+    """Unmount the overlay on ``rootfs``."""
+
+    OP = Op.REMOVE_COMBINED_LAYERS
+    rootfs: str
+
+
+class SandboxDir(RequestBody):
+    """Create the directory of ``sandbox://<path>``. Result: its guest path (a string)."""
+
+    OP = Op.SANDBOX_DIR
+    sandbox_id: str
+    path: str
+
+
+class HugepagesDir(RequestBody):
+    """Create the hugetlbfs-backed directory of ``hugepages://<path>``. Result: its guest path."""
+
+    OP = Op.HUGEPAGES_DIR
+    sandbox_id: str
+    path: str
+
+
+class InstallDrivers(RequestBody):
+    """Run ``/bin/install-drivers <rw_path> <disk_path>`` in the UVM."""
+
+    OP = Op.INSTALL_DRIVERS
+    rw_path: str
+    disk_path: str
+
+
+# Section: processes -----------------------------------------------------------------------------
+
+
+class Exec(RequestBody):
+    """Run ``argv`` in the UVM (not in a container); output comes as ``output`` events carrying
+    this request's id. Result: :class:`ExecStatus` (its JSON form).
+
+    ``env`` is added to the guest's default environment (PATH); ``timeout`` (s): the guest
+    kills the command after it.
+    """
+
+    OP = Op.EXEC
+    argv: StrList
+    env: StrMap | None = None
+    cwd: str = "/"
+    stdin: bytes = b""
+    timeout: float | None = None
+
+
+class ExecStatus(Struct):
+    """The result of :class:`Exec`: the exit status (negative: killed by that signal)."""
+
+    exit_code: int
+    timed_out: bool = False
+
+
+class ContainerCreate(RequestBody):
+    """Write ``<bundle>/config.json`` from ``spec`` (the guest-path OCI spec); ``sandbox://``
+    and ``hugepages://`` mount sources are resolved for ``sandbox_id`` (default: the
+    container's own id). ``stdin``: give the init process a stdin."""
+
+    OP = Op.CONTAINER_CREATE
+    container_id: str
+    bundle: str
+    spec: JSONObject
+    sandbox_id: str = ""
+    scratch_dir: str = ""
+    stdin: bool = False
+
+
+class ContainerStart(RequestBody):
+    """Start the container's init (process key: the container id); returns once it runs."""
+
+    OP = Op.CONTAINER_START
+    container_id: str
+
+
+class ContainerExec(RequestBody):
+    """Run ``process`` (an OCI process object) in the running container; its process key is
+    ``<container_id>/<exec_id>``."""
+
+    OP = Op.CONTAINER_EXEC
+    container_id: str
+    exec_id: str
+    process: JSONObject
+    stdin: bool = False
+
+
+class ContainerSignal(RequestBody):
+    """Send ``signal`` to the container's init (or to all its processes)."""
+
+    OP = Op.CONTAINER_SIGNAL
+    container_id: str
+    signal: Index
+    all_processes: bool = False
+
+
+class ContainerDelete(RequestBody):
+    """Kill (if needed) and delete the container; forget it."""
+
+    OP = Op.CONTAINER_DELETE
+    container_id: str
+
+
+class ProcessStdin(RequestBody):
+    """Write ``data`` to the stdin of the process with key ``process``; then close it if
+    ``eof``."""
+
+    OP = Op.PROCESS_STDIN
+    process: str
+    data: bytes = b""
+    eof: bool = False
+
+
+def process_key(container_id: str, exec_id: str = "") -> str:
+    """The key of a container process: the container id (its init) or ``<id>/<exec id>``."""
+    return f"{container_id}/{exec_id}" if exec_id else container_id
+
+
+#: The argument structure of every operation.
+REQUEST_TYPES: dict[str, type[RequestBody]] = {
+    cls.OP: cls for cls in (
+        Hello, Ping, Shutdown, MountScsi, UnmountScsi, MountPlan9, UnmountPlan9, MountVpmem,
+        UnmountVpmem, AddVpci, CombineLayers, RemoveCombinedLayers, SandboxDir, HugepagesDir,
+        InstallDrivers, Exec, ContainerCreate, ContainerStart, ContainerExec, ContainerSignal,
+        ContainerDelete, ProcessStdin,
+    )
+}
+
+
+def decode_request(op: str, args: object) -> RequestBody:
+    """Return the typed arguments of operation ``op``.
+
+    :raises ProtocolError: for an unknown operation or an argument that does not check.
+    """
+    cls = REQUEST_TYPES.get(op)
+    if cls is None:
+        raise ProtocolError(f"unknown operation {op!r}")
+    return cls.from_json(args)
