@@ -1,4 +1,8 @@
-"""allocate_linux_resources and the create-time steps around it (§2.3, §2.4, §3, §5, §7)."""
+"""allocate_linux_resources and the create-time steps around it.
+
+hcsshim's ``allocateLinuxResources``, ``CreateContainer``, ``MountLCOWLayers``,
+``handleAssignedDevicesLCOW`` and ``createLinuxContainerDocument``.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def alloc_error(spec: Spec, cid: str = "C1") -> UvmshimError:
     return info.value
 
 
-# --- root filesystem (§3.1) ----------------------------------------------------------------
+# --- root filesystem (layers, scratch or a Plan9 root) ------------------------------------
 
 
 def test_layer_branch(host: HostFiles) -> None:
@@ -112,7 +116,7 @@ def test_layer_errors(host: HostFiles) -> None:
                                   "symlinks on scratch path: failed to resolve path: open ")
 
 
-# --- mounts (§3.2) -------------------------------------------------------------------------
+# --- mounts (the loop over Spec.Mounts) ---------------------------------------------------
 
 
 def test_mount_branches(host: HostFiles) -> None:
@@ -235,7 +239,7 @@ def test_more_disks_than_slots(host: HostFiles) -> None:
     assert backend.live() == {}
 
 
-# --- devices (§7) --------------------------------------------------------------------------
+# --- devices (handleAssignedDevicesLCOW) --------------------------------------------------
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -291,7 +295,7 @@ def test_kernel_drivers_annotation(host: HostFiles) -> None:
     assert err.message.startswith("failed to find path to drivers at /nope: stat /nope")
 
 
-# --- create-time steps (§2.3) --------------------------------------------------------------
+# --- create-time steps (CreateContainer) --------------------------------------------------
 
 
 @pytest.mark.parametrize(("annotations", "message"), [
@@ -346,7 +350,7 @@ def test_no_linux_section(host: HostFiles) -> None:
     assert err.where == "linux" and "Linux containers only" in err.message
 
 
-# --- the guest document (§2.4) -------------------------------------------------------------
+# --- the guest document (createLinuxContainerDocument) ------------------------------------
 
 
 def test_guest_document(host: HostFiles) -> None:
@@ -354,8 +358,10 @@ def test_guest_document(host: HostFiles) -> None:
                     annotations={"io.microsoft.virtualmachine.lcow.privileged": "true"})
     obj["windows"]["network"] = {"networkNamespace": "ns1"}
     obj["hooks"] = {"prestart": [{"path": "/x"}]}
+    devices = [{"allow": False, "access": "rwm"},
+               {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"}]
     obj["linux"] = {"cgroupsPath": "/kubepods/x", "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"},
-                    "resources": {"devices": [], "pids": {"limit": 1}, "blockIO": {},
+                    "resources": {"devices": devices, "pids": {"limit": 1}, "blockIO": {},
                                   "hugepageLimits": [], "network": {}, "memory": {"limit": 9}}}
     a, _ = alloc(Spec.from_json(obj))
     doc = a.guest_document
@@ -365,7 +371,10 @@ def test_guest_document(host: HostFiles) -> None:
     assert doc["ScratchDirPath"] == "/run/gcs/c/C1/scratch/C1"
     oci = doc["OciSpecification"]
     assert "hooks" not in oci
-    assert oci["linux"] == {"cgroupsPath": "", "resources": {"memory": {"limit": 9}}}
+    # The device rules stay (unlike hcsshim's createLCOWSpec): they are the container's
+    # device cgroup in the guest; the other host-only resources go.
+    assert oci["linux"] == {"cgroupsPath": "",
+                            "resources": {"devices": devices, "memory": {"limit": 9}}}
     assert oci["windows"]["network"] == {"networkNamespace": "ns1"}
     assert oci["windows"]["devices"][0]["id"] == a.spec.windows.devices[0].id
     assert "layerFolders" not in oci["windows"]

@@ -6,9 +6,10 @@ directory as the root), turns bind mounts into Plan9 shares, attaches ``virtual-
 devices, and returns a *new* spec with the paths the guest sees, plus the resources to release.
 
 It keeps hcsshim's branch order, paths, rewrites and error texts, and does better where
-``design.md`` says so: the allocation is transactional (on failure everything allocated by the
-call is released and the caller's spec is untouched), the container root uses the effective id,
-and without a UVM the mounts are validated and left as they are instead of crashing.
+``docs/design.md`` (section 6) says so: the allocation is transactional (on failure everything
+allocated by the call is released and the caller's spec is untouched), the container root uses
+the effective id, and without a UVM the mounts are validated and left as they are instead of
+crashing.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Allocation:
 
     @functools.cached_property
     def guest_document(self) -> dict[str, Any] | None:
-        """The document the guest gets (§2.4), or None without a UVM.
+        """The guest's document (:func:`linux_container_document`), or None without a UVM.
 
         Built on first use: it is a deep copy of the whole spec, which the caller needs once
         (to send it), and building it eagerly doubles the objects a large allocation makes.
@@ -242,7 +243,7 @@ def _check_hugepages(source: str) -> None:
 
 
 def linux_container_document(spec: Spec, container_root: str, scratch_path: str) -> dict[str, Any]:
-    """The guest's document for a Linux container (§2.4, ``createLinuxContainerDocument``)."""
+    """The guest's document for a Linux container (hcsshim's ``createLinuxContainerDocument``)."""
     oci = spec.to_json()  # a fresh copy: ours to change
     oci.pop("windows", None)
     if spec.windows is not None:
@@ -260,7 +261,11 @@ def linux_container_document(spec: Spec, container_root: str, scratch_path: str)
             linux["cgroupsPath"] = ""
         resources = linux.get("resources")
         if isinstance(resources, dict):
-            for key in ("devices", "pids", "blockIO", "hugepageLimits", "network"):
+            # hcsshim also drops "devices" (its GCS owns the guest's device hierarchy). We
+            # keep the device rules: they are the container's device cgroup in the guest
+            # (crun), and the agent appends to them the rules that deny the UVM's own block
+            # devices (agent/confine.py).
+            for key in ("pids", "blockIO", "hugepageLimits", "network"):
                 resources.pop(key, None)
         if spec.annotations.get(ANNOTATION_PRIVILEGED, "").strip().lower() in ("true", "1", "t"):
             linux.pop("seccomp", None)

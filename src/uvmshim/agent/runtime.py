@@ -23,19 +23,30 @@ import json
 import os
 import threading
 
-from uvmshim.agent import paths
+from uvmshim.agent.confine import deny_uvm_block_devices
 from uvmshim.agent.storage import Storage
 from uvmshim.agent.util import AgentError, makedirs, run
+from uvmshim.protocol.constants import CRUN_ROOT, HUGEPAGES_MOUNT_PREFIX, SANDBOX_MOUNT_PREFIX
+from uvmshim.protocol.events import EventBody, ExitEvent, OutputEvent
+from uvmshim.protocol.messages import ErrorKind
+from uvmshim.protocol.requests import (
+    ContainerCreate,
+    ContainerDelete,
+    ContainerExec,
+    ContainerSignal,
+    ContainerStart,
+    HugepagesDir,
+    ProcessStdin,
+    SandboxDir,
+    process_key,
+)
 
 TYPE_CHECKING = False  # not from typing: importing typing costs guest boot time
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, BinaryIO
 
-    SendEvent = Callable[[str, dict[str, Any]], None]
-
-#: crun's state directory (on the /run tmpfs).
-CRUN_ROOT = "/run/crun"
+    SendEvent = Callable[[EventBody], None]
 
 OUTPUT_CHUNK = 32 * 1024
 
@@ -53,7 +64,7 @@ class Runtime:
     """Containers and their processes.
 
     :param storage: resolves ``sandbox://`` and ``hugepages://`` mount sources.
-    :param send_event: sends one event (name, fields) to the host.
+    :param send_event: sends one event to the host.
     """
 
     def __init__(self, storage: Storage, send_event: SendEvent) -> None:
@@ -66,24 +77,25 @@ class Runtime:
     def _crun(self, *args: str) -> list[str]:
         return ["crun", "--root", CRUN_ROOT, *args]
 
-    def create(self, container_id: str, bundle: str, spec: dict[str, Any], *, sandbox_id: str,
-               scratch_dir: str, stdin: bool) -> None:
+    def create(self, req: ContainerCreate) -> None:
         """Write ``<bundle>/config.json`` from ``spec``; the container starts at :meth:`start`."""
+        container_id, bundle, sandbox_id = req.container_id, req.bundle, req.sandbox_id
         _check_id(container_id)
         if not bundle:
-            raise AgentError(f"container {container_id}: no bundle path")
+            raise AgentError(f"container {container_id}: no bundle path", ErrorKind.INVALID)
         with self._lock:
             if container_id in self._containers:
-                raise AgentError(f"container {container_id} already exists")
-            self._containers[container_id] = _Container(bundle, stdin, scratch_dir,
+                raise AgentError(f"container {container_id} already exists", ErrorKind.CONFLICT)
+            self._containers[container_id] = _Container(bundle, req.stdin, req.scratch_dir,
                                                         sandbox_id or container_id)
         try:
-            spec = dict(spec)
+            spec = dict(req.spec)
             process = dict(spec.get("process") or {})
             process["terminal"] = False  # no console socket: stdio are pipes to the agent
             spec["process"] = process
             spec["mounts"] = [self._resolve_mount(m, sandbox_id or container_id)
                               for m in spec.get("mounts") or []]
+            spec = deny_uvm_block_devices(spec)  # whatever the host sent: see agent/confine.py
             makedirs(bundle)
             with open(os.path.join(bundle, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(spec, f)
@@ -101,22 +113,28 @@ class Runtime:
         source = mount.get("source")
         if not isinstance(source, str):
             return mount
-        if source.startswith(paths.SANDBOX_PREFIX):
-            return {**mount, "source": self._storage.sandbox_dir(sandbox_id, source)}
-        if source.startswith(paths.HUGEPAGES_PREFIX):
-            return {**mount, "source": self._storage.hugepages_dir(sandbox_id, source)}
+        if source.startswith(SANDBOX_MOUNT_PREFIX):
+            sandbox = SandboxDir(sandbox_id=sandbox_id, path=source)
+            return {**mount, "source": self._storage.sandbox_dir(sandbox)}
+        if source.startswith(HUGEPAGES_MOUNT_PREFIX):
+            hugepages = HugepagesDir(sandbox_id=sandbox_id, path=source)
+            return {**mount, "source": self._storage.hugepages_dir(hugepages)}
         return mount
 
-    def start(self, container_id: str) -> None:
+    def start(self, req: ContainerStart) -> None:
         """Run the container's init (``crun run``); its output and exit arrive as events."""
+        container_id = req.container_id
         with self._lock:
             c = self._containers.get(container_id)
             if c is None:
-                raise AgentError(f"container {container_id} does not exist")
+                raise AgentError(f"container {container_id} does not exist",
+                                 ErrorKind.NOT_FOUND)
             if c.started:
-                raise AgentError(f"container {container_id} was already started")
+                raise AgentError(f"container {container_id} was already started",
+                                 ErrorKind.CONFLICT)
             c.started = True
-        self._spawn(container_id, self._crun("run", "--bundle", c.bundle, container_id),
+        self._spawn(process_key(container_id),
+                    self._crun("run", "--bundle", c.bundle, container_id),
                     stdin=c.stdin, cwd=c.bundle)
         self._wait_running(container_id)
 
@@ -142,41 +160,44 @@ class Runtime:
                     not os.path.exists(os.path.join(state_dir, "exec.fifo")):
                 return
             time.sleep(0.005)
-        raise AgentError(f"container {container_id} did not start within {timeout:.0f} s")
+        raise AgentError(f"container {container_id} did not start within {timeout:.0f} s",
+                         ErrorKind.TIMEOUT)
 
-    def exec(self, container_id: str, exec_id: str, process: dict[str, Any], *,
-             stdin: bool) -> None:
+    def exec(self, req: ContainerExec) -> None:
         """Run ``process`` (an OCI process object) in the running container."""
+        container_id, exec_id = req.container_id, req.exec_id
         _check_id(exec_id)
         with self._lock:
             c = self._containers.get(container_id)
             if c is None or not c.started:
-                raise AgentError(f"container {container_id} is not running")
-        spec = {**process, "terminal": False}
+                raise AgentError(f"container {container_id} is not running", ErrorKind.CONFLICT)
+        spec = {**req.process, "terminal": False}
         path = os.path.join(c.bundle, f"exec-{exec_id}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(spec, f)
-        self._spawn(f"{container_id}/{exec_id}",
-                    self._crun("exec", "--process", path, container_id), stdin=stdin,
+        self._spawn(process_key(container_id, exec_id),
+                    self._crun("exec", "--process", path, container_id), stdin=req.stdin,
                     cwd=c.bundle)
 
-    def signal(self, container_id: str, signal: int, *, all_processes: bool) -> None:
+    def signal(self, req: ContainerSignal) -> None:
         """``crun kill [--all] <id> <signal>``."""
+        container_id = req.container_id
         if container_id not in self._containers:
-            raise AgentError(f"container {container_id} does not exist")
-        argv = self._crun("kill", *(["--all"] if all_processes else []), container_id,
-                          str(signal))
+            raise AgentError(f"container {container_id} does not exist", ErrorKind.NOT_FOUND)
+        argv = self._crun("kill", *(["--all"] if req.all_processes else []), container_id,
+                          str(req.signal))
         try:
             run(argv)
         except AgentError as err:
-            raise AgentError(f"signal container {container_id}: {err}") from None
+            raise AgentError(f"signal container {container_id}: {err}", ErrorKind.CRUN) from None
 
-    def delete(self, container_id: str) -> None:
+    def delete(self, req: ContainerDelete) -> None:
         """Kill (if running) and delete the container; forget it."""
+        container_id = req.container_id
         with self._lock:
             c = self._containers.get(container_id)
         if c is None:
-            raise AgentError(f"container {container_id} does not exist")
+            raise AgentError(f"container {container_id} does not exist", ErrorKind.NOT_FOUND)
         # ``crun run`` removes the container itself when its init exits; only a container that
         # crun still knows needs ``crun delete``.
         if c.started and os.path.isdir(os.path.join(CRUN_ROOT, container_id)):
@@ -184,7 +205,8 @@ class Runtime:
                 run(self._crun("delete", "--force", container_id))
             except AgentError as err:
                 if os.path.isdir(os.path.join(CRUN_ROOT, container_id)):
-                    raise AgentError(f"delete container {container_id}: {err}") from None
+                    raise AgentError(f"delete container {container_id}: {err}",
+                                     ErrorKind.CRUN) from None
         # What create wrote into the bundle; the bundle directory itself is a mount point (the
         # scratch disk) or the parent of one (the rootfs), which the host removes.
         for name in os.listdir(c.bundle) if os.path.isdir(c.bundle) else []:
@@ -196,17 +218,18 @@ class Runtime:
         with self._lock:
             self._containers.pop(container_id, None)
 
-    def write_stdin(self, key: str, data: bytes, *, eof: bool) -> None:
+    def write_stdin(self, req: ProcessStdin) -> None:
         """Write ``data`` to a process's stdin, then close it if ``eof``."""
+        key, data = req.process, req.data
         with self._lock:
             proc = self._procs.get(key)
         if proc is None or proc.stdin is None:
-            raise AgentError(f"process {key} has no open stdin")
+            raise AgentError(f"process {key} has no open stdin", ErrorKind.NOT_FOUND)
         try:
             if data:
                 proc.stdin.write(data)
                 proc.stdin.flush()
-            if eof:
+            if req.eof:
                 proc.stdin.close()
         except (OSError, ValueError) as err:
             raise AgentError(f"stdin of {key}: {err}") from None
@@ -218,13 +241,13 @@ class Runtime:
 
         with self._lock:
             if key in self._procs:
-                raise AgentError(f"process {key} already exists")
+                raise AgentError(f"process {key} already exists", ErrorKind.CONFLICT)
             try:
                 proc = subprocess.Popen(
                     argv, cwd=cwd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
             except OSError as err:
-                raise AgentError(f"{argv[0]}: {err.strerror or err}") from None
+                raise AgentError(f"{argv[0]}: {err.strerror or err}", ErrorKind.CRUN) from None
             self._procs[key] = proc
         threading.Thread(target=self._watch, args=(key, proc), daemon=True,
                          name=f"proc-{key}").start()
@@ -239,21 +262,18 @@ class Runtime:
             t.join()  # all output before the exit event
         with self._lock:
             self._procs.pop(key, None)
-        self._send_event("exit", {"process": key, "exit_code": rc})
+        self._send_event(ExitEvent(process=key, exit_code=rc))
 
     def _pump(self, key: str, stream: str, pipe: BinaryIO) -> None:
-        import base64
-
         fd = pipe.fileno()
         while True:
             chunk = os.read(fd, OUTPUT_CHUNK)
             if not chunk:
                 break
-            self._send_event("output", {"process": key, "stream": stream,
-                                        "data": base64.b64encode(chunk).decode("ascii")})
+            self._send_event(OutputEvent(process=key, stream=stream, data=chunk))
         pipe.close()
 
 
 def _check_id(value: str) -> None:
     if not value or value in (".", "..") or "/" in value or "\0" in value:
-        raise AgentError(f"invalid id {value!r}")
+        raise AgentError(f"invalid id {value!r}", ErrorKind.INVALID)

@@ -1,9 +1,13 @@
-"""Build an OCI spec from ``uvmshim run`` arguments, with the defaults ``crun spec`` gives.
+"""Build an OCI spec from ``uvmshim run`` arguments, with podman's defaults for a container.
 
 The spec is what a user of a container runtime expects: the command as the init process, the
-usual ``/proc``, ``/dev``, ``/sys`` mounts, fresh pid/ipc/uts/mount/network namespaces, a small
-capability set and no new privileges. Mounts the user asks for are added after those, so their
-indexes (and so their ``/mounts/m<i>`` share paths) follow.
+usual ``/proc``, ``/dev``, ``/sys`` mounts, fresh pid/ipc/uts/mount/network/cgroup namespaces,
+and podman's confinement: its default capability set (no ``CAP_MKNOD``, ``CAP_NET_RAW``,
+``CAP_AUDIT_WRITE`` or ``CAP_SYS_ADMIN``), a device cgroup that denies every device but the
+usual character devices, masked and read-only ``/proc`` and ``/sys`` paths, no new
+privileges and the default seccomp profile of :mod:`uvmshim.runtime.seccomp`. Mounts the user
+asks for are added after the default ones, so their indexes (and so their ``/mounts/m<i>``
+share paths) follow.
 """
 
 from __future__ import annotations
@@ -15,11 +19,39 @@ from typing import Any
 
 from uvmshim.errors import UvmshimError
 from uvmshim.oci.spec import Spec
+from uvmshim.runtime.seccomp import default_profile
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN",
-                "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_SETGID", "CAP_SETUID",
-                "CAP_SETPCAP", "CAP_NET_RAW", "CAP_SYS_CHROOT", "CAP_MKNOD", "CAP_SETFCAP"]
+#: podman's default capability set.
+DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+                "CAP_NET_BIND_SERVICE", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID",
+                "CAP_SYS_CHROOT"]
+
+
+def _char_device(major: int, minor: int | None) -> dict[str, Any]:
+    rule: dict[str, Any] = {"allow": True, "type": "c", "major": major}
+    if minor is not None:
+        rule["minor"] = minor
+    return {**rule, "access": "rwm"}
+
+
+#: The device cgroup of runc and podman: deny every device, then allow /dev/null, zero, full,
+#: random, urandom, tty, ptmx and the pseudo-terminals (the last matching rule wins).
+DEFAULT_DEVICE_RULES: list[dict[str, Any]] = [
+    {"allow": False, "access": "rwm"},
+    _char_device(1, 3), _char_device(1, 5), _char_device(1, 7), _char_device(1, 8),
+    _char_device(1, 9), _char_device(5, 0), _char_device(5, 2), _char_device(136, None),
+]
+
+#: Paths hidden from the container (podman's and Docker's lists; those absent are skipped).
+MASKED_PATHS = ["/proc/acpi", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/sched_debug", "/proc/scsi", "/proc/timer_list",
+                "/proc/timer_stats", "/sys/devices/virtual/powercap", "/sys/firmware",
+                "/sys/fs/selinux"]
+
+#: Paths the container may read but not write.
+READONLY_PATHS = ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                  "/proc/sysrq-trigger"]
 
 
 def _default_mounts() -> list[dict[str, Any]]:
@@ -122,12 +154,12 @@ def build_spec(opts: RunOptions) -> Spec:
         "hostname": opts.hostname,
         "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
-                            "/sys/firmware", "/proc/scsi"],
-            "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq",
-                              "/proc/sys", "/proc/sysrq-trigger"],
+            "namespaces": [{"type": t} for t in
+                           ("pid", "network", "ipc", "uts", "mount", "cgroup")],
+            "resources": {"devices": [dict(r) for r in DEFAULT_DEVICE_RULES]},
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+            "seccomp": default_profile(DEFAULT_CAPS),
         },
     }
     if opts.annotations:
