@@ -4,9 +4,15 @@ attach-only, failed detach."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
+import uvmshim
 from uvmshim.errors import ConflictingAttachment, NoAvailableLocation, UvmError, UvmshimError
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.scsi import ScsiMount
@@ -144,15 +150,43 @@ def test_missing_file(host: HostFiles) -> None:
     run(go())
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can open anything")
-def test_unreadable_file(host: HostFiles) -> None:
-    async def go() -> None:
-        vm, _ = simulated_uvm()
-        disk = host.disk("d")
-        os.chmod(disk, 0)
-        with pytest.raises(UvmError, match="failed to grant VM access"):
-            await vm.add_scsi(disk, "/m", read_only=True)
-    run(go())
+_UNREADABLE_CHECK = """
+import asyncio, sys
+from uvmshim.errors import UvmError
+from uvmshim.uvm.sim import simulated_uvm
+
+async def go():
+    vm, _ = simulated_uvm()
+    try:
+        await vm.add_scsi(sys.argv[1], "/m", read_only=True)
+    except UvmError as err:
+        print(err)
+        return
+    print("attached")
+
+asyncio.run(go())
+"""
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    """A disk the caller can't open is refused. Root opens anything, so (as root) the check
+    runs in a child process as ``nobody`` without capabilities."""
+    shared = Path(tempfile.mkdtemp(prefix="uvmshim-unreadable-"))
+    try:
+        shared.chmod(0o755)
+        disk = shared / "d"
+        disk.write_bytes(b"\0" * 512)
+        disk.chmod(0)
+        argv = [sys.executable, "-c", _UNREADABLE_CHECK, str(disk)]
+        if os.geteuid() == 0:
+            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                    "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+        src = str(Path(uvmshim.__file__).parent.parent)  # the editable install's finder is root's
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=shared,
+                             env={**os.environ, "PYTHONPATH": src})
+        assert "failed to grant VM access" in out.stdout, out.stdout + out.stderr
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_guest_mount_failure_rolls_back_the_host_attach(host: HostFiles) -> None:
