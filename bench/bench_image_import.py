@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import testimages
-from uvmshim.image import ImageStore, ImportEvent, import_image
-from uvmshim.image.tar2ext4 import BLOCK, INODE_SIZE, fs_bytes, measure
+from uvmshim.image import ImageStore, ImportEvent, import_image, vhd
+
+BLOCK = 4096
+INODE_SIZE = 256
 
 
 def make_layer(total: int) -> testimages.Layer:
@@ -60,13 +65,50 @@ def make_layer(total: int) -> testimages.Layer:
     return t.close()
 
 
+def measure(root: Path) -> tuple[int, int]:
+    """Blocks and inodes ``mkfs.ext4 -d`` needs for the tree at ``root`` (an estimate)."""
+    inodes, blocks = 1, 1
+    seen: set[int] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        names = dirnames + filenames
+        dirent = 24 + sum(8 + (len(os.fsencode(n)) + 3) // 4 * 4 for n in names)
+        blocks += -(-dirent // (BLOCK - 64))
+        for n in names:
+            st = os.lstat(os.path.join(dirpath, n))
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                if st.st_ino in seen:
+                    continue
+                seen.add(st.st_ino)
+            inodes += 1
+            if stat.S_ISREG(st.st_mode):
+                nb = -(-st.st_size // BLOCK)
+                blocks += nb + nb // 2048
+            elif stat.S_ISLNK(st.st_mode) and st.st_size >= 60:
+                blocks += 1
+            if os.listxattr(os.path.join(dirpath, n), follow_symlinks=False):
+                blocks += 1
+    return blocks, inodes
+
+
+def fs_bytes(root: Path) -> tuple[int, int]:
+    """The size (CHS-exact) and inode count for ``mkfs.ext4 -d`` of ``root``, with headroom
+    (as the mkfs-based importer sized it)."""
+    blocks, inodes = measure(root)
+    inodes = inodes + inodes // 8 + 64
+    blocks = blocks + blocks // 16
+    itable = -(-inodes * INODE_SIZE // BLOCK)
+    groups = -(-(blocks + itable) // 32768)
+    total = blocks + itable + groups * 8 + 64
+    return vhd.round_to_geometry(max(total * BLOCK, 2 << 20)), inodes
+
+
 def floor_seconds(layer: testimages.Layer, work: Path) -> float:
     """``mkfs.ext4 -d`` of the layer's tree (unpacked beforehand, not timed)."""
     tree = work / "tree"
     tree.mkdir()
     with tarfile.open(fileobj=io.BytesIO(layer.tar)) as tf:
         tf.extractall(tree, filter="fully_trusted")
-    size, inodes = fs_bytes(measure(tree))
+    size, inodes = fs_bytes(tree)
     img = work / "floor.img"
     with open(img, "wb") as f:
         f.truncate(size)
@@ -81,24 +123,56 @@ def floor_seconds(layer: testimages.Layer, work: Path) -> float:
     return elapsed
 
 
+def disk_used(root: Path) -> int:
+    """Bytes of disk the files under ``root`` take."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for n in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+    return total
+
+
 def import_seconds(layer: testimages.Layer, work: Path, compression: str
-                   ) -> tuple[float, float]:
-    """Time a full import; also the unpack part (until the last blob byte was read)."""
+                   ) -> tuple[float, float, float]:
+    """Time a full import; also the unpack part (until the last blob byte was read), and the
+    peak disk use of the store during the import over the final layer's."""
     img = work / f"img-{compression}"
     testimages.write_oci_layout(img, [layer], compression=compression)
     store = ImageStore(work / f"store-{compression}")
     last_byte = [0.0]
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], disk_used(store.root))
 
     def progress(ev: ImportEvent) -> None:
         if ev.kind == "layer-bytes":
             last_byte[0] = time.perf_counter()
 
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     t0 = time.perf_counter()
-    asyncio.run(import_image(img, store=store, progress=progress))
-    elapsed = time.perf_counter() - t0
+    try:
+        rec = asyncio.run(import_image(img, store=store, progress=progress))
+        elapsed = time.perf_counter() - t0
+    finally:
+        done.set()
+        sampler.join()
+    final = sum((d / "layer.vhd").stat().st_blocks * 512 for d in rec.layer_dirs)
     shutil.rmtree(img)
     shutil.rmtree(store.root)
-    return elapsed, last_byte[0] - t0
+    return elapsed, last_byte[0] - t0, max(peak[0], final) / final
+
+
+def rootfs_layer(rootfs: Path) -> testimages.Layer:
+    """A layer of the directory tree ``rootfs`` (GNU tar, PAX format, xattrs, numeric ids)."""
+    tar = subprocess.run(["tar", "--format=pax", "--numeric-owner", "--xattrs",
+                          "--xattrs-include=*", "--sort=name", "-C", rootfs, "-cf", "-", "."],
+                         capture_output=True, check=True).stdout
+    return testimages.Layer(tar)
 
 
 def main() -> None:
@@ -107,8 +181,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None,
                     help="work directory: store and staging (default: $TMPDIR or /tmp)")
+    ap.add_argument("--rootfs", type=Path, default=None,
+                    help="import a tar of this tree (e.g. a debootstrap) instead of the "
+                         "synthetic layer")
     args = ap.parse_args()
-    layer = make_layer(args.mb << 20)
+    layer = rootfs_layer(args.rootfs) if args.rootfs else make_layer(args.mb << 20)
     mb = len(layer.tar) / 1e6
     with tarfile.open(fileobj=io.BytesIO(layer.tar)) as tf:
         entries = len(tf.getmembers())
@@ -119,13 +196,15 @@ def main() -> None:
         floor: list[float] = []
         imp: dict[str, list[float]] = {"gzip": [], "none": []}
         unpack: dict[str, list[float]] = {"gzip": [], "none": []}
+        peaks: list[float] = []
         for _ in range(args.repeat):
             # Interleaved, so that host noise hits all variants alike.
             floor.append(floor_seconds(layer, work))
             for comp in ("gzip", "none"):
-                total, part = import_seconds(layer, work, comp)
+                total, part, peak = import_seconds(layer, work, comp)
                 imp[comp].append(total)
                 unpack[comp].append(part)
+                peaks.append(peak)
     f = statistics.median(floor)
     print(f"{'floor: mkfs.ext4 -d':32} {mb / f:8.1f} MB/s  ({f:.2f} s)")
     for comp in ("gzip", "none"):
@@ -133,6 +212,7 @@ def main() -> None:
         u = statistics.median(unpack[comp])
         print(f"{'import, ' + comp + ' layer':32} {mb / t:8.1f} MB/s  ({t:.2f} s, unpack "
               f"{u:.2f} s)  floor/import = {f / t:.2f}, import is {t / f:.2f}x the floor")
+    print(f"peak disk during import / final layer disk: {max(peaks):.3f}")
     os.sync()
 
 

@@ -233,7 +233,7 @@ def test_upper_layer_contents(imported: tuple[ImageStore, list[Ext4]]) -> None:
 
 
 def test_layer_root_attributes_and_whiteouts(tmp_path: Path) -> None:
-    """mkfs.ext4 -d does not copy the root's mode/owner/mtime: the importer fixes them."""
+    """The root entry's mode/owner/mtime/xattrs reach the layer root; no lost+found."""
     t = testimages.TarBuilder()
     t.dir("./", mode=0o700, uid=5, gid=6)
     t.add(".wh..wh..opq")

@@ -7,9 +7,11 @@
     await create_scratch("/run/c1/scratch")                # .../sandbox.vhdx
     cfg = image_config(record)                             # entrypoint, cmd, env, cwd, user
 
-Modules: :mod:`.layout` reads images, :mod:`.unpack` stages a layer tar safely,
-:mod:`.tar2ext4` turns the stage into ``layer.vhd`` (with :mod:`.vhd`'s footer), :mod:`.store`
-caches layers by diff id and records images, and :mod:`.scratch` makes ``sandbox.vhdx``.
+Modules: :mod:`.layout` reads images, :mod:`.tarstream` reads a layer tar, :mod:`.unpack`
+applies its entries safely to an in-memory tree, :mod:`.ext4` writes that tree and the file data
+as an ext4 image in one pass, :mod:`.tar2ext4` puts it together into ``layer.vhd`` (with
+:mod:`.vhd`'s footer), :mod:`.store` caches layers by diff id and records images, and
+:mod:`.scratch` makes ``sandbox.vhdx``.
 (The busybox test images are built by ``tests/testimages.py``, outside the package.)
 """
 

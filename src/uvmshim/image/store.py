@@ -40,7 +40,8 @@ from uvmshim.image.layout import ImageConfig, ImageError, LayerBlob, ResolvedIma
 from uvmshim.image.tar2ext4 import LAYER_FILE, convert_layer
 
 _INDEX_VERSION = 1
-#: ext4 + staging overhead over the tar size, for the free-space check.
+#: ext4 overhead over the tar size, for the free-space check (no staging: a layer is written
+#: once, straight into its disk).
 _SPACE_FACTOR = 1.15
 #: Assumed compression ratio when the uncompressed size can't be read from the blob.
 _GUESS_RATIO = 4
@@ -282,8 +283,7 @@ def _check_space(store: ImageStore, img: ResolvedImage, todo: list[LayerBlob]) -
     if not todo:
         return
     sizes = [_uncompressed_estimate(img, layer) for layer in todo]
-    # Finished layers stay; the largest layer also needs its staging tree during mkfs.
-    need = int((sum(sizes) + max(sizes)) * _SPACE_FACTOR)
+    need = int(sum(sizes) * _SPACE_FACTOR)
     free = free_bytes(store.root)
     if need > free:
         raise ImageError(f"the image needs about {need >> 20} MiB to import, but only "
@@ -312,7 +312,6 @@ async def import_image(path: str | os.PathLike[str], *, name: str | None = None,
     :raises ImageError: unreadable, malformed, corrupt, unsafe or too big for the free space.
         No image is recorded and no partial layer is left; layers completed before the
         failure stay cached for the next import.
-    :raises ToolError: ``mkfs.ext4`` or ``debugfs`` failed.
     """
     store = store or ImageStore()
 

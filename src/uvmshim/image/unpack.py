@@ -1,18 +1,17 @@
-"""Unpack one layer tar into a staging directory, the way the overlay in the UVM must see it.
+"""Read one layer tar, stream by stream, into an :class:`~uvmshim.image.ext4.Ext4Writer`.
 
-This runs as root in a worker thread. The staging tree is what ``mkfs.ext4 -d`` copies into the
-layer disk, so everything the overlay needs is made real here: owners (``lchown``), modes
-(``chmod`` *after* ``chown``, which clears setuid/setgid), device nodes, fifos, hard links,
-xattrs (PAX ``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``) and mtimes (directories last, since
-creating children changes them). OCI whiteouts become overlay whiteouts: ``.wh.NAME`` → a 0/0
-character device ``NAME``; ``.wh..wh..opq`` → ``trusted.overlay.opaque=y`` on the directory.
+This runs in a worker thread, in one pass: file data is copied from the (decompressed) tar
+straight into the layer image in large blocks, and the tree, modes, owners, xattrs, link
+targets and nanosecond mtimes are kept in memory until the writer lays out the filesystem.
+Nothing is written to the host by name, so no entry can reach outside the image. OCI whiteouts
+become overlay whiteouts: ``.wh.NAME`` → a 0/0 character device ``NAME``; ``.wh..wh..opq`` →
+``trusted.overlay.opaque=y`` on the directory.
 
-Safety: a tar entry never reaches the host by name. Each name is split into components that may
-not be ``..`` or absolute; every parent is checked with ``lstat`` to be a real directory in the
-stage (an entry written *through* a symlink is refused), files are opened ``O_NOFOLLOW``, a
-hard link must name an earlier non-directory entry of this layer, and a relative symlink may not
-climb above the layer root. Absolute symlink targets are kept: the kernel resolves them inside
-the container's root, and we never follow them here.
+Safety: the same rules as a careful unpacker, checked in the in-memory tree. Each name is split
+into components that may not be ``..`` or absolute; every parent must be a directory of this
+layer (an entry *through* a symlink is refused), a hard link must name an earlier non-directory
+entry of this layer, and a relative symlink may not climb above the layer root. Absolute
+symlink targets are kept: the kernel resolves them inside the container's root.
 """
 
 from __future__ import annotations
@@ -23,24 +22,41 @@ import errno
 import gzip
 import hashlib
 import io
-import os
-import shutil
 import stat
-import tarfile
 import threading
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import IO
 from urllib.parse import unquote
 
 from uvmshim import run
 from uvmshim.errors import ToolError
+from uvmshim.image.ext4 import MAX_LINKS, Ext4Error, Ext4Writer, Node, check_xattr, new_dir
 from uvmshim.image.layout import ImageError, new_hash
+from uvmshim.image.tarstream import ChunkStream, Entry, TarFormatError, TarReader
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
+
+def _gzip_reader(f: IO[bytes]) -> IO[bytes]:
+    """A gzip decompressing reader: ISA-L's (2-3x as fast as zlib) if installed."""
+    try:
+        from isal import igzip
+    except ImportError:  # pragma: no cover - isal is a dependency; stay correct without it
+        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+    return igzip.IGzipFile(fileobj=f, mode="rb")  # type: ignore[no-untyped-call,return-value]
+
+
+def _gzip_errors() -> tuple[type[Exception], ...]:
+    try:
+        from isal import igzip_lib
+    except ImportError:  # pragma: no cover
+        return ()
+    err = getattr(igzip_lib, "IsalError", None)
+    return (err,) if isinstance(err, type) and issubclass(err, Exception) else ()
+
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _COPY_CHUNK = 1 << 20
 
@@ -50,21 +66,10 @@ class Stopped(Exception):
 
 
 @dataclass
-class RootAttrs:
-    """The layer root's own entry (``./``): ``mkfs.ext4 -d`` does not copy these."""
-
-    mode: int = 0o755
-    uid: int = 0
-    gid: int = 0
-    mtime: int | None = None
-
-
-@dataclass
 class UnpackResult:
     diff_id: str
     tar_bytes: int
     entries: int
-    root: RootAttrs = field(default_factory=RootAttrs)
 
 
 class _Tap(io.RawIOBase):
@@ -84,232 +89,228 @@ class _Tap(io.RawIOBase):
     def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
         if self._stop.is_set():
             raise Stopped
-        data = self._f.read(len(b))
-        n = len(data)
-        b[:n] = data
+        n = self._f.readinto(b)  # type: ignore[union-attr]
+        if not n:
+            return 0
         if self._h is not None:
-            self._h.update(data)
+            self._h.update(b[:n] if n < len(b) else b)
         self.count += n
-        if self._on_bytes is not None and n:
+        if self._on_bytes is not None:
             self._on_bytes(n)
         return n
 
 
-def _clean(name: str, where: str) -> list[str]:
+def _clean(name: bytes, where: str) -> list[bytes]:
     """The path components of a tar entry name; refuses absolute names and ``..``."""
-    if name.startswith("/"):
-        raise ImageError("absolute path in layer", where=f"{where}: {name}")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ImageError("'..' in layer path", where=f"{where}: {name}")
+    if name.startswith(b"/"):
+        raise ImageError("absolute path in layer", where=f"{where}: {_text(name)}")
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise ImageError("'..' in layer path", where=f"{where}: {_text(name)}")
     return parts
 
 
-class Stager:
-    """Applies tar entries, one by one, to a staging directory."""
+def _text(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
 
-    def __init__(self, root: Path, where: str) -> None:
-        self.root = root
+
+def _drop(node: Node) -> None:
+    """``node`` lost a name: so do its descendants, if it is a directory."""
+    node.links -= 1
+    if node.children is not None:
+        stack = [node]
+        while stack:
+            d = stack.pop()
+            assert d.children is not None
+            for c in d.children.values():
+                if c.children is not None:
+                    stack.append(c)
+                else:
+                    c.links -= 1
+
+
+class Builder:
+    """Applies tar entries, one by one, to the writer's in-memory tree."""
+
+    def __init__(self, writer: Ext4Writer, reader: TarReader, where: str) -> None:
+        self.writer = writer
+        self.reader = reader
+        self.root = writer.root
         self.where = where
-        self.root_attrs = RootAttrs()
-        self._known_dirs: set[str] = {""}
-        self._dir_times: dict[str, int] = {}
         self.entries = 0
 
-    def _err(self, msg: str, name: str) -> ImageError:
-        return ImageError(msg, where=f"{self.where}: {name}")
+    def _err(self, msg: str, name: bytes) -> ImageError:
+        return ImageError(msg, where=f"{self.where}: {_text(name)}")
 
-    def _parent(self, parts: list[str], name: str) -> str:
-        """Make sure every parent of ``parts`` is a real directory; return the parent path."""
-        rel = ""
-        for comp in parts[:-1]:
-            rel = f"{rel}/{comp}" if rel else comp
-            if rel in self._known_dirs:
-                continue
-            full = os.path.join(self.root, rel)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                # Implicit parent (tars may omit directory entries): root-owned 0755.
-                os.mkdir(full, 0o755)
-                self._known_dirs.add(rel)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                raise self._err(f"entry is written through the symlink /{rel}", name)
-            if not stat.S_ISDIR(st.st_mode):
+    def _parent(self, parts: list[bytes], name: bytes, mtime_ns: int) -> Node:
+        """Check that every parent of ``parts`` is a directory of this layer (made if
+        missing, root-owned 0755, as tars may leave them out); return the last."""
+        d = self.root
+        for i, comp in enumerate(parts[:-1]):
+            assert d.children is not None
+            child = d.children.get(comp)
+            if child is None:
+                child = new_dir(mtime_ns=mtime_ns)
+                child.links = 1
+                d.children[comp] = child
+            elif child.children is None:
+                rel = _text(b"/".join(parts[:i + 1]))
+                if stat.S_ISLNK(child.mode):
+                    raise self._err(f"entry is written through the symlink /{rel}", name)
                 raise self._err(f"parent /{rel} is not a directory", name)
-            self._known_dirs.add(rel)
-        return rel
+            d = child
+        return d
 
-    def _clear(self, rel: str, *, keep_dir: bool) -> bool:
-        """Remove what is at ``rel`` (a later entry replaces an earlier one). True if a
-        directory was kept."""
-        full = os.path.join(self.root, rel)
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            return False
-        if stat.S_ISDIR(st.st_mode):
-            if keep_dir:
-                return True
-            shutil.rmtree(full)
-            prefix = rel + "/"
-            self._known_dirs = {d for d in self._known_dirs if d != rel
-                                and not d.startswith(prefix)}
-            self._dir_times = {d: t for d, t in self._dir_times.items()
-                               if d != rel and not d.startswith(prefix)}
-        else:
-            os.unlink(full)
-        return False
-
-    def add(self, ti: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+    def add(self, e: Entry) -> None:
         """Apply one entry."""
         self.entries += 1
-        parts = _clean(ti.name, self.where)
+        parts = _clean(e.name, self.where)
         if not parts:
-            self._root_entry(ti)
+            self._root_entry(e)
             return
         base = parts[-1]
-        parent = self._parent(parts, ti.name)
+        parent = self._parent(parts, e.name, e.mtime_ns)
+        assert parent.children is not None
         if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(parent, base, ti)
+            self._whiteout(parent, base, e)
             return
-        rel = f"{parent}/{base}" if parent else base
-        full = os.path.join(self.root, rel)
-        kept_dir = self._clear(rel, keep_dir=ti.isdir())
-        if ti.isdir():
-            if not kept_dir:
-                os.mkdir(full, 0o700)
-            self._known_dirs.add(rel)
-        elif ti.isreg():
-            self._write_file(full, ti, tf)
-        elif ti.issym():
-            self._check_symlink(parent, ti)
-            os.symlink(ti.linkname, full)
-        elif ti.islnk():
-            target = self._link_target(ti)
-            os.link(target, full, follow_symlinks=False)
-            return  # a hard link shares its target's inode and metadata
-        elif ti.ischr() or ti.isblk():
-            kind = stat.S_IFCHR if ti.ischr() else stat.S_IFBLK
-            os.mknod(full, kind | 0o600, os.makedev(ti.devmajor, ti.devminor))
-        elif ti.isfifo():
-            os.mkfifo(full, 0o600)
+        if len(base) > 255:
+            raise self._err("name longer than 255 bytes", e.name)
+        old = parent.children.get(base)
+        if e.isdir() and old is not None and old.children is not None:
+            self._metadata(old, e)  # a directory named again: new metadata
+            return
+        if old is not None:
+            del parent.children[base]
+            _drop(old)
+        if e.islnk():
+            target = self._link_target(e)
+            if target.links >= MAX_LINKS:
+                raise self._err(f"more than {MAX_LINKS} hard links", e.name)
+            target.links += 1
+            parent.children[base] = target  # a hard link shares its target's inode
+            return
+        node = Node(0)
+        if e.isdir():
+            node = new_dir()
+        elif e.isreg():
+            node.mode = stat.S_IFREG
+            self.writer.add_data(node, e.size, self.reader.data)
+        elif e.issym():
+            self._check_symlink(parts, e)
+            node.mode = stat.S_IFLNK | 0o777
+            node.target = e.linkname
+            if len(node.target) >= 4096:
+                raise self._err("symlink target longer than 4095 bytes", e.name)
+        elif e.ischr() or e.isblk():
+            node.mode = stat.S_IFCHR if e.ischr() else stat.S_IFBLK
+            node.rdev = (e.devmajor, e.devminor)
+            if not (0 <= e.devmajor < 1 << 12 and 0 <= e.devminor < 1 << 20):
+                raise self._err("device number out of range", e.name)
+        elif e.isfifo():
+            node.mode = stat.S_IFIFO
         else:
-            raise self._err(f"unsupported tar entry type {ti.type!r}", ti.name)
-        self._metadata(full, rel, ti)
+            raise self._err(f"unsupported tar entry type {e.type!r}", e.name)
+        node.links = 1
+        self._metadata(node, e)
+        parent.children[base] = node
 
-    def _root_entry(self, ti: tarfile.TarInfo) -> None:
-        if not ti.isdir():
-            raise self._err("the layer root is not a directory", ti.name)
-        self.root_attrs = RootAttrs(mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid,
-                                    mtime=int(ti.mtime))
-        # mkfs.ext4 -d does copy the root's xattrs (an opaque root, for one).
-        for key, value in _xattrs(ti):
-            os.setxattr(self.root, key, value)
+    def _root_entry(self, e: Entry) -> None:
+        if not e.isdir():
+            raise self._err("the layer root is not a directory", e.name)
+        self._metadata(self.root, e)
 
-    def _whiteout(self, parent: str, base: str, ti: tarfile.TarInfo) -> None:
-        pdir = os.path.join(self.root, parent) if parent else os.fspath(self.root)
+    def _whiteout(self, parent: Node, base: bytes, e: Entry) -> None:
+        assert parent.children is not None
         if base == OPAQUE_MARKER:
-            os.setxattr(pdir, OPAQUE_XATTR, b"y")
+            if parent.xattrs is None:
+                parent.xattrs = {}
+            parent.xattrs[OPAQUE_XATTR] = b"y"
             return
         if base.startswith(OPAQUE_MARKER[:8]):
             return  # other ".wh..wh." names are aufs bookkeeping (.wh..wh.plnk, ...): no meaning
         target = base[len(WHITEOUT_PREFIX):]
-        if target in ("", ".", ".."):
-            raise self._err("bad whiteout name", ti.name)
-        rel = f"{parent}/{target}" if parent else target
-        self._clear(rel, keep_dir=False)
-        full = os.path.join(pdir, target)
+        if target in (b"", b".", b".."):
+            raise self._err("bad whiteout name", e.name)
+        old = parent.children.pop(target, None)
+        if old is not None:
+            _drop(old)
         # The overlay whiteout: a character device 0/0, mode 0, owned by root.
-        os.mknod(full, stat.S_IFCHR, os.makedev(0, 0))
+        parent.children[target] = Node(stat.S_IFCHR, mtime_ns=e.mtime_ns, links=1)
 
-    def _write_file(self, full: str, ti: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
-        src = tf.extractfile(ti)
-        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        with os.fdopen(fd, "wb") as out:
-            if src is not None:
-                shutil.copyfileobj(src, out, _COPY_CHUNK)
-
-    def _check_symlink(self, parent: str, ti: tarfile.TarInfo) -> None:
-        target = ti.linkname
+    def _check_symlink(self, parts: list[bytes], e: Entry) -> None:
+        target = e.linkname
         if not target:
-            raise self._err("symlink with an empty target", ti.name)
-        if "\0" in target:
-            raise self._err("symlink target holds a NUL byte", ti.name)
-        if target.startswith("/"):
+            raise self._err("symlink with an empty target", e.name)
+        if b"\0" in target:
+            raise self._err("symlink target holds a NUL byte", e.name)
+        if target.startswith(b"/"):
             return
-        depth = len(parent.split("/")) if parent else 0
-        for comp in target.split("/"):
-            if comp == "..":
+        depth = len(parts) - 1
+        for comp in target.split(b"/"):
+            if comp == b"..":
                 depth -= 1
                 if depth < 0:
-                    raise self._err(f"symlink points out of the layer root: {target}", ti.name)
-            elif comp not in ("", "."):
+                    raise self._err(f"symlink points out of the layer root: {_text(target)}",
+                                    e.name)
+            elif comp not in (b"", b"."):
                 depth += 1
 
-    def _link_target(self, ti: tarfile.TarInfo) -> str:
-        parts = _clean(ti.linkname, self.where)
+    def _link_target(self, e: Entry) -> Node:
+        parts = _clean(e.linkname, self.where)
         if not parts:
-            raise self._err("hard link to the layer root", ti.name)
-        parent = self._parent(parts, ti.name)
-        rel = f"{parent}/{parts[-1]}" if parent else parts[-1]
-        full = os.path.join(self.root, rel)
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            raise self._err(f"hard link to {ti.linkname}, which is not in this layer",
-                            ti.name) from None
-        if stat.S_ISDIR(st.st_mode):
-            raise self._err(f"hard link to the directory {ti.linkname}", ti.name)
-        return full
+            raise self._err("hard link to the layer root", e.name)
+        parent = self._parent(parts, e.name, 0)
+        assert parent.children is not None
+        node = parent.children.get(parts[-1])
+        link = _text(e.linkname)
+        if node is None:
+            raise self._err(f"hard link to {link}, which is not in this layer", e.name)
+        if node.children is not None:
+            raise self._err(f"hard link to the directory {link}", e.name)
+        return node
 
-    def _metadata(self, full: str, rel: str, ti: tarfile.TarInfo) -> None:
-        # Order matters: chown clears setuid/setgid, so chmod comes after it.
-        os.chown(full, ti.uid, ti.gid, follow_symlinks=False)
-        is_link = ti.issym()
-        if not is_link:
-            os.chmod(full, ti.mode & 0o7777)
-        for key, value in _xattrs(ti):
+    def _metadata(self, node: Node, e: Entry) -> None:
+        if not (0 <= e.uid < 1 << 32 and 0 <= e.gid < 1 << 32):
+            raise self._err("uid or gid out of range", e.name)
+        node.uid, node.gid = e.uid, e.gid
+        if not stat.S_ISLNK(node.mode):
+            node.mode = stat.S_IFMT(node.mode) | (e.mode & 0o7777)
+        node.mtime_ns = e.mtime_ns
+        if not e.pax:
+            return
+        plain = stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode)
+        for key, value in _xattrs(e.pax):
+            # Linux keeps user.* xattrs to files and directories: nothing else can show them.
+            if key.startswith("user.") and not plain:
+                continue
             try:
-                os.setxattr(full, key, value, follow_symlinks=False)
-            except OSError as e:
-                # Linux refuses user.* xattrs on symlinks; nothing can carry those.
-                if not (is_link and e.errno in (errno.EPERM, errno.ENOTSUP)):
-                    raise
-        mtime_ns = int(ti.mtime * 1_000_000_000)
-        if ti.isdir():
-            self._dir_times[rel] = mtime_ns  # set after its children are in place
-        else:
-            os.utime(full, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
-
-    def finish(self) -> None:
-        """Set directory mtimes, deepest first."""
-        for rel in sorted(self._dir_times, key=lambda r: r.count("/"), reverse=True):
-            t = self._dir_times[rel]
-            os.utime(os.path.join(self.root, rel), ns=(t, t), follow_symlinks=False)
+                check_xattr(key, value)
+            except Ext4Error as err:
+                raise self._err(str(err), e.name) from None
+            if node.xattrs is None:
+                node.xattrs = {}
+            node.xattrs[key] = value
 
 
-def _xattrs(ti: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+def _xattrs(pax: dict[bytes, bytes]) -> list[tuple[str, bytes]]:
     """The xattrs a PAX header carries, minus ``trusted.overlay.*`` and SELinux labels.
 
     Overlay's own xattrs are ours to set (from whiteouts); taken from a tar they could forge
     redirects or metacopy on the read-only layer.
     """
     out: dict[str, bytes] = {}
-    for key, value in ti.pax_headers.items():
-        if key.startswith("LIBARCHIVE.xattr."):
-            name = unquote(key[len("LIBARCHIVE.xattr."):])
+    for key, value in pax.items():
+        if key.startswith(b"LIBARCHIVE.xattr."):
+            name = unquote(_text(key[len(b"LIBARCHIVE.xattr."):]))
             try:
-                out.setdefault(name, base64.b64decode(value + "=" * (-len(value) % 4)))
+                out.setdefault(name, base64.b64decode(value + b"=" * (-len(value) % 4)))
             except ValueError:
                 continue
-        elif key.startswith("SCHILY.xattr."):
-            # tarfile decodes PAX values with surrogateescape: this gives back the raw bytes.
-            out[key[len("SCHILY.xattr."):]] = value.encode("utf-8", "surrogateescape")
-    # security.selinux labels belong to the host policy that made them; setting one here can
-    # fail (or mislabel) under this host's policy, and the guest does not enforce SELinux.
+        elif key.startswith(b"SCHILY.xattr."):
+            out[_text(key[len(b"SCHILY.xattr."):])] = value
+    # security.selinux labels belong to the host policy that made them, and the guest does not
+    # enforce SELinux.
     return [(k, v) for k, v in out.items()
             if not k.startswith("trusted.overlay.") and k != "security.selinux"]
 
@@ -383,17 +384,22 @@ class _Zstd(io.RawIOBase):
         super().close()
 
 
+#: What a corrupt or truncated stream raises.
+_CORRUPT: tuple[type[Exception], ...] = (TarFormatError, EOFError, zlib.error,
+                                         gzip.BadGzipFile, _ZstdError, *_gzip_errors())
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def unpack_layer(blob: IO[bytes], stage: Path, *, where: str, diff_id: str,
+def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: str,
                  digest: str | None, size: int | None, stop: threading.Event,
                  on_bytes: Callable[[int], None] | None = None) -> UnpackResult:
-    """Unpack a layer tar into ``stage``, verifying its digests.
+    """Read a layer tar into ``writer``'s tree and image, verifying its digests.
 
     The compression is told by magic bytes, not media type (docker-archives say nothing):
-    gzip (Python's zlib), zstd (the ``zstd`` program, as Python 3.11 has no zstd) or none.
+    gzip (ISA-L's ``igzip`` when installed, else Python's zlib), zstd (the ``zstd`` program, as
+    Python 3.11 has no zstd) or none. Reading, decompressing and hashing run in a thread of
+    their own (they release the GIL); this thread parses headers and writes the image.
 
     :param digest: the blob's digest (of the compressed bytes), if known.
     :param diff_id: the digest of the uncompressed tar, from the image config.
@@ -405,44 +411,48 @@ def unpack_layer(blob: IO[bytes], stage: Path, *, where: str, diff_id: str,
     raw = _Tap(blob, blob_hash, stop, on_bytes)
     counted = io.BufferedReader(raw, _COPY_CHUNK)
     magic = counted.peek(4)[:4]
-    decomp: IO[bytes] | gzip.GzipFile
+    decomp: IO[bytes]
     if magic.startswith(_GZIP_MAGIC):
-        decomp = gzip.GzipFile(fileobj=counted, mode="rb")
+        decomp = _gzip_reader(counted)
     elif magic == _ZSTD_MAGIC:
         decomp = io.BufferedReader(_Zstd(counted, where), _COPY_CHUNK)
     else:
         decomp = counted
     diff_hash = new_hash(diff_id)
     tar_tap = _Tap(decomp, diff_hash, stop)
-    tar_in = io.BufferedReader(tar_tap, _COPY_CHUNK)
-    stager = Stager(stage, where)
-    name = ""
+
+    def produce(buf: memoryview) -> int:
+        n = tar_tap.readinto(buf)
+        if not n:  # the blob digest covers every compressed byte, after the tar's end too
+            while counted.read(_COPY_CHUNK):
+                pass
+        return n
+
+    stream = ChunkStream(produce)
+    reader = TarReader(stream)
+    builder = Builder(writer, reader, where)
+    name = b""
     try:
-        with tarfile.open(fileobj=tar_in, mode="r|", encoding="utf-8",
-                          errors="surrogateescape") as tf:
-            for ti in tf:
-                name = ti.name
-                stager.add(ti, tf)
-        stager.finish()
+        while (entry := reader.next()) is not None:
+            name = entry.name
+            builder.add(entry)
         # The diff id covers the whole stream, including padding after the end-of-archive
-        # marker; the blob digest covers every compressed byte.
-        while tar_in.read(_COPY_CHUNK):
-            pass
-        while counted.read(_COPY_CHUNK):
-            pass
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, _ZstdError) as e:
-        at = f"{where}: after {name}" if name else where
+        # marker.
+        stream.drain()
+    except _CORRUPT as e:
+        at = f"{where}: after {_text(name)}" if name else where
         raise ImageError(f"corrupt or truncated layer: {e}", where=at) from None
+    except Ext4Error as e:
+        raise ImageError(str(e), where=f"{where}: {_text(name)}") from None
     except Stopped:
         raise
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise ImageError("no space left on device while unpacking", where=where,
-                             hint=f"free disk space under {stage.parent}") from None
-        hint = ("importing images needs root (device nodes, ownership, trusted.* xattrs)"
-                if e.errno == errno.EPERM and os.geteuid() != 0 else None)
-        raise ImageError(f"cannot unpack: {e}", where=f"{where}: {name}", hint=hint) from None
+            raise ImageError("no space left on device while importing", where=where,
+                             hint="free disk space under the image store") from None
+        raise ImageError(f"cannot import: {e}", where=f"{where}: {_text(name)}") from None
     finally:
+        stream.close()
         decomp.close()
     if blob_hash is not None and digest is not None:
         got_blob = f"{digest.split(':', 1)[0]}:{blob_hash.hexdigest()}"
@@ -456,5 +466,4 @@ def unpack_layer(blob: IO[bytes], stage: Path, *, where: str, diff_id: str,
     if got != diff_id:
         raise ImageError(f"uncompressed layer does not match its diff id {diff_id} "
                          f"(got {got})", where=where)
-    return UnpackResult(diff_id=got, tar_bytes=tar_tap.count, entries=stager.entries,
-                        root=stager.root_attrs)
+    return UnpackResult(diff_id=got, tar_bytes=tar_tap.count, entries=builder.entries)
