@@ -123,7 +123,7 @@ async def boot_agent(boot: BootFiles) -> Boot:
             marks["launch"] = now()
 
     start = now()
-    async with start_uvm(progress=progress) as uvm:
+    async with start_uvm(progress=progress, template=False) as uvm:  # a boot, not a clone
         ready = now()
         cpu = cpu_seconds(uvm.machine.pid)
         info = uvm.agent.guest_info

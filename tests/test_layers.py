@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "guestpath": 2,
     "hostpath": 2,
     "procscan": 2,
+    "owners": 2,
     "asyncutil": 2,
     "tools": 2,
     "spec": 2,

@@ -123,9 +123,8 @@ def test_machine_paths_layout() -> None:
 def test_setpriv_prefix() -> None:
     assert setpriv_prefix(65534, 65534) == [
         "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-        "--inh-caps=-all,+dac_override,+dac_read_search",
-        "--ambient-caps=+dac_override,+dac_read_search",
-        "--bounding-set=-all,+dac_override,+dac_read_search", "--pdeathsig=keep", "--",
+        "--inh-caps=-all,+dac_override", "--ambient-caps=+dac_override",
+        "--bounding-set=-all,+dac_override", "--pdeathsig=keep", "--",
     ]  # fmt: skip
 
 
@@ -163,6 +162,14 @@ def test_seccomp_program_semantics() -> None:
     assert _bpf_run(prog, 0x40000000 | 90, [0, 0o4755]) == enosys  # x32 ABI
     assert _bpf_run(prog, 15, [0, 0o4755], arch=0x40000003) == enosys  # i386 ABI
     assert _bpf_run(prog, 0, [0, 0o4755]) == allow  # read(): args are not modes
+    # No symlinks through a share, no open by file handle (past the mount namespace).
+    assert _bpf_run(prog, 88, [0, 0]) == eperm  # symlink
+    assert _bpf_run(prog, 266, [0, 0, 0]) == eperm  # symlinkat
+    assert _bpf_run(prog, 304, [0, 0, 0]) == eperm  # open_by_handle_at
+    for nr in (101, 310, 311, 438):  # ptrace, process_vm_readv/writev, pidfd_getfd
+        assert _bpf_run(prog, nr, [0, 0, 0]) == eperm
+    assert _bpf_run(prog, 265, [0, 0, 0, 0, 0]) == allow  # linkat: can't leave its bind mount
+    assert _bpf_run(prog, 89, [0, 0, 0]) == allow  # readlink: existing host links keep working
 
 
 # Section: KVM probe cache

@@ -6,21 +6,36 @@ The share tests make real bind mounts and need root; the format tests need ``qem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+import re
 import shutil
+import socket
+import struct
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu.qmp import ExecuteError, QMPClient
 
+from uvmshim import procscan
 from uvmshim.errors import BackendError
-from uvmshim.uvm.qemu import QemuConfig, QemuHostBackend, QemuMachine, list_leftovers
-from uvmshim.uvm.qemu.host import detect_image_format, scsi_wwn
+from uvmshim.uvm.qemu import (
+    MachinePaths,
+    QemuConfig,
+    QemuHostBackend,
+    QemuMachine,
+    list_leftovers,
+    mountns,
+)
+from uvmshim.uvm.qemu.host import detect_image_format, qmp_error_class, scsi_wwn
+from uvmshim.uvm.qemu.images import ImageInfo, ImageReference, inspect_image
 from uvmshim.uvm.qemu.kvm import probe_kvm
-from uvmshim.uvm.qemu.machine import _proc_start_time, create_state_dir, remove_state_dir
+from uvmshim.uvm.qemu.machine import create_state_dir, remove_state_dir
 from uvmshim.uvm.qemu.mounts import bind_mount, mounts_under, read_mountinfo, unmount
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
@@ -60,6 +75,159 @@ def test_detect_image_format_edge_cases(tmp_path: Path) -> None:
     assert detect_image_format(tricky) == "raw"
     with pytest.raises(BackendError, match="cannot read disk image"):
         detect_image_format(tmp_path / "missing")
+
+
+def _inspect(path: Path) -> ImageInfo:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return inspect_image(fd, str(path))
+    finally:
+        os.close(fd)
+
+
+def _qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, stdout=subprocess.DEVNULL)
+
+
+@needs_qemu_img
+def test_inspect_image_finds_every_file_an_image_names(tmp_path: Path) -> None:
+    """Header parsing (no qemu-img info, which would open the chain itself)."""
+    for fmt in ("raw", "qcow2", "vpc", "vhdx"):
+        _qemu_img("create", "-q", "-f", fmt, str(tmp_path / f"plain.{fmt}"), "8M")
+        assert _inspect(tmp_path / f"plain.{fmt}") == ImageInfo(fmt)
+    backed = tmp_path / "backed.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "plain.raw", str(backed))
+    assert _inspect(backed).references == (ImageReference("backing file", "plain.raw", "raw"),)
+    _qemu_img("rebase", "-u", "-F", "raw", "-b", "/etc/shadow", str(backed))
+    assert _inspect(backed).references == (ImageReference("backing file", "/etc/shadow", "raw"),)
+    data = tmp_path / "data.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path}/d.raw", str(data), "4M")
+    assert _inspect(data).references == (ImageReference("data file", f"{tmp_path}/d.raw", "raw"),)
+    # A differencing VHD: disk type 4 in the footer (and its copy at offset 0).
+    vhd = bytearray((tmp_path / "plain.vpc").read_bytes())
+    for footer in (0, len(vhd) - 512):
+        assert vhd[footer : footer + 8] == b"conectix"
+        vhd[footer + 60 : footer + 64] = struct.pack(">I", 4)
+    (tmp_path / "diff.vhd").write_bytes(vhd)
+    assert _inspect(tmp_path / "diff.vhd").references == (
+        ImageReference("parent disk", None, "vpc"),
+    )
+    # A VHDX with a parent: the HasParent flag of its file parameters.
+    vhdx = bytearray((tmp_path / "plain.vhdx").read_bytes())
+    table = vhdx.index(b"metadata")
+    params = uuid.UUID("caa16737-fa36-4d43-b3b6-33f0aa44e76b").bytes_le
+    entry = vhdx.index(params, table)
+    (offset,) = struct.unpack_from("<I", vhdx, entry + 16)
+    vhdx[table + offset + 4] |= 2
+    (tmp_path / "child.vhdx").write_bytes(vhdx)
+    assert _inspect(tmp_path / "child.vhdx").references == (
+        ImageReference("parent disk", None, "vhdx"),
+    )
+    broken = tmp_path / "broken.vhdx"
+    broken.write_bytes(b"vhdxfile" + b"\0" * 4096)
+    with pytest.raises(BackendError, match="not a valid VHDX"):
+        _inspect(broken)
+
+
+@needs_qemu_img
+def test_images_naming_other_files_are_refused_before_qemu(tmp_path: Path) -> None:
+    """The refusal needs no VM (nothing reaches QMP) and leaves no descriptor open."""
+    cfg = QemuConfig(kernel=Path("/x"), initrd=Path("/x"), base_dir=tmp_path)
+    host = QemuHostBackend(QemuMachine(cfg))
+    backed = tmp_path / "l.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", str(backed), "4M")
+    _qemu_img("rebase", "-u", "-F", "raw", "-b", "/etc/shadow", str(backed))
+    data = tmp_path / "d.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path}/d.raw", str(data), "4M")
+    vhd = tmp_path / "diff.vhd"
+    _qemu_img("create", "-q", "-f", "vpc", str(vhd), "4M")
+    raw = bytearray(vhd.read_bytes())
+    raw[60:64] = struct.pack(">I", 4)
+    vhd.write_bytes(raw)
+    before = sorted(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        cases = [
+            (backed, "is a qcow2 overlay on the backing file '/etc/shadow'", "qemu-img convert"),
+            (data, f"external data file '{tmp_path}/d.raw'", "qemu-img convert"),
+            (vhd, "is a differencing VHD on the parent disk (unnamed)", "-O vpc"),
+        ]
+        for img, message, hint in cases:
+            for ro in (True, False):
+                with pytest.raises(BackendError, match=re.escape(message)) as info:
+                    await host.scsi_attach(0, 0, str(img), read_only=ro, passthrough=False)
+                assert str(img) in str(info.value) and hint in (info.value.hint or "")
+        # Allowing a different file does not allow this one.
+        other = QemuHostBackend(QemuMachine(cfg), allowed_backing_files=[tmp_path / "x.raw"])
+        with pytest.raises(BackendError, match="backing file"):
+            await other.scsi_attach(0, 0, str(backed), read_only=True, passthrough=False)
+
+    asyncio.run(main())
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_qemu_root_plan(tmp_path: Path) -> None:
+    """QEMU's root: system directories read-only, its boot files, its console log and export,
+    device nodes; nothing else of the host (/etc but the loader cache, /tmp, /home, ...)."""
+    kernel, initrd = tmp_path / "boot" / "vmlinux", tmp_path / "boot" / "initrd"
+    cfg = QemuConfig(kernel=kernel, initrd=initrd, base_dir=tmp_path / "vm")
+    paths = MachinePaths(tmp_path / "vm" / "abc")
+    kernel.parent.mkdir()
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    plan = mountns.plan(cfg, paths, accel="tcg")
+    binds = {b.target: b for b in plan.binds}
+    assert binds["/usr"].flags == "ro"
+    assert binds[str(kernel)].flags == binds[str(initrd)].flags == "ro"
+    assert binds[str(paths.console_log)].flags == "rw"
+    share = binds[str(paths.share_dir)]
+    assert share.flags == "keep" and share.recursive  # host flags and later shares propagate
+    assert binds["/dev/null"].flags == "keep" and "/dev/kvm" not in binds
+    allowed = ("/usr", "/dev/", "/etc/ld.so.cache", str(tmp_path), "/bin", "/sbin", "/lib")
+    for target in binds:
+        assert target.startswith(allowed), target
+    assert str(paths.pid_file) not in binds and str(paths.qemu_log) not in binds
+    assert plan.build_dir == str(paths.state_dir / "root")
+    if os.path.exists("/dev/kvm"):
+        assert "/dev/kvm" in {b.target for b in mountns.plan(cfg, paths, accel="kvm").binds}
+
+
+@needs_root
+def test_share_binds_propagate_with_their_flags(machine: QemuMachine, trees: Path) -> None:
+    """The export is a shared mount: a namespace that is its slave (as QEMU's is) sees shares
+    added later, read-only and nosuid,nodev from the start, and sees them go."""
+    share = machine.paths.share_dir
+    host = QemuHostBackend(machine)
+    ns = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sleep", "60"])
+    try:
+        mountinfo = Path(f"/proc/{ns.pid}/mountinfo")
+        for _ in range(100):
+            if mountinfo.read_text() != Path("/proc/self/mountinfo").read_text():
+                break  # the namespace is there
+            time.sleep(0.02)
+
+        def seen() -> dict[str, str]:
+            lines = mountinfo.read_text().splitlines()
+            return {m.split()[4]: m.split()[5] for m in lines if str(share) in m.split()[4]}
+
+        async def main() -> None:
+            await host.plan9_add("ro", str(trees / "dir"), read_only=True, allowed_files=())
+            await host.plan9_add("rw", str(trees / "dir"), read_only=False, allowed_files=())
+            await host.plan9_add("f", str(trees / "files"), read_only=True,
+                                 allowed_files=["allowed.conf"])  # fmt: skip
+            opts = seen()
+            assert opts[str(share)].startswith("ro,")
+            assert opts[str(share / "ro")].startswith("ro,nosuid,nodev")
+            assert opts[str(share / "rw")].startswith("rw,nosuid,nodev")
+            assert opts[str(share / "f" / "allowed.conf")].startswith("ro,nosuid,nodev")
+            for name in ("ro", "rw", "f"):
+                await host.plan9_remove(name)
+            assert list(seen()) == [str(share)]
+
+        _run(main())
+    finally:
+        ns.kill()
+        ns.wait()
 
 
 def test_scsi_wwn_is_deterministic_naa5() -> None:
@@ -245,7 +413,7 @@ def test_remove_state_dir_unmounts_leftover_shares(tmp_path: Path, trees: Path) 
         await host.plan9_add("b", files, read_only=True, allowed_files=["allowed.conf"])
 
     _run(main())
-    vm.paths.pid_file.write_text(f"{os.getpid()} {_proc_start_time(os.getpid())}\n")
+    vm.paths.pid_file.write_text(f"{os.getpid()} {procscan.start_time(os.getpid())}\n")
     (left,) = list_leftovers(tmp_path / "vm")
     assert left.state_dir == vm.state_dir and left.live_pid == os.getpid()
     assert sorted(left.mounts) == sorted(
@@ -321,3 +489,58 @@ def test_real_kvm_probe_is_bounded() -> None:
     verdict = asyncio.run(probe_kvm(timeout=2.0))
     assert time.monotonic() - t0 < 6.0
     assert isinstance(verdict, bool)
+
+
+# Section: QMP error classes (a paused QEMU: no guest runs)
+
+
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="QEMU is missing")
+def test_qmp_refusals_are_matched_by_error_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU 7.2 answers ``device_del`` of an unknown id with ``DeviceNotFound`` (the backend
+    takes it for "already gone") and refuses to unplug virtio-pmem with a ``GenericError``
+    (the only class it has for that, so the backend also checks the text)."""
+    img = tmp_path / "pmem.img"
+    img.write_bytes(b"\0" * (2 << 20))
+    cfg = QemuConfig(kernel=Path("/x"), initrd=Path("/x"), base_dir=tmp_path, vpmem_slots=1,
+                     hotplug_ports=1)
+    machine = QemuMachine(cfg)
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-S", "-nodefaults",
+            "-no-user-config", "-display", "none", "-m", "128M,slots=1,maxmem=256M",
+            "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1,addr=0x10",
+            "-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control",
+            stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))  # fmt: skip
+        theirs.close()
+        qmp = QMPClient("qmp-classes")
+        try:
+            await qmp.connect(ours)
+            monkeypatch.setattr(QemuMachine, "qmp", property(lambda _self: qmp))
+            host = QemuHostBackend(machine)
+            with pytest.raises(ExecuteError) as refused:
+                await qmp.execute("device_del", {"id": "nosuch"})
+            assert qmp_error_class(refused.value) == "DeviceNotFound"
+            await host._device_del("nosuch", "a device already gone")  # no error
+            await host.vpmem_add(0, str(img))
+            with pytest.raises(BackendError, match="cannot hot-unplug virtio-pmem") as err:
+                await host.vpmem_remove(0)
+            assert err.value.__cause__ is not None
+            assert qmp_error_class(err.value.__cause__) == "GenericError"
+            assert "cannot be unplugged" in str(err.value.__cause__)
+            with pytest.raises(BackendError, match="already in use"):
+                await host.vpmem_add(0, str(img))  # still attached and tracked
+            with pytest.raises(BackendError) as other:  # another GenericError passes unchanged
+                await host._execute("object-del", {"id": "nosuch"}, "an unknown object")
+            assert qmp_error_class(other.value) == "GenericError"
+        finally:
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    asyncio.run(main())

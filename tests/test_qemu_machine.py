@@ -1,4 +1,4 @@
-"""Real QEMU utility VMs: boot, QMP, SCSI hot-plug, 9p shares and their security, cleanup.
+"""Real QEMU utility VMs: boot, QMP, SCSI hot-plug, 9p shares, QEMU's confinement, cleanup.
 
 The guest is a throwaway busybox initrd built here (not the product initrd): /init loads the
 virtio/SCSI/9p/ext4 modules, mounts share0 on /mnt/share and then runs shell commands it reads
@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import lzma
 import os
 import re
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from qemu.qmp import ExecuteError
 
+from uvmshim import procscan
 from uvmshim.errors import BackendError
 from uvmshim.uvm.qemu import (
     QemuConfig,
@@ -36,6 +41,7 @@ from uvmshim.uvm.qemu import (
     QemuMachine,
     Runstate,
     list_leftovers,
+    mountns,
     reclaim,
 )
 from uvmshim.uvm.qemu.kvm import KvmProbe
@@ -308,8 +314,16 @@ def test_boot_scsi_hotplug_and_cleanup(
                 await host.scsi_attach(0, 3, str(rw_img), read_only=True, passthrough=True)
             bad = tmp_path / "bad.qcow2"
             bad.write_bytes(b"QFI\xfb" + b"\xff" * 4096)  # qcow2 magic, garbage header
+            with pytest.raises(BackendError, match=r"bad.qcow2: unsupported qcow2 header"):
+                await host.scsi_attach(0, 4, str(bad), read_only=True, passthrough=False)
+            # Names no other file, but QEMU refuses it: its error comes through.
+            bad.write_bytes(b"QFI\xfb" + struct.pack(">IQII", 3, 0, 0, 16) + b"\xff" * 48
+                            + b"\0" * 8 + b"\xff" * 4096)  # fmt: skip
             with pytest.raises(BackendError, match=r"QMP blockdev-add for .*bad.qcow2: "):
                 await host.scsi_attach(0, 4, str(bad), read_only=True, passthrough=False)
+            fdsets = await vm.qmp.execute("query-fdsets")  # only the two attached disks'
+            assert isinstance(fdsets, list) and len(fdsets) == 2 and _our_files(bad) == 0
+            assert _files_of(vm.pid, bad) == []
 
             blocks = await vm.qmp.execute("query-block")
             assert isinstance(blocks, list)
@@ -428,11 +442,19 @@ def test_plan9_shares_and_security(boot_files: BootFiles, base_dir: Path, tmp_pa
             assert rc != 0 and "root:" not in out
             await sh.ok("mkdir -p /etc && echo guest-host > /etc/hostname")
             assert (await sh.ok(f"cat {s}/rw/etclink/hostname")).strip() == "guest-host"
-            # A guest-made symlink is a host symlink, but QEMU never follows it.
-            await sh.ok(f"ln -s /etc/shadow {s}/rw/glink")
-            assert os.readlink(rw_dir / "glink") == "/etc/shadow"
-            rc, out = await sh.run(f"cat {s}/rw/glink")
-            assert "root:" not in out
+            # The guest cannot make symlinks in a share (QEMU's seccomp filter refuses them), so
+            # nothing appears there that a host tool could follow out of the share.
+            for target in ("/etc/shadow", "../../../..", "existing.txt"):
+                rc, out = await sh.run(f"ln -s {target} {s}/rw/glink")
+                assert rc != 0 and "Operation not permitted" in out, out
+            rc, out = await sh.run(f"mkdir -p {s}/rw/sub && ln -s / {s}/rw/sub/root")
+            assert rc != 0 and "Operation not permitted" in out, out
+            assert sorted(p.name for p in rw_dir.rglob("*") if p.is_symlink()) == [
+                "etclink", "shadowlink"
+            ]  # only the two the host made
+            # Hard links can't leave their bind mount either (EXDEV in QEMU).
+            rc, out = await sh.run(f"ln {s}/ro/file.txt {s}/rw/hard")
+            assert rc != 0 and not (rw_dir / "hard").exists()
             rc, out = await sh.run(f"ls {s}/..")  # the guest's parent, not the host's
             assert "exports" not in out
 
@@ -449,6 +471,170 @@ def test_plan9_shares_and_security(boot_files: BootFiles, base_dir: Path, tmp_pa
 
     asyncio.run(main())
     assert (files / "secret.key").exists() and (rw_dir / "existing.txt").exists()
+
+
+def _files_of(pid: int | None, path: Path) -> list[int]:
+    """The access modes (``O_RDONLY``/``O_RDWR``) of the descriptors ``pid`` holds on ``path``."""
+    modes = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == os.fspath(path):
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                flags = int(re.search(r"^flags:\s+(\d+)", info, re.M).group(1), 8)  # type: ignore[union-attr]
+                modes.append(flags & os.O_ACCMODE)
+    return sorted(modes)
+
+
+def _our_files(path: Path) -> int:
+    return _files_of(os.getpid(), path).__len__()
+
+
+def test_qemu_cannot_open_host_files(
+    boot_files: BootFiles, base_dir: Path, tmp_path: Path
+) -> None:
+    """QEMU runs in its own mount namespace: asked over its own QMP connection to open host
+    files, it finds none of them; its root holds only what it needs, and it keeps only
+    CAP_DAC_OVERRIDE."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a host file outside the VM directory\n")
+    outside.chmod(0o644)  # readable by anyone: only the namespace keeps QEMU from it
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "in-share.txt").write_text("shared\n")
+
+    async def main() -> None:
+        async with running_vm(_config(boot_files, base_dir)) as (vm, sh):
+            host = QemuHostBackend(vm)
+            await host.plan9_add("ro", str(shared), read_only=True, allowed_files=())
+            await host.plan9_add("rw", str(shared), read_only=False, allowed_files=())
+            me = os.getpid()
+            for path in ("/etc/shadow", "/etc/passwd", "/root", os.fspath(outside),
+                         os.fspath(vm.paths.qemu_log), os.fspath(vm.paths.pid_file),
+                         os.fspath(boot_files.kernel.parent / "modules" / "order"),
+                         "/proc/1/root/etc/shadow", f"/proc/{me}/root{outside}",
+                         f"/proc/{me}/cwd", "/home/x", "/var/log/syslog"):
+                with pytest.raises(ExecuteError, match="No such file or directory"):
+                    await vm.qmp.execute("blockdev-add", {
+                        "driver": "file", "node-name": "probe", "filename": path,
+                        "read-only": True})  # fmt: skip
+            # What it is given it can open: its share.
+            await vm.qmp.execute("blockdev-add", {
+                "driver": "file", "node-name": "probe", "read-only": True,
+                "filename": os.fspath(vm.paths.share_dir / "rw" / "in-share.txt")})  # fmt: skip
+            await vm.qmp.execute("blockdev-del", {"node-name": "probe"})
+
+            root = Path(f"/proc/{vm.pid}/root")
+            top = sorted(p.name for p in root.iterdir())
+            assert {"usr", "dev", "proc"} <= set(top)
+            assert not {"home", "root", "boot", "run", "srv", "opt", "mnt"} & set(top)
+            assert [p.name for p in (root / "etc").iterdir()] in ([], ["ld.so.cache"])
+            procs = sorted(p.name for p in (root / "proc").iterdir())
+            assert procs == sorted([str(vm.pid), "self"])
+            assert sorted(p.name for p in (root / vm.state_dir.relative_to("/")).iterdir()) == [
+                "console.log", "share"
+            ]
+            assert not (root / outside.relative_to("/")).exists()
+            # Its copy of the export is read-only, the shares keep their flags (propagated).
+            info = {m.split()[4]: m.split()[5] for m in
+                    Path(f"/proc/{vm.pid}/mountinfo").read_text().splitlines()}  # fmt: skip
+            share = os.fspath(vm.paths.share_dir)
+            assert info[share].startswith("ro,") and "nosuid" in info[share]
+            assert info[share + "/ro"].startswith("ro,") and "nodev" in info[share + "/ro"]
+            assert info[share + "/rw"].startswith("rw,") and "nosuid" in info[share + "/rw"]
+            assert info["/"].startswith("ro,") and info["/usr"].startswith("ro,")
+            status = Path(f"/proc/{vm.pid}/status").read_text()
+            caps = dict(re.findall(r"^(Cap\w+):\s+([0-9a-f]+)$", status, re.M))
+            assert int(caps["CapEff"], 16) == int(caps["CapBnd"], 16) == 1 << 1  # DAC_OVERRIDE
+            # A share removed on the host disappears from QEMU's namespace too.
+            await host.plan9_remove("ro")
+            assert share + "/ro" not in Path(f"/proc/{vm.pid}/mountinfo").read_text()
+            assert (await sh.ok("ls /mnt/share")).split() == ["rw"]
+
+    asyncio.run(main())
+
+
+def _qcow2_on(tmp_path: Path, name: str, *create_args: str, size: str = "4M") -> Path:
+    img = tmp_path / name
+    sized = [size] if size else []  # without a size, the backing file's
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", *create_args, str(img), *sized])
+    return img
+
+
+def test_disks_are_descriptors_and_chains_are_refused(
+    boot_files: BootFiles, base_dir: Path, tmp_path: Path
+) -> None:
+    """Images reach QEMU as descriptors opened with the caller's intent and leave nothing open
+    behind; an image that names a backing or data file is refused unless the chain is allowed."""
+    ro_img = tmp_path / "ro.ext4"
+    _mkfs(ro_img, 16, "rodisk")
+    rw_img = tmp_path / "rw.qcow2"
+    _run(["qemu-img", "convert", "-O", "qcow2", str(ro_img), str(rw_img)])
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"root:SECRET:" + b"\0" * 4096)
+    secret.chmod(0o600)
+    backed = _qcow2_on(tmp_path, "backed.qcow2")
+    _run(["qemu-img", "rebase", "-u", "-F", "raw", "-b", str(secret), str(backed)])
+    data_file = tmp_path / "data.raw"
+    with_data = _qcow2_on(tmp_path, "with-data.qcow2", "-o", f"data_file={data_file}")
+    base = tmp_path / "base.ext4"
+    _mkfs(base, 8, "baselayer")
+    overlay = _qcow2_on(tmp_path, "overlay.qcow2", "-F", "raw", "-b", base.name, size="")
+
+    async def main() -> None:
+        async with running_vm(_config(boot_files, base_dir)) as (vm, sh):
+            host = QemuHostBackend(vm)
+            await host.scsi_attach(0, 1, str(ro_img), read_only=True, passthrough=False)
+            await host.scsi_attach(0, 2, str(rw_img), read_only=False, passthrough=False)
+            # QEMU has each image open once in its fdset and once in its block node, with the
+            # intent asked for; we have none of them open any more.
+            assert _files_of(vm.pid, ro_img) == [os.O_RDONLY, os.O_RDONLY]
+            assert _files_of(vm.pid, rw_img) == [os.O_RDWR, os.O_RDWR]
+            assert _our_files(ro_img) == _our_files(rw_img) == 0
+            fdsets = await vm.qmp.execute("query-fdsets")
+            assert isinstance(fdsets, list) and len(fdsets) == 2
+            blocks = await vm.qmp.execute("query-block")
+            assert isinstance(blocks, list)
+            files = {b["qdev"]: b["inserted"]["image"]["filename"] for b in blocks
+                     if b.get("inserted")}  # fmt: skip
+            assert all(f.startswith("/dev/fdset/") for f in files.values()), files
+
+            cases = [(backed, f"backing file {str(secret)!r}"),
+                     (with_data, f"external data file {str(data_file)!r}")]  # fmt: skip
+            for img, what in cases:
+                for ro in (True, False):
+                    with pytest.raises(BackendError, match=re.escape(what)) as info:
+                        await host.scsi_attach(1, 0, str(img), read_only=ro, passthrough=False)
+                    assert info.value.hint and "qemu-img convert" in info.value.hint
+                    assert _files_of(vm.pid, img) == [] and _our_files(img) == 0
+            assert _files_of(vm.pid, secret) == [] and _files_of(vm.pid, data_file) == []
+
+            await host.scsi_detach(0, 1)
+            await host.scsi_detach(0, 2)
+            assert _files_of(vm.pid, ro_img) == _files_of(vm.pid, rw_img) == []
+            assert await vm.qmp.execute("query-fdsets") == []
+
+            # An explicitly allowed chain: uvmshim opens the backing file (read-only) itself.
+            with pytest.raises(BackendError, match="backing file 'base.ext4'"):
+                await host.scsi_attach(1, 1, str(overlay), read_only=False, passthrough=False)
+            allowing = QemuHostBackend(vm, allowed_backing_files=[base])
+            await allowing.scsi_attach(1, 1, str(overlay), read_only=False, passthrough=False)
+            assert _files_of(vm.pid, base) == [os.O_RDONLY, os.O_RDONLY]
+            assert _files_of(vm.pid, overlay) == [os.O_RDWR, os.O_RDWR]
+            find = "ls /sys/bus/pci/devices/0000:00:06.0/virtio*/host*/target*/*:0:0:1/block"
+            for _ in range(200):
+                rc, out = await sh.run(find)
+                if rc == 0:
+                    break
+                await asyncio.sleep(0.02)
+            await sh.ok(f"mkdir -p /o && mount /dev/{out.split()[0]} /o")
+            assert "hello from baselayer" in await sh.ok("cat /o/hello.txt")
+            await sh.ok("echo new > /o/new.txt && umount /o")
+            await allowing.scsi_detach(1, 1)
+            assert _files_of(vm.pid, base) == _files_of(vm.pid, overlay) == []
+            assert await vm.qmp.execute("query-fdsets") == []
+
+    asyncio.run(main())
+    assert (tmp_path / "secret.raw").read_bytes().startswith(b"root:SECRET:")
 
 
 def test_vpmem_hot_add(boot_files: BootFiles, base_dir: Path, tmp_path: Path) -> None:
@@ -481,6 +667,9 @@ def test_vpmem_hot_add(boot_files: BootFiles, base_dir: Path, tmp_path: Path) ->
             await sh.ok(f"mkdir -p /p && mount -o ro /dev/{dev} /p")
             assert "hello from pmemlayer" in await sh.ok("cat /p/hello.txt")
             await sh.ok("umount /p")
+            # The file came as a descriptor: QEMU holds it read-only, no fdset is left over.
+            assert _files_of(vm.pid, img) == [os.O_RDONLY]
+            assert await vm.qmp.execute("query-fdsets") == []
             # QEMU 7.2 cannot unplug virtio-pmem: a clear error, and the device stays tracked.
             with pytest.raises(BackendError, match="cannot hot-unplug virtio-pmem"):
                 await host.vpmem_remove(0)
@@ -524,6 +713,30 @@ def test_launch_failure_reports_and_cleans_up(
         _assert_gone(vm)
         with pytest.raises(BackendError, match="launch needs idle"):
             await vm.launch()
+
+    asyncio.run(main())
+
+
+def test_confinement_failure_is_a_launch_error(
+    boot_files: BootFiles, base_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step of building QEMU's root that fails in the child ends up in the launch error."""
+    real_plan = mountns.plan
+
+    def broken(*args: Any, **kw: Any) -> mountns.RootPlan:
+        plan = real_plan(*args, **kw)
+        bogus = mountns.Bind("/nonexistent-uvmshim-source", "/usr/bogus")
+        return dataclasses.replace(plan, binds=(*plan.binds, bogus))
+
+    monkeypatch.setattr(mountns, "plan", broken)
+
+    async def main() -> None:
+        vm = QemuMachine(_config(boot_files, base_dir))
+        with pytest.raises(QemuLaunchError, match="cannot confine QEMU: mount "
+                           "/nonexistent-uvmshim-source on .*: No such file") as info:  # fmt: skip
+            await vm.launch()
+        assert info.value.returncode == 1
+        _assert_gone(vm)
 
     asyncio.run(main())
 
@@ -622,9 +835,10 @@ def test_sigkilled_host_process_leaves_no_qemu_and_leftovers_are_reclaimed(
         qemu_pid = int(line.split()[1])
         proc.kill()  # no cleanup code runs in the host process
         proc.wait()
-        # PR_SET_PDEATHSIG: QEMU dies with its parent.
+        # PR_SET_PDEATHSIG: QEMU dies with its parent. Wait until it has exited (gone, or only
+        # its zombie left) as list_leftovers sees it, not just until its memory is released.
         for _ in range(100):
-            if _is_zombie_or_other(qemu_pid) or _proc_state(qemu_pid) == "Z":
+            if procscan.exited(qemu_pid):
                 break
             time.sleep(0.05)
         else:
@@ -640,13 +854,6 @@ def test_sigkilled_host_process_leaves_no_qemu_and_leftovers_are_reclaimed(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 def test_graceful_shutdown_paths(boot_files: BootFiles, base_dir: Path) -> None:

@@ -131,6 +131,8 @@ async def allocate_linux_resources(
     root = spec.root or Root()
     container_root = r.container_root_in_uvm
     windows = spec.windows
+    if vm is not None:
+        check_host_inputs(spec)
     if windows is not None and windows.layer_folders:
         if vm is not None:
             log.debug("allocateLinuxResources mounting storage")
@@ -228,6 +230,84 @@ async def allocate_linux_resources(
     return new_spec
 
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISDIR, "a directory"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _check_guest_name(source: str, prefix: str) -> None:
+    """A ``sandbox://`` or ``hugepages://`` path names a directory below the sandbox's: no
+    ``.``/``..`` component may lead it elsewhere (the guest refuses it too, but only then)."""
+    rest = source[len(prefix):]
+    if any(part in (".", "..") for part in rest.split("/")):
+        raise AllocationError(f"{source}: '.' and '..' are not allowed in the path",
+                              hint=f"name a directory below {prefix}")
+
+
+def check_host_inputs(spec: Spec) -> None:
+    """Check every host path the spec names before anything is allocated, so that
+    ``uvmshim plan`` (a simulated UVM) and ``uvmshim run`` (a real one) refuse the same specs
+    with the same message: the root directory, bind sources (a directory or a regular file:
+    not a FIFO, socket or device), ``virtual-disk`` images (a non-empty regular file), and
+    ``sandbox://``/``hugepages://`` paths (no ``..``).
+
+    :raises AllocationError: naming the field.
+    """
+    windows = spec.windows
+    root = spec.root
+    if not (windows is not None and windows.layer_folders) and root is not None and root.path:
+        try:
+            st = os.stat(root.path)
+        except OSError as err:
+            raise AllocationError(f"rootfs ({root.path}) does not exist: "
+                                  f"{os_error_text('stat', err)}", where="root.path",
+                                  hint="root.path must name a directory") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise AllocationError(f"rootfs ({root.path}) is not a directory", where="root.path",
+                                  hint="root.path must name a directory")
+    for i, mount in enumerate(spec.mounts):
+        where = f"mounts[{i}].source"
+        source = mount.source
+        if not source or mount.type not in (MOUNT_TYPE_BIND, MOUNT_TYPE_VIRTUAL_DISK):
+            continue
+        if mount.type == MOUNT_TYPE_BIND:
+            prefix = next((p for p in (guestpath.SANDBOX_MOUNT_PREFIX,
+                                       guestpath.HUGEPAGES_MOUNT_PREFIX)
+                           if source.startswith(p)), None)
+            if prefix is not None:
+                with error_context(f"mount {mount.destination}", where=where):
+                    _check_guest_name(source, prefix)
+                continue
+            try:
+                st = os.stat(source)
+            except OSError:
+                continue  # the allocator's own message (hcsshim's) says why
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                raise AllocationError(
+                    f"bind mount source {source} is {_kind(st.st_mode)}: only directories and "
+                    "regular files can be shared with the utility VM", where=where)
+        else:
+            if "://" in source:
+                continue  # the allocator's own message (hcsshim's) says why
+            try:
+                st = os.stat(source)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise AllocationError(f"disk image {source} is {_kind(st.st_mode)}, not a "
+                                      "regular file", where=where,
+                                      hint="a virtual-disk source is a raw, qcow2, VHD or "
+                                           "VHDX image file")
+            if st.st_size == 0:
+                raise AllocationError(f"disk image {source} is empty", where=where,
+                                      hint="a virtual-disk source is a raw, qcow2, VHD or "
+                                           "VHDX image file")
+
+
 def _check_hugepages(source: str) -> None:
     prefix = guestpath.HUGEPAGES_MOUNT_PREFIX
     parts = source[len(prefix):].split("/")
@@ -246,6 +326,7 @@ def linux_container_document(spec: Spec, container_root: str, scratch_path: str)
     """The guest's document for a Linux container (hcsshim's ``createLinuxContainerDocument``)."""
     oci = spec.to_json()  # a fresh copy: ours to change
     oci.pop("windows", None)
+    add_dev_mount(oci)
     if spec.windows is not None:
         windows: dict[str, Any] = {}
         if spec.windows.network_namespace:
@@ -275,6 +356,33 @@ def linux_container_document(spec: Spec, container_root: str, scratch_path: str)
         "OciSpecification": oci,
         "ScratchDirPath": scratch_path,
     }
+
+
+#: The ``/dev`` mount of runc's and crun's spec template (``runc spec``), which
+#: container engines always put in a spec.
+DEV_MOUNT: dict[str, Any] = {
+    "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+    "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+}
+
+
+def add_dev_mount(oci: dict[str, Any]) -> None:
+    """Give a spec without a ``/dev`` mount the template's ``/dev`` tmpfs, first.
+
+    runc and crun accept such a spec and make the default device nodes in the root's ``/dev``.
+    In the UVM that directory is on a 9p share or an overlay, where the container can't
+    ``mknod`` (crun fails: ``mknod /dev/null: Operation not permitted``); on a tmpfs it can.
+    """
+    mounts = oci.get("mounts")
+    if mounts is None:
+        mounts = oci["mounts"] = []
+    if not isinstance(mounts, list):
+        return
+    for m in mounts:
+        if isinstance(m, dict) and isinstance(m.get("destination"), str) and \
+                m["destination"].rstrip("/") == "/dev":
+            return
+    mounts.insert(0, dict(DEV_MOUNT, options=list(DEV_MOUNT["options"])))
 
 
 _gc_pauses = 0

@@ -14,6 +14,12 @@ called (not at import), so an override set by a parent process or a test always 
 * **Image store** (:func:`image_store_dir`): ``$UVMSHIM_IMAGE_ROOT``, else
   ``/var/lib/uvmshim/images`` as root, else ``${XDG_DATA_HOME:-~/.local/share}/uvmshim/images``.
 * **Boot file cache** (:func:`cache_dir`): ``${XDG_CACHE_HOME:-~/.cache}/uvmshim``.
+* **Owners' journals** (:func:`owners_dir`): ``$UVMSHIM_OWNERS_DIR``, else ``/run/uvmshim/owners``
+  as root, else beside the default VM state directories; a registry of the directories used
+  (``places``) beside it.
+* **UVM templates** (:func:`template_dir`): ``$UVMSHIM_TEMPLATE_DIR``, else
+  ``<boot file cache>/templates``. One directory per template key; like the boot files, they
+  outlive every VM (see :mod:`uvmshim.uvm.qemu.template`).
 
 The containers, pods and scratch directories hold entries only while something runs, as the VM
 state directories do; :func:`transient_dirs` names the first three for ``uvmshim leaks``, which
@@ -37,6 +43,10 @@ VM_DIR_ENV = "UVMSHIM_VM_DIR"
 POD_DIR_ENV = "UVMSHIM_POD_DIR"
 #: Overrides the image store root.
 IMAGE_ROOT_ENV = "UVMSHIM_IMAGE_ROOT"
+#: Overrides the directory of the owners' journals.
+OWNERS_DIR_ENV = "UVMSHIM_OWNERS_DIR"
+#: Overrides the UVM template directory.
+TEMPLATE_DIR_ENV = "UVMSHIM_TEMPLATE_DIR"
 
 #: The runtime root (and parent of the other run-time directories) as root.
 RUN_DIR = Path("/run/uvmshim")
@@ -70,6 +80,22 @@ def vm_dir() -> Path:
     if xdg and os.path.isdir(xdg):
         return Path(xdg) / "uvmshim" / "vm"
     return Path(f"/tmp/uvmshim-{os.geteuid()}") / "vm"
+
+
+def owners_dir() -> Path:
+    """The owners' journals (:mod:`uvmshim.owners`): ``$UVMSHIM_OWNERS_DIR``, else
+    ``/run/uvmshim/owners`` as root, else ``$XDG_RUNTIME_DIR/uvmshim/owners`` if that
+    directory exists, else ``/tmp/uvmshim-<uid>/owners``. Not moved by the other overrides:
+    every process of a user finds every other's journal, wherever its resources are."""
+    env = os.environ.get(OWNERS_DIR_ENV)
+    if env:
+        return Path(env)
+    if _is_root():
+        return RUN_DIR / "owners"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "uvmshim" / "owners"
+    return Path(f"/tmp/uvmshim-{os.geteuid()}") / "owners"
 
 
 def kvm_probe_cache() -> Path:
@@ -118,6 +144,12 @@ def cache_dir() -> Path:
     """The boot file cache: ``${XDG_CACHE_HOME:-~/.cache}/uvmshim``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "uvmshim"
+
+
+def template_dir() -> Path:
+    """The UVM templates: ``$UVMSHIM_TEMPLATE_DIR``, else ``<cache_dir()>/templates``."""
+    env = os.environ.get(TEMPLATE_DIR_ENV)
+    return Path(env) if env else cache_dir() / "templates"
 
 
 def transient_dirs(root: str | os.PathLike[str] | None = None) -> list[Path]:

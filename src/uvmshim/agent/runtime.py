@@ -77,6 +77,13 @@ class Runtime:
     def _crun(self, *args: str) -> list[str]:
         return ["crun", "--root", CRUN_ROOT, *args]
 
+    def _crun_logged(self, log: str, *args: str) -> list[str]:
+        """crun writing its own errors to ``log`` (JSON lines), apart from the process's
+        output: a failure of crun is then told from the process's own exit status."""
+        with contextlib.suppress(OSError):
+            os.unlink(log)
+        return ["crun", "--root", CRUN_ROOT, f"--log=file:{log}", "--log-format=json", *args]
+
     def create(self, req: ContainerCreate) -> None:
         """Write ``<bundle>/config.json`` from ``spec``; the container starts at :meth:`start`."""
         container_id, bundle, sandbox_id = req.container_id, req.bundle, req.sandbox_id
@@ -133,10 +140,14 @@ class Runtime:
                 raise AgentError(f"container {container_id} was already started",
                                  ErrorKind.CONFLICT)
             c.started = True
+        log = os.path.join(c.bundle, "crun.log")
         self._spawn(process_key(container_id),
-                    self._crun("run", "--bundle", c.bundle, container_id),
-                    stdin=c.stdin, cwd=c.bundle)
+                    self._crun_logged(log, "run", "--bundle", c.bundle, container_id),
+                    stdin=c.stdin, cwd=c.bundle, crun_log=log)
         self._wait_running(container_id)
+        error = crun_error(log)
+        if error:
+            raise AgentError(f"crun: {error}", ErrorKind.CRUN)
 
     def _wait_running(self, container_id: str, timeout: float = 30.0) -> None:
         """Return once crun reports the container running (or its init already exited).
@@ -175,9 +186,10 @@ class Runtime:
         path = os.path.join(c.bundle, f"exec-{exec_id}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(spec, f)
+        log = os.path.join(c.bundle, f"exec-{exec_id}.log")
         self._spawn(process_key(container_id, exec_id),
-                    self._crun("exec", "--process", path, container_id), stdin=req.stdin,
-                    cwd=c.bundle)
+                    self._crun_logged(log, "exec", "--process", path, container_id),
+                    stdin=req.stdin, cwd=c.bundle, crun_log=log)
 
     def signal(self, req: ContainerSignal) -> None:
         """``crun kill [--all] <id> <signal>``."""
@@ -210,7 +222,8 @@ class Runtime:
         # What create wrote into the bundle; the bundle directory itself is a mount point (the
         # scratch disk) or the parent of one (the rootfs), which the host removes.
         for name in os.listdir(c.bundle) if os.path.isdir(c.bundle) else []:
-            if name == "config.json" or (name.startswith("exec-") and name.endswith(".json")):
+            if name in ("config.json", "crun.log") or (
+                    name.startswith("exec-") and name.endswith((".json", ".log"))):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(c.bundle, name))
         if c.sandbox_id == container_id:
@@ -236,7 +249,8 @@ class Runtime:
 
     # Processes ----------------------------------------------------------------------------
 
-    def _spawn(self, key: str, argv: list[str], *, stdin: bool, cwd: str) -> None:
+    def _spawn(self, key: str, argv: list[str], *, stdin: bool, cwd: str,
+               crun_log: str = "") -> None:
         import subprocess
 
         with self._lock:
@@ -249,10 +263,10 @@ class Runtime:
             except OSError as err:
                 raise AgentError(f"{argv[0]}: {err.strerror or err}", ErrorKind.CRUN) from None
             self._procs[key] = proc
-        threading.Thread(target=self._watch, args=(key, proc), daemon=True,
+        threading.Thread(target=self._watch, args=(key, proc, crun_log), daemon=True,
                          name=f"proc-{key}").start()
 
-    def _watch(self, key: str, proc: Any) -> None:
+    def _watch(self, key: str, proc: Any, crun_log: str) -> None:
         pumps = [threading.Thread(target=self._pump, args=(key, name, pipe), daemon=True)
                  for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))]
         for t in pumps:
@@ -262,7 +276,8 @@ class Runtime:
             t.join()  # all output before the exit event
         with self._lock:
             self._procs.pop(key, None)
-        self._send_event(ExitEvent(process=key, exit_code=rc))
+        error = crun_error(crun_log) if crun_log and rc != 0 else ""
+        self._send_event(ExitEvent(process=key, exit_code=rc, error=error))
 
     def _pump(self, key: str, stream: str, pipe: BinaryIO) -> None:
         fd = pipe.fileno()
@@ -272,6 +287,25 @@ class Runtime:
                 break
             self._send_event(OutputEvent(process=key, stream=stream, data=chunk))
         pipe.close()
+
+
+def crun_error(log: str) -> str:
+    """crun's own error messages in its JSON log ``log`` (one per line), joined; empty if
+    crun logged none (the log is missing or holds only warnings)."""
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    errors = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = {"level": "error", "msg": line}
+        if isinstance(entry, dict) and entry.get("level") == "error" and entry.get("msg"):
+            errors.append(str(entry["msg"]).strip())
+    return "; ".join(errors)
 
 
 def _check_id(value: str) -> None:

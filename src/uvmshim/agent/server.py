@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from uvmshim.agent.kmods import ModuleLoader
+from uvmshim.agent.kmods import MODULE_GROUPS, ModuleLoader
 from uvmshim.agent.runtime import Runtime
 from uvmshim.agent.storage import Storage
 from uvmshim.agent.util import AgentError, run
@@ -41,8 +41,10 @@ from uvmshim.protocol.requests import (
     AddVpci,
     Exec,
     ExecStatus,
+    FreshStart,
     Hello,
     InstallDrivers,
+    LoadModules,
     Ping,
     ProcessStdin,
     Shutdown,
@@ -65,7 +67,11 @@ if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are string
 OUTPUT_CHUNK = 32 * 1024
 
 #: How long to sleep after EOF (no host connected) before reading again.
-EOF_POLL_INTERVAL = 0.02
+EOF_POLL_INTERVAL = 0.005
+
+#: ``ioctl``s of the random device (linux/random.h): ``_IOW('R', 3, int[2])``, ``_IO('R', 7)``.
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
 
 #: The default environment of ``exec``'d processes.
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -85,11 +91,14 @@ class Server:
     :param storage: performs the mount requests.
     :param eof_is_final: stop at EOF instead of waiting for a host to (re)connect.
     :param poweroff: called after a ``shutdown`` response was sent.
+    :param modules: loads kernel modules for ``load_modules`` (default: the initrd's).
     """
 
     def __init__(self, fd: int, storage: Storage, *, eof_is_final: bool = False,
-                 poweroff: Callable[[], None] | None = None) -> None:
+                 poweroff: Callable[[], None] | None = None,
+                 modules: ModuleLoader | None = None) -> None:
         self._fd = fd
+        self._modules = modules or ModuleLoader()
         self._storage = storage
         self._eof_is_final = eof_is_final
         self._poweroff = poweroff or _poweroff
@@ -114,6 +123,8 @@ class Server:
             Op.HUGEPAGES_DIR: storage.hugepages_dir,
             Op.INSTALL_DRIVERS: self._install_drivers,
             Op.SHUTDOWN: self._shutdown,
+            Op.FRESH_START: self._fresh_start,
+            Op.LOAD_MODULES: self._load_modules,
             Op.CONTAINER_CREATE: rt.create,
             Op.CONTAINER_START: rt.start,
             Op.CONTAINER_EXEC: rt.exec,
@@ -216,6 +227,49 @@ class Server:
     def _shutdown(self, req: Shutdown) -> None:
         pass  # _handle powers off once the answer is out
 
+    def _fresh_start(self, req: FreshStart) -> dict[str, Any]:
+        """Fresh entropy (credited, then a forced CRNG reseed), the host's clock, a host name.
+
+        A clone of a template resumes with the template's CRNG state: without this, every
+        clone would hand its containers the same "random" bytes.
+        """
+        import fcntl
+        import socket
+        import struct
+
+        name = req.hostname
+        if not 0 < len(name.encode()) <= 64 or "/" in name or "\0" in name:
+            raise AgentError(f"bad host name {name!r}", ErrorKind.INVALID)
+        if len(req.entropy) < 16:
+            raise AgentError("fresh_start needs at least 16 bytes of entropy", ErrorKind.INVALID)
+        fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            # struct rand_pool_info: entropy_count (bits), buf_size (bytes), buf.
+            info = struct.pack("ii", 8 * len(req.entropy), len(req.entropy)) + req.entropy
+            fcntl.ioctl(fd, RNDADDENTROPY, info)
+            try:
+                fcntl.ioctl(fd, RNDRESEEDCRNG)
+                reseeded = True
+            except OSError:  # ENODATA: the CRNG is not ready yet; the credit above seeds it
+                reseeded = False
+        except OSError as err:
+            raise AgentError(f"adding entropy: {err.strerror or err}", ErrorKind.FAILED) \
+                from None
+        finally:
+            os.close(fd)
+        try:
+            time.clock_settime_ns(time.CLOCK_REALTIME, req.time_ns)
+            socket.sethostname(name)
+        except OSError as err:
+            raise AgentError(f"fresh_start: {err.strerror or err}", ErrorKind.FAILED) from None
+        return {"reseeded": reseeded, "uptime": _uptime()}
+
+    def _load_modules(self, req: LoadModules) -> None:
+        unknown = [g for g in req.groups if g not in MODULE_GROUPS]
+        if unknown:
+            raise AgentError(f"unknown module groups {unknown}", ErrorKind.INVALID)
+        self._modules.ensure_group(*req.groups)
+
     def _add_vpci(self, req: AddVpci) -> None:
         # The host side would assign a VFIO device; this guest has no mapping from a VMBus
         # GUID to a PCI function and no drivers for pass-through hardware.
@@ -295,4 +349,5 @@ def _poweroff() -> None:
 
 def make_server(fd: int, **kw: Any) -> Server:
     """A :class:`Server` with the real guest storage and module loader."""
-    return Server(fd, Storage(ModuleLoader()), **kw)
+    modules = ModuleLoader()
+    return Server(fd, Storage(modules), modules=modules, **kw)

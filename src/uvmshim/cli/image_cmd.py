@@ -92,21 +92,47 @@ class _Bars:
             self._console.print(f"{label}: already present")
 
 
+#: An image reference as docker and podman write them (``registry/repo/name:tag``, ``@digest``).
+_IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}", re.ASCII)
+
+
+def check_image_name(name: str) -> None:
+    """Refuse a ``--name`` that is not an image reference: no ``..``, ``.`` or empty path
+    component, no leading ``/``, only letters, digits and ``._/:@+-``.
+
+    :raises ImageError: naming the problem.
+    """
+    if not _IMAGE_NAME_RE.fullmatch(name) or any(
+            part in ("", ".", "..") for part in name.split("/")):
+        raise ImageError(f"invalid image name {name!r}", where="--name",
+                         hint="use an image reference such as busybox or "
+                              "example.org/team/app:1.0")
+
+
 @image_group.command("import")
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--name", default=None,
               help="Name to store the image under (default: its ref name or repo tag).")
+@click.option("--no-verity", is_flag=True,
+              help="Give the layer disks no dm-verity hash tree (the guest then mounts them "
+                   "unverified).")
 @click.pass_context
-def import_command(ctx: click.Context, path: str, name: str | None) -> None:
+def import_command(ctx: click.Context, path: str, name: str | None, no_verity: bool) -> None:
     """Import the image at PATH: an OCI layout directory, an oci-archive or a docker-archive
-    (`podman save` / `docker save` output)."""
+    (`podman save` / `docker save` output).
+
+    Each layer disk gets a dm-verity hash tree (unless --no-verity): the guest mounts it
+    through dm-verity, so a layer changed on the host after the import cannot be read."""
+    if name is not None:
+        check_image_name(name)
     store = _store(ctx)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console, transient=True,
                   disable=not console.is_terminal) as progress:
         record = run_async(import_image(path, name=name, store=store,
-                                        progress=_Bars(progress, console)))
+                                        progress=_Bars(progress, console),
+                                        verity=not no_verity))
     click.echo(f"{record.name} {record.id}")
 
 

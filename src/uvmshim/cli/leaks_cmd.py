@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from uvmshim.cli.main import dump_json
-from uvmshim.runtime.leaks import find_holdings, reclaim_all
+from uvmshim.runtime.leaks import collect_dead_owners, find_holdings, reclaim_all
 
 
 @click.command("leaks")
@@ -24,7 +24,8 @@ def leaks_command(as_json: bool, reclaim: bool, root: str | None) -> None:
 
     It looks at every directory uvmshim uses, with the environment's overrides
     ($UVMSHIM_VM_DIR, $UVMSHIM_POD_DIR, $UVMSHIM_ROOT). With nothing running, this is empty and
-    the exit status is 0; otherwise it is 1.
+    the exit status is 0; otherwise it is 1. UVM templates are listed apart: they are kept on
+    purpose (remove them with 'uvmshim uvm template rm') and never reclaimed here.
     """
     holdings = find_holdings(root=root)
     if reclaim and not holdings.empty:
@@ -35,7 +36,15 @@ def leaks_command(as_json: bool, reclaim: bool, root: str | None) -> None:
         dump_json({"empty": holdings.empty, **holdings.as_dict()})
     elif holdings.empty:
         click.echo("uvmshim holds nothing on this host")
-    else:
+    if not as_json and holdings.templates:
+        kept = Table(title="UVM templates (kept; not leaks)")
+        for column in ("key", "path", "disk", "clones running"):
+            kept.add_column(column)
+        for t in holdings.templates:
+            kept.add_row(t.key, str(t.path), f"{t.disk_bytes >> 20} MiB",
+                         ", ".join(map(str, t.users)) or "none")
+        Console().print(kept)
+    if not as_json and not holdings.empty:
         table = Table(title="held by uvmshim")
         table.add_column("what")
         table.add_column("detail")
@@ -47,5 +56,33 @@ def leaks_command(as_json: bool, reclaim: bool, root: str | None) -> None:
             table.add_row("host mount", m)
         for d in holdings.state_dirs:
             table.add_row("state dir", d)
+        for d in holdings.template_builds:
+            table.add_row("unfinished template build", d)
         Console().print(table)
     sys.exit(0 if holdings.empty else 1)
+
+
+@click.command("gc")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Also this OCI runtime state root (default: $UVMSHIM_ROOT, else "
+                   "/run/uvmshim, and every root seen before).")
+def gc_command(root: str | None) -> None:
+    """Reclaim everything no live uvmshim process holds, then say what is left.
+
+    First what the journals of dead uvmshim processes list (their QEMUs are killed, their
+    mounts unmounted, their directories removed), then any other leftover 'uvmshim leaks'
+    lists. Commands that create something ('run', 'pod create', the runc 'create') do the
+    first part on their own. Exit status 0 when nothing is left, 1 otherwise.
+    """
+    for line in collect_dead_owners():
+        click.echo(line, err=True)
+    holdings = find_holdings(root=root, unowned_only=True)
+    if not holdings.empty:
+        for line in reclaim_all(holdings):
+            click.echo(line, err=True)
+        holdings = find_holdings(root=root, unowned_only=True)
+    if holdings.empty:
+        click.echo("nothing left")
+        sys.exit(0)
+    click.echo(f"left: {holdings.as_dict()}", err=True)
+    sys.exit(1)

@@ -7,34 +7,80 @@ message on stderr and a non-zero exit status. Tracebacks are shown with ``--debu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import click
 
-from uvmshim import __version__
-from uvmshim.errors import UvmshimError
+from uvmshim import __version__, asyncutil
+from uvmshim.asyncutil import cancel_on_signals
+from uvmshim.errors import GuestError, UvmshimError
+from uvmshim.protocol.messages import ErrorKind
 
 T = TypeVar("T")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: The guest's crun could not run the container (podman's and docker's ``run`` status).
+EXIT_RUNTIME = 125
+#: crun found the command but could not execute it (permission denied, ...).
+EXIT_CANNOT_INVOKE = 126
+#: crun did not find the command.
+EXIT_NOT_FOUND = 127
 
 
 class State:
     debug: bool = False
+    #: The terminating signal received (SIGINT or SIGTERM), if any.
+    signal: int = 0
 
 
 STATE = State()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM outside the event loop: stop the way Ctrl-C stops (unwinding cleans up)."""
+    STATE.signal = signum
+    raise KeyboardInterrupt
+
+
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one event loop for the command."""
-    return asyncio.run(coro)
+    """Run one event loop for the command; SIGINT and SIGTERM cancel it (cleanly)."""
+
+    async def main() -> T:
+        task = asyncio.current_task()
+        if task is not None:
+            cancel_on_signals(task)
+        return await coro
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        STATE.signal = asyncutil.received_signal or STATE.signal
+        raise KeyboardInterrupt from None
+    finally:
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def exit_status(err: UvmshimError) -> int:
+    """The exit status for an error: 125/126/127 when the guest's crun could not run the
+    container (as podman and docker ``run`` say it), else 1."""
+    if isinstance(err, GuestError) and err.kind == ErrorKind.CRUN:
+        reason = err.reason.lower()
+        if "not found" in reason or "no such file" in reason:
+            return EXIT_NOT_FOUND
+        if "permission denied" in reason:
+            return EXIT_CANNOT_INVOKE
+        return EXIT_RUNTIME
+    return EXIT_ERROR
 
 
 def fail(err: UvmshimError) -> None:
@@ -63,18 +109,21 @@ def _register() -> None:
 
     for module, name in (("plan_cmd", "plan_command"), ("uvm_cmd", "uvm_group"),
                          ("image_cmd", "image_group"), ("run_cmd", "run_command"),
-                         ("leaks_cmd", "leaks_command"), ("pod_cmd", "pod_group")):
+                         ("leaks_cmd", "leaks_command"), ("leaks_cmd", "gc_command"),
+                         ("pod_cmd", "pod_group")):
         cli.add_command(getattr(importlib.import_module(f"uvmshim.cli.{module}"), name))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``uvmshim`` console script."""
     _register()
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli.main(args=argv, prog_name="uvmshim", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("uvmshim: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(128 + (STATE.signal or signal.SIGINT))
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
@@ -84,14 +133,24 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
         fail(err)
-        sys.exit(EXIT_ERROR)
+        sys.exit(exit_status(err))
     except KeyboardInterrupt:
         click.echo("uvmshim: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(128 + (STATE.signal or signal.SIGINT))
     except SystemExit:
         raise
 
 
+def collect_garbage() -> None:
+    """Reclaim what dead uvmshim processes left (their journals say what): the first step of
+    every command that creates something. Costs a directory listing when there is nothing."""
+    from uvmshim.runtime.leaks import collect_dead_owners
+
+    for line in collect_dead_owners():
+        logging.getLogger("uvmshim.gc").info("%s", line)
+
+
 def dump_json(obj: object) -> None:
-    click.echo(json.dumps(obj, indent=2))
+    """Print ``obj`` as JSON (strict: a NaN or infinity is an error, never printed)."""
+    click.echo(json.dumps(obj, indent=2, allow_nan=False))
 

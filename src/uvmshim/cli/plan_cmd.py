@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from uvmshim.cli.main import dump_json, run_async
-from uvmshim.oci.spec import load_spec
+from uvmshim.oci.spec import load_bundle
 from uvmshim.plan import PlanResult, plan
 from uvmshim.uvm.options import UvmOptions
 
@@ -29,9 +29,10 @@ def plan_command(path: str, container_id: str, as_json: bool, no_uvm: bool,
     """Show what running the spec at PATH (config.json or a bundle) would allocate.
 
     The allocation runs on a fresh simulated UVM: nothing is booted, but layer and disk files
-    named in the spec must exist, as they would for a real run.
+    named in the spec must exist, as they would for a real run; what 'uvmshim run' would
+    refuse, this refuses with the same message. Relative paths are relative to the bundle.
     """
-    spec = load_spec(path)
+    spec = load_bundle(path)
     options = None
     if vpmem_count is not None or scsi_controllers is not None:
         base = UvmOptions.from_annotations(spec.annotations)

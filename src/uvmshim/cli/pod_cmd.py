@@ -9,18 +9,23 @@ import shutil
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import click
 
-from uvmshim import run
-from uvmshim.cli.main import dump_json, run_async
+from uvmshim import owners, run
+from uvmshim.cli.main import collect_garbage, dump_json, run_async
 from uvmshim.errors import UvmshimError
-from uvmshim.hostpath import pod_dir, pods_dir
+from uvmshim.hostpath import RUN_DIR, pod_dir, pods_dir
 from uvmshim.protocol.framing import read_frame, write_frame
 from uvmshim.runtime.specgen import RunOptions, build_spec
 
 CREATE_TIMEOUT = 180.0
+
+
+def pods_dir_default() -> Path:
+    return RUN_DIR / "pods"
 
 
 @click.group("pod")
@@ -45,6 +50,29 @@ def _alive(name: str) -> bool:
     return True
 
 
+def _claim(name: str, directory: Path) -> None:
+    """Create the pod's directory, atomically: of concurrent creates of one name, exactly
+    one wins; the others get a clear error. A directory no live process holds (a killed
+    create or daemon left it) is reclaimed first.
+
+    :raises UvmshimError: the pod exists (or is being created).
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.parent != pods_dir_default():
+        owners.remember_place("pods", directory.parent)
+    for _ in range(2):
+        owners.acquire(owners.DIR, directory)  # before: a SIGKILL leaves a record
+        try:
+            directory.mkdir()
+            return
+        except FileExistsError:
+            owners.release(owners.DIR, directory)
+        if owners.is_held(directory, owners.live_holdings()) or _alive(name):
+            raise UvmshimError(f"pod {name} exists", hint=f"uvmshim pod stop {name}")
+        shutil.rmtree(directory, ignore_errors=True)  # a dead pod's leftover
+    raise UvmshimError(f"pod {name} exists", hint=f"uvmshim pod stop {name}")
+
+
 @pod_group.command("create")
 @click.argument("name")
 @click.option("--rootfs", required=True, type=click.Path(file_okay=False, exists=True),
@@ -54,11 +82,8 @@ def _alive(name: str) -> bool:
 def create_command(name: str, rootfs: str, memory_mb: int, cpus: int) -> None:
     """Boot a UVM for pod NAME and start its sandbox; return once it is ready."""
     directory = pod_dir(name)
-    if directory.exists():
-        if _alive(name):
-            raise UvmshimError(f"pod {name} exists", hint=f"uvmshim pod stop {name}")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    collect_garbage()
+    _claim(name, directory)
     (directory / "rootfs").write_text(os.path.abspath(rootfs))
     with open(directory / "pod.log", "wb") as logf:
         proc = run.start(

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 
 import click
 from rich.console import Console
 
-from uvmshim import hostpath
-from uvmshim.cli.main import run_async
+from uvmshim import hostpath, owners
+from uvmshim.cli.main import collect_garbage, run_async
 from uvmshim.errors import UvmshimError
-from uvmshim.oci.spec import Spec, load_spec
+from uvmshim.oci.spec import Spec, load_bundle
+from uvmshim.oci_runtime.state import check_id
 from uvmshim.runtime.run import run_container
 from uvmshim.runtime.specgen import RunOptions, build_spec
 
@@ -54,8 +53,7 @@ def _parse_user(value: str) -> tuple[int, int]:
             from None
 
 
-@click.command("run", context_settings={"ignore_unknown_options": True,
-                                        "allow_interspersed_args": False})
+@click.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("--rootfs", type=click.Path(file_okay=False), help="Root filesystem directory "
               "(shared into the UVM over Plan9).")
 @click.option("--layers", metavar="LAYER,...,SCRATCH",
@@ -82,13 +80,15 @@ def _parse_user(value: str) -> tuple[int, int]:
 @click.option("--memory", "memory_mb", type=click.IntRange(64), default=512, show_default=True,
               help="UVM memory in MiB.")
 @click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--no-template", is_flag=True, help="Boot the UVM cold instead of cloning it from "
+              "its template (also: UVMSHIM_NO_TEMPLATE=1).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
                 bundle: str | None, volumes: tuple[str, ...], disks: tuple[str, ...],
                 physical_disks: tuple[str, ...], hugepages: tuple[str, ...],
                 env: tuple[str, ...], workdir: str | None, user: str | None, read_only: bool,
                 interactive: bool, container_id: str, memory_mb: int, cpus: int,
-                command: tuple[str, ...]) -> None:
+                no_template: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in a container in a fresh utility VM, then tear everything down.
 
     The container's output is streamed, and its exit status becomes uvmshim's.
@@ -103,6 +103,9 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
     if len(roots) != 1:
         raise UvmshimError("give exactly one of --rootfs, --layers, --image or --bundle",
                            hint="uvmshim run --rootfs DIR -- CMD")
+    if container_id:
+        check_id(container_id)
+    collect_garbage()
     cid = container_id or uuid.uuid4().hex[:12]
     with contextlib.ExitStack() as stack:
         if bundle:
@@ -128,17 +131,15 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
         with _progress(sys.stderr.isatty()) as say:
             code = run_async(run_container(spec, container_id=cid, memory_mb=memory_mb,
                                            cpus=cpus, stdin=interactive,
-                                           progress=say))
+                                           progress=say,
+                                           template=False if no_template else None))
     sys.exit(code)
 
 
 def _bundle_spec(bundle: str) -> Spec:
-    """A bundle's spec, with a relative ``root.path`` made absolute (it is relative to it)."""
-    spec = load_spec(bundle)
-    if spec.root is not None and spec.root.path and not os.path.isabs(spec.root.path):
-        root = replace(spec.root, path=os.path.join(os.path.abspath(bundle), spec.root.path))
-        spec = replace(spec, root=root)
-    return spec
+    """A bundle's spec, with relative paths (``root.path``, disk and bind sources) made
+    absolute: they are relative to the bundle."""
+    return load_bundle(bundle)
 
 
 @contextlib.contextmanager
@@ -150,7 +151,14 @@ def _image_options(name: str, cid: str, opts: RunOptions, workdir: str | None,
     record = get_image(name)
     config = image_config(record)
     scratch = hostpath.scratch_dir() / cid  # removed when the container is gone
-    scratch.mkdir(parents=True, exist_ok=False)
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    owners.acquire(owners.DIR, scratch)  # before: a SIGKILL leaves a record
+    try:
+        scratch.mkdir()
+    except FileExistsError:
+        owners.release(owners.DIR, scratch)
+        raise UvmshimError(f"a container named {cid} is already running", where="--name",
+                           hint="choose another --name, or leave it out") from None
     try:
         run_async(create_scratch(scratch))
         args = list(config.entrypoint or []) + (list(opts.args) or list(config.cmd or []))
@@ -167,3 +175,4 @@ def _image_options(name: str, cid: str, opts: RunOptions, workdir: str | None,
         yield opts
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        owners.release(owners.DIR, scratch)

@@ -1,4 +1,4 @@
-"""``uvmshim uvm``: build the UVM's boot files, and run a command in a fresh UVM."""
+"""``uvmshim uvm``: build the UVM's boot files and templates, and run a command in a fresh UVM."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import sys
 import click
 from rich.console import Console
 
-from uvmshim import guestpath
-from uvmshim.cli.main import run_async
+from uvmshim import guestpath, hostpath
+from uvmshim.cli.main import dump_json, run_async
 from uvmshim.errors import UvmshimError
 from uvmshim.resources import ContainerResources
-from uvmshim.runtime.vm import start_uvm
+from uvmshim.runtime.vm import build_template, start_uvm
 from uvmshim.uvm.bootfiles import ensure_boot_files
 from uvmshim.uvm.plan9 import Plan9Share
+from uvmshim.uvm.qemu import template as tmpl
 from uvmshim.uvm.qemu.agent_client import AgentClient
 from uvmshim.uvm.utilityvm import UtilityVM
 
@@ -50,6 +51,64 @@ def build_command(rebuild: bool) -> None:
     click.echo(f"kernel  {boot.kernel}")
     click.echo(f"initrd  {boot.initrd}")
     click.echo(f"key     {boot.key}")
+
+
+@uvm_group.group("template")
+def template_group() -> None:
+    """UVM templates: a saved, booted UVM that every new UVM is cloned from.
+
+    The first UVM of each machine configuration builds its template (one cold boot, saved);
+    later UVMs start as clones of it in a fraction of a second. Templates live in
+    $UVMSHIM_TEMPLATE_DIR (default: ~/.cache/uvmshim/templates).
+    """
+
+
+@template_group.command("build")
+@click.option("--memory", "memory_mb", type=click.IntRange(64), default=512, show_default=True,
+              help="Guest memory in MiB.")
+@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--rebuild", is_flag=True, help="Build even if a good template exists.")
+def template_build_command(memory_mb: int, cpus: int, rebuild: bool) -> None:
+    """Build the template for a UVM with these settings (if there is none yet)."""
+    with err_console.status("building the UVM template") as status:
+        key = run_async(build_template(memory_mb=memory_mb, cpus=cpus, rebuild=rebuild,
+                                       progress=lambda m: status.update(m)))
+    click.echo(f"template {key}  {hostpath.template_dir() / key}")
+
+
+@template_group.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def template_ls_command(as_json: bool) -> None:
+    """List the templates: key, memory, disk use, clones running from it."""
+    found = tmpl.list_templates()
+    if as_json:
+        dump_json([t.as_dict() for t in found])
+        return
+    if not found:
+        click.echo(f"no templates in {hostpath.template_dir()}")
+        return
+    for t in found:
+        d = t.as_dict()
+        click.echo(f"{d['key']}  {d['memory_mb']} MiB  disk {t.disk_bytes >> 20} MiB  "
+                   f"built {d['created']} in {d['build_seconds']} s  "
+                   f"clones running: {len(t.users)}")
+
+
+@template_group.command("rm")
+@click.argument("keys", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Remove every template.")
+@click.option("--force", is_flag=True, help="Remove templates even while clones run from them "
+              "(they keep running).")
+def template_rm_command(keys: tuple[str, ...], all_: bool, force: bool) -> None:
+    """Remove templates (they are rebuilt on next use)."""
+    if all_:
+        keys = tuple(t.key for t in tmpl.list_templates())
+    elif not keys:
+        raise UvmshimError("name the templates to remove (see 'uvmshim uvm template ls'), "
+                           "or give --all")
+    for key in keys:
+        tmpl.remove_template(key, force=force)
+        click.echo(f"removed {key}")
 
 
 @uvm_group.command("exec", context_settings={"ignore_unknown_options": True})

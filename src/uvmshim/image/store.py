@@ -6,7 +6,9 @@ else ``${XDG_DATA_HOME:-~/.local/share}/uvmshim/images``; see :mod:`uvmshim.host
     lock                               flock(2) target: one writer at a time
     images.json                        {"version": 1, "images": {name: record}}
     layers/sha256/<hex>/layer.vhd      a layer folder, as LayerFolders wants it
-    layers/sha256/<hex>/layer.json     {"diff_id", "tar_bytes", "disk_bytes", "created"}
+    layers/sha256/<hex>/layer.json     {"diff_id", "tar_bytes", "disk_bytes", "created", "verity"}
+    layers/sha256/<hex>/verity.json    the disk's dm-verity parameters and root hash (if it has
+                                       a hash tree: the default; ``--no-verity`` leaves it out)
     tmp/                               work in progress; anything here is garbage
 
 A layer appears by ``rename(2)`` of a finished directory from ``tmp/``, and ``images.json`` by
@@ -38,6 +40,7 @@ from typing import Any, Literal
 from uvmshim import hostpath
 from uvmshim.image.layout import ImageConfig, ImageError, LayerBlob, ResolvedImage, open_image
 from uvmshim.image.tar2ext4 import LAYER_FILE, convert_layer
+from uvmshim.protocol.verity import VERITY_FILE
 
 _INDEX_VERSION = 1
 #: ext4 overhead over the tar size, for the free-space check (no staging: a layer is written
@@ -138,8 +141,10 @@ class ImageStore:
         alg, hexd = diff_id.split(":", 1)
         return self.root / "layers" / alg / hexd
 
-    def has_layer(self, diff_id: str) -> bool:
-        return (self.layer_dir(diff_id) / LAYER_FILE).is_file()
+    def has_layer(self, diff_id: str, *, verity: bool = False) -> bool:
+        """Is the layer in the store (with a dm-verity hash tree, if ``verity``)?"""
+        d = self.layer_dir(diff_id)
+        return (d / LAYER_FILE).is_file() and (not verity or (d / VERITY_FILE).is_file())
 
     # Locking ------------------------------------------------------------------------------
 
@@ -301,11 +306,14 @@ def _now() -> str:
 
 async def import_image(path: str | os.PathLike[str], *, name: str | None = None,
                        store: ImageStore | None = None,
-                       progress: Progress | None = None) -> ImageRecord:
+                       progress: Progress | None = None, verity: bool = True) -> ImageRecord:
     """Import the image at ``path`` (OCI layout dir, oci-archive or docker-archive tar).
 
     Each layer not yet in the store is verified (blob digest, diff id) and converted to a
-    ``layer.vhd``; layers already there are reused unread. The image is recorded under
+    ``layer.vhd``; layers already there are reused unread. With ``verity`` (the default) each
+    new disk gets a dm-verity hash tree and the layer folder a ``verity.json``, and a cached
+    layer without one is converted again; without it, cached layers are reused as they are
+    (with their hash tree, if they have one). The image is recorded under
     ``name``, else its first ref name / repo tag, else its short id; an image of the same name
     is replaced (its layers that nothing else uses are removed).
 
@@ -327,7 +335,7 @@ async def import_image(path: str | os.PathLike[str], *, name: str | None = None,
             run_config = ImageConfig.from_config(img.config)  # check it before the long part
             todo: dict[str, LayerBlob] = {}
             for layer in img.layers:
-                if not store.has_layer(layer.diff_id):
+                if not store.has_layer(layer.diff_id, verity=verity):
                     todo.setdefault(layer.diff_id, layer)
             await asyncio.to_thread(_check_space, store, img, list(todo.values()))
             emit(ImportEvent("image", count=len(img.layers),
@@ -337,7 +345,7 @@ async def import_image(path: str | os.PathLike[str], *, name: str | None = None,
                 if layer.diff_id not in todo:
                     emit(ImportEvent("layer-cached", i, len(img.layers), layer.diff_id))
                     continue
-                await _import_layer(store, img, layer, i, emit)
+                await _import_layer(store, img, layer, i, emit, verity=verity)
                 del todo[layer.diff_id]
             tar_bytes = sum(_layer_meta(store, d).get("tar_bytes", 0) for d in img.diff_ids)
             now = _now()
@@ -366,7 +374,7 @@ def _layer_meta(store: ImageStore, diff_id: str) -> dict[str, Any]:
 
 
 async def _import_layer(store: ImageStore, img: ResolvedImage, layer: LayerBlob, index: int,
-                        emit: Progress) -> None:
+                        emit: Progress, *, verity: bool = True) -> None:
     where = f"layer {index} ({layer.digest or layer.diff_id})"
     count = len(img.layers)
     total = layer.size if layer.size is not None else img.source.size(layer.member)
@@ -378,12 +386,19 @@ async def _import_layer(store: ImageStore, img: ResolvedImage, layer: LayerBlob,
             lambda: img.source.open(layer.member), work, diff_id=layer.diff_id,
             digest=layer.digest, size=layer.size, where=where,
             on_bytes=lambda n: emit(ImportEvent("layer-bytes", index, count, layer.diff_id,
-                                                done=n, total=total)))
-        meta = {"diff_id": layer.diff_id, "tar_bytes": res.tar_bytes,
-                "disk_bytes": res.disk_bytes, "created": _now()}
+                                                done=n, total=total)),
+            verity=verity)
+        meta: dict[str, Any] = {"diff_id": layer.diff_id, "tar_bytes": res.tar_bytes,
+                                "disk_bytes": res.disk_bytes, "created": _now()}
+        if res.verity is not None:
+            meta["verity"] = res.verity.to_json()
         (work / "layer.json").write_text(json.dumps(meta, indent=1) + "\n")
         dest = store.layer_dir(layer.diff_id)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            # A copy without a hash tree: ours replaces it (a running container keeps the
+            # disk it has open).
+            store._discard(dest)
         try:
             os.rename(work, dest)
         except OSError as e:

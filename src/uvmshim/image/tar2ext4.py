@@ -12,8 +12,12 @@ The steps, and why each is done this way:
 2. **Finish** the filesystem: directories, inode tables, bitmaps and the superblock are laid
    out after the data, and the size is rounded up to an exact CHS geometry
    (:mod:`uvmshim.image.vhd`).
-3. **Footer**: append the 512-byte fixed-VHD footer; QEMU's ``vpc`` driver then reads the file
-   as a disk of exactly the ext4 image's size.
+3. **Verity** (unless turned off): hash the image, append the dm-verity superblock and hash
+   tree after it (:mod:`uvmshim.image.verity`), and round *that* up to a CHS geometry. The
+   root hash goes into the layer folder's ``verity.json``; the guest then mounts the layer
+   through a dm-verity device, so a disk changed on the host fails to read in the guest.
+4. **Footer**: append the 512-byte fixed-VHD footer; QEMU's ``vpc`` driver then reads the file
+   as a disk of exactly the image's size.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import threading
 import uuid
@@ -30,9 +35,11 @@ from pathlib import Path
 from typing import IO
 
 from uvmshim.image import vhd
-from uvmshim.image.ext4 import Ext4Error, Ext4Writer
+from uvmshim.image.ext4 import BLOCK, Ext4Error, Ext4Writer
 from uvmshim.image.layout import ImageError
 from uvmshim.image.unpack import Stopped, UnpackResult, unpack_layer
+from uvmshim.image.verity import VerityStopped, append_hash_tree, salt_for
+from uvmshim.protocol.verity import VERITY_FILE, Verity
 from uvmshim.run import run_tool as _run_tool
 
 LAYER_FILE = "layer.vhd"
@@ -50,6 +57,8 @@ class LayerResult:
     disk_bytes: int
     entries: int
     fs_bytes: int = 0
+    #: The dm-verity parameters, if the disk has a hash tree.
+    verity: Verity | None = None
 
 
 async def run_tool(argv: Sequence[str | os.PathLike[str]], *, stdin: bytes | None = None,
@@ -69,19 +78,32 @@ def _uuid_for(diff_id: str) -> uuid.UUID:
 
 def write_layer(blob: IO[bytes], image: Path, *, diff_id: str, digest: str | None,
                 size: int | None, where: str, stop: threading.Event,
-                on_bytes: Callable[[int], None] | None = None) -> tuple[UnpackResult, int]:
-    """Write the ext4 image of the layer tar ``blob`` to the new file ``image`` (no footer).
+                on_bytes: Callable[[int], None] | None = None,
+                verity: bool = True) -> tuple[UnpackResult, int, Verity | None]:
+    """Write the disk image of the layer tar ``blob`` to the new file ``image`` (no footer):
+    the ext4 image, and its dm-verity superblock and hash tree if ``verity``.
 
-    :return: what was read, and the filesystem size in bytes (CHS-exact).
+    :return: what was read, the disk size in bytes (CHS-exact) and the verity parameters.
     """
     fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         writer = Ext4Writer(fd, fs_uuid=_uuid_for(diff_id))
         res = unpack_layer(blob, writer, where=where, diff_id=diff_id, digest=digest,
                            size=size, stop=stop, on_bytes=on_bytes)
+        info: Verity | None = None
         try:
-            fs_size = writer.finish(
-                lambda n: vhd.round_to_geometry(max(n, MIN_FS_BYTES)))
+            if not verity:
+                disk = writer.finish(lambda n: vhd.round_to_geometry(max(n, MIN_FS_BYTES)))
+                return res, disk, None
+            # The filesystem takes whole blocks; the hash area starts right after them.
+            fs_bytes = writer.finish(lambda n: -(-max(n, MIN_FS_BYTES) // BLOCK) * BLOCK)
+            info, end = append_hash_tree(fd, fs_bytes, salt=salt_for(diff_id),
+                                         uuid=_uuid_for(diff_id).bytes, stop=stop)
+            disk = vhd.round_to_geometry(end)
+            os.ftruncate(fd, disk)
+            return res, disk, info
+        except VerityStopped:
+            raise Stopped from None
         except Ext4Error as e:
             raise ImageError(str(e), where=where) from None
         except OSError as e:
@@ -89,7 +111,6 @@ def write_layer(blob: IO[bytes], image: Path, *, diff_id: str, digest: str | Non
                 raise ImageError("no space left on device for the layer disk", where=where,
                                  hint=f"free disk space under {image.parent}") from None
             raise
-        return res, fs_size
     finally:
         os.close(fd)
 
@@ -108,8 +129,10 @@ def append_footer(image: Path, size: int, diff_id: str) -> None:
 async def convert_layer(open_blob: Callable[[], IO[bytes]], dest_dir: Path, *, diff_id: str,
                         digest: str | None = None, size: int | None = None,
                         where: str = "layer",
-                        on_bytes: Callable[[int], None] | None = None) -> LayerResult:
-    """Convert one layer blob into ``dest_dir/layer.vhd``.
+                        on_bytes: Callable[[int], None] | None = None,
+                        verity: bool = True) -> LayerResult:
+    """Convert one layer blob into ``dest_dir/layer.vhd`` (and, with ``verity``, its
+    dm-verity parameters into ``dest_dir/verity.json``).
 
     ``dest_dir`` must be an empty directory on the filesystem that will hold the layer. On any
     error the caller removes ``dest_dir``.
@@ -126,14 +149,14 @@ async def convert_layer(open_blob: Callable[[], IO[bytes]], dest_dir: Path, *, d
         if on_bytes is not None:
             loop.call_soon_threadsafe(on_bytes, n)
 
-    def work() -> tuple[UnpackResult, int]:
+    def work() -> tuple[UnpackResult, int, Verity | None]:
         with open_blob() as blob:
             return write_layer(blob, image, diff_id=diff_id, digest=digest, size=size,
-                               where=where, stop=stop, on_bytes=report)
+                               where=where, stop=stop, on_bytes=report, verity=verity)
 
     fut = loop.run_in_executor(None, work)
     try:
-        res, fs_size = await asyncio.shield(fut)
+        res, disk_size, info = await asyncio.shield(fut)
     except asyncio.CancelledError:
         # The thread cannot be cancelled: ask it to stop, and wait, so that nobody removes the
         # image under its feet.
@@ -141,7 +164,18 @@ async def convert_layer(open_blob: Callable[[], IO[bytes]], dest_dir: Path, *, d
         with contextlib.suppress(Stopped, Exception):
             await fut
         raise
-    await asyncio.to_thread(append_footer, image, fs_size, diff_id)
+    await asyncio.to_thread(append_footer, image, disk_size, diff_id)
+    if info is not None:
+        write_verity_file(dest_dir, info)
     disk = os.stat(image).st_blocks * 512
     return LayerResult(path=image, diff_id=diff_id, tar_bytes=res.tar_bytes, disk_bytes=disk,
-                       entries=res.entries, fs_bytes=fs_size)
+                       entries=res.entries,
+                       fs_bytes=info.data_bytes if info is not None else disk_size,
+                       verity=info)
+
+
+def write_verity_file(folder: Path, info: Verity) -> None:
+    """Write ``folder/verity.json`` (the layer's dm-verity parameters), atomically."""
+    tmp = folder / f".{VERITY_FILE}.tmp"
+    tmp.write_text(json.dumps(info.to_json(), indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, folder / VERITY_FILE)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -22,6 +23,13 @@ from uvmshim.errors import SpecError
 
 JSON: TypeAlias = Any  # a value decoded by the json module
 JSONObject: TypeAlias = dict[str, Any]
+
+#: The largest ``config.json`` accepted (a spec with 10,000 bind mounts is about 2 MiB).
+MAX_SPEC_BYTES = 64 << 20
+#: How deeply objects and arrays may nest (a real spec nests 7 levels at most, in seccomp).
+MAX_JSON_DEPTH = 64
+#: The largest uid/gid (an unsigned 32-bit number, as the kernel takes it).
+MAX_ID = (1 << 32) - 1
 
 
 def json_copy(value: JSON) -> JSON:
@@ -230,6 +238,72 @@ def _as_object(value: JSON, where: str) -> JSONObject:
     return obj
 
 
+def _path_of(parts: tuple[str | int, ...]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out or "(top level)"
+
+
+def check_json_value(obj: JSON, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse what JSON decoders accept but no spec may hold: nesting deeper than
+    ``max_depth``, a NUL character in any string (or key), and NaN or infinite numbers.
+
+    Iterative (a deep document must not exhaust the interpreter's stack).
+
+    :raises SpecError: naming the first offending place.
+    """
+    stack: list[tuple[JSON, tuple[str | int, ...]]] = [(obj, ())]
+    while stack:
+        value, parts = stack.pop()
+        if isinstance(value, str):
+            if "\0" in value:
+                raise SpecError("a string must not contain a NUL character",
+                                where=_path_of(parts))
+        elif isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise SpecError("NaN and infinite numbers are not valid JSON",
+                                where=_path_of(parts))
+        elif isinstance(value, dict | list):
+            if len(parts) >= max_depth:
+                raise SpecError(f"objects and arrays nest deeper than {max_depth} levels",
+                                where=_path_of(parts[:8]) + " ...",
+                                hint="config.json is not a plausible OCI spec")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if "\0" in k:
+                        raise SpecError("a key must not contain a NUL character",
+                                        where=_path_of(parts))
+                    stack.append((v, (*parts, k)))
+            else:
+                stack.extend((v, (*parts, i)) for i, v in enumerate(value))
+
+
+def _check_process(process: JSONObject) -> None:
+    """The fields of ``process`` that reach the guest's crun: typed as the OCI spec says."""
+    _str_list(process, "args", "process")
+    _str_list(process, "env", "process")
+    _str(process, "cwd", "process")
+    _bool(process, "terminal", "process")
+    user = _object(process, "user", "process")
+    if user is not None:
+        for key in ("uid", "gid"):
+            if key in user:
+                _id(user[key], f"process.user.{key}")
+        gids = user.get("additionalGids")
+        if gids is not None:
+            _expect(gids, list, "an array of numbers", "process.user.additionalGids")
+            for i, g in enumerate(gids):
+                _id(g, f"process.user.additionalGids[{i}]")
+
+
+def _id(value: JSON, where: str) -> None:
+    _expect(value, int, "an integer", where)
+    if not 0 <= value <= MAX_ID:
+        raise SpecError(f"{value} is out of range 0..{MAX_ID}", where=where,
+                        hint="uids and gids are unsigned 32-bit numbers")
+
+
 @dataclass(frozen=True)
 class Spec:
     """An OCI runtime spec. Modelled fields are typed; everything else lives in ``raw``."""
@@ -246,6 +320,10 @@ class Spec:
     def from_json(cls, obj: JSON) -> Spec:
         """Validate and wrap a decoded ``config.json``; :class:`SpecError` names the bad path."""
         spec = _as_object(obj, "(top level)")
+        check_json_value(spec)
+        process = _object(spec, "process", "")
+        if process is not None:
+            _check_process(process)
         root = _object(spec, "root", "")
         mounts: list[Mount] = []
         if spec.get("mounts") is not None:
@@ -297,31 +375,100 @@ def config_path(path: str | os.PathLike[str]) -> Path:
     return p / "config.json" if p.is_dir() else p
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text: str | bytes, *, where: str = "JSON") -> JSON:
+    """Decode JSON strictly: no ``NaN``/``Infinity``, nesting at most :data:`MAX_JSON_DEPTH`
+    deep, no NUL in strings.
+
+    :raises SpecError: with ``where`` (and the line and column, for a syntax error).
+    """
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise SpecError(
+            f"invalid JSON: {err.msg}", where=f"{where}:{err.lineno}:{err.colno}",
+            hint="config.json must be a single JSON object",
+        ) from None
+    except ValueError as err:  # a NaN/Infinity constant, or undecodable bytes
+        raise SpecError(f"invalid JSON: {err}", where=where) from None
+    except RecursionError:
+        raise SpecError(f"invalid JSON: objects and arrays nest deeper than "
+                        f"{MAX_JSON_DEPTH} levels", where=where) from None
+    try:
+        check_json_value(obj)
+    except SpecError as err:
+        err.where = f"{where}: {err.where}" if err.where else where
+        err.args = (str(err),)
+        raise
+    return obj
+
+
 def load_spec(path: str | os.PathLike[str]) -> Spec:
     """Load ``config.json``, or the ``config.json`` of a bundle directory.
 
-    :raises SpecError: the file is missing, is not JSON, or has a field of the wrong type.
+    :raises SpecError: the file is missing, not a regular file, larger than
+        :data:`MAX_SPEC_BYTES`, is not JSON, or has a field of the wrong type.
     """
     file = config_path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        with open(file, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SpecError("not a regular file", where=str(file),
+                                hint="pass a config.json or an OCI bundle directory")
+            data = f.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(
             "no such file", where=str(file),
             hint="pass a config.json or an OCI bundle directory that holds one",
         ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError(f"cannot read the spec: {err}", where=str(file)) from err
+    except OSError as err:
+        raise SpecError(f"cannot read the spec: {err.strerror or err}",
+                        where=str(file)) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"larger than {MAX_SPEC_BYTES >> 20} MiB", where=str(file),
+                        hint="config.json is not a plausible OCI spec")
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SpecError(
-            f"invalid JSON: {err.msg}", where=f"{file}:{err.lineno}:{err.colno}",
-            hint="config.json must be a single JSON object",
-        ) from err
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"cannot read the spec: not UTF-8 ({err.reason} at byte "
+                        f"{err.start})", where=str(file)) from None
+    obj = parse_json(text, where=str(file))
     try:
         return Spec.from_json(obj)
     except SpecError as err:
         err.where = f"{file}: {err.where}" if err.where else str(file)
         err.args = (str(err),)
         raise
+
+
+#: Mount types whose ``source`` is a host path (a relative one is relative to the bundle).
+HOST_PATH_MOUNT_TYPES = ("bind", "virtual-disk", "physical-disk")
+
+
+def resolve_bundle_paths(spec: Spec, bundle: str | os.PathLike[str]) -> Spec:
+    """``spec`` with a relative ``root.path`` and relative host-path mount sources (``bind``,
+    ``virtual-disk``, ``physical-disk``) made absolute against the bundle directory, as runc
+    resolves them (it runs in the bundle). ``sandbox://`` and ``hugepages://`` stay as they are.
+    """
+    base = os.path.abspath(bundle)
+    root = spec.root
+    if root is not None and root.path and not os.path.isabs(root.path):
+        root = replace(root, path=os.path.join(base, root.path))
+    mounts = tuple(
+        replace(m, source=os.path.join(base, m.source))
+        if m.type in HOST_PATH_MOUNT_TYPES and m.source and "://" not in m.source
+        and not os.path.isabs(m.source) else m
+        for m in spec.mounts
+    )
+    if root is spec.root and all(a is b for a, b in zip(mounts, spec.mounts, strict=True)):
+        return spec
+    return replace(spec, root=root, mounts=mounts)
+
+
+def load_bundle(path: str | os.PathLike[str]) -> Spec:
+    """:func:`load_spec`, then relative paths resolved against the bundle (the directory
+    holding ``config.json``): :func:`resolve_bundle_paths`."""
+    return resolve_bundle_paths(load_spec(path), config_path(path).parent)

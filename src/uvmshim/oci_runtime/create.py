@@ -21,13 +21,12 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from uvmshim import hostpath, procscan
+from uvmshim import hostpath, owners, procscan
 from uvmshim.errors import UvmshimError
-from uvmshim.oci.spec import Spec, load_spec
+from uvmshim.oci.spec import Spec, load_bundle
 from uvmshim.oci_runtime import protocol
 from uvmshim.oci_runtime.state import ContainerDir, new_state
 
@@ -36,13 +35,11 @@ CREATE_TIMEOUT = 600.0
 
 
 def bundle_spec(bundle: str) -> Spec:
-    """The bundle's spec with ``root.path`` made absolute, after checking the rootfs exists."""
-    spec = load_spec(bundle)
+    """The bundle's spec with relative paths made absolute (``root.path``, disk and bind
+    sources: relative to the bundle, as for runc), after checking the rootfs exists."""
+    spec = load_bundle(bundle)
     if spec.root is not None and spec.root.path:
         path = spec.root.path
-        if not os.path.isabs(path):
-            path = os.path.join(bundle, path)
-            spec = replace(spec, root=replace(spec.root, path=path))
         if not os.path.isdir(path):
             raise UvmshimError(f"rootfs ({path}) does not exist", where="root.path",
                                hint="the bundle's root.path must name a directory")
@@ -70,7 +67,17 @@ def create(root: str, container_id: str, bundle: str, *, pid_file: str | None,
     if terminal and not console_socket and not wait:
         raise UvmshimError("cannot allocate tty if runc will detach without setting "
                            "console socket")
-    cdir.make()
+    from uvmshim.runtime.leaks import collect_dead_owners
+
+    collect_dead_owners()
+    if os.path.abspath(root) != str(hostpath.RUN_DIR):
+        owners.remember_place("root", root)
+    owners.acquire(owners.DIR, cdir.path)  # before: a SIGKILL leaves a record
+    try:
+        cdir.make()
+    except BaseException:
+        owners.release(owners.DIR, cdir.path)
+        raise
     try:
         with cdir.locked():
             import uuid
@@ -88,10 +95,13 @@ def create(root: str, container_id: str, bundle: str, *, pid_file: str | None,
                 pid = _fork_shim(cdir, spec, terminal, console_socket, log_path, debug)
             if pid_file:
                 _write_pid_file(pid_file, pid)
-            return pid
     except BaseException:
         _remove(cdir)
+        owners.release(owners.DIR, cdir.path)
         raise
+    # Created: the state directory stays until ``delete`` (the shim holds its VM).
+    owners.release(owners.DIR, cdir.path)
+    return pid
 
 
 def pod_sandbox(root: str, spec: Spec) -> ContainerDir | None:

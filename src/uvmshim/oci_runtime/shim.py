@@ -28,7 +28,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from uvmshim import procscan
+from uvmshim import owners, procscan
 from uvmshim.errors import ReleaseError, UvmshimError
 from uvmshim.oci.spec import Spec
 from uvmshim.oci_runtime import protocol
@@ -112,6 +112,7 @@ class Shim:
                 import shutil
 
                 shutil.rmtree(self.cfg.cdir.path, ignore_errors=True)
+                owners.release(owners.DIR, self.cfg.cdir.path)
             else:
                 with contextlib.suppress(UvmshimError, OSError):
                     self.cfg.cdir.update(status="stopped", exit_code=code)
@@ -153,6 +154,8 @@ class Shim:
         self._ready_sent = True
         try:
             os.write(self.cfg.ready_fd, json.dumps(message).encode() + b"\n")
+            # Created: the state stays until ``delete``; failed: ``create`` removes it.
+            owners.release(owners.DIR, self.cfg.cdir.path)
             return True
         except OSError:
             log.warning("create's caller went away; removing the container")
@@ -310,6 +313,9 @@ def guest_spec(spec: Spec) -> Spec:
 
 def run_shim(cfg: ShimConfig, log_path: str | None, debug: bool) -> int:
     """The shim's main (in the forked child): run the shim's event loop; return the status."""
+    # Held until the container is created: if both the shim and ``create`` are killed
+    # before that, the next command reclaims it.
+    owners.acquire(owners.DIR, cfg.cdir.path)
     handlers: list[logging.Handler] = []
     if log_path:
         handlers.append(logging.FileHandler(log_path))

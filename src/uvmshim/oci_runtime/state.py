@@ -38,7 +38,8 @@ from uvmshim.errors import UvmshimError
 OCI_VERSION = "1.0.2"
 
 #: runc's id rule (``[\w+-\.]+``), which also keeps ids usable as file and guest path names.
-_ID_RE = re.compile(r"^[\w+\-.]+$")
+#: ASCII only, and the whole id: ``$`` would let a trailing newline through.
+_ID_RE = re.compile(r"[\w+\-.]+", re.ASCII)
 
 
 class NotFound(UvmshimError):
@@ -47,7 +48,7 @@ class NotFound(UvmshimError):
 
 def check_id(container_id: str) -> None:
     """Reject ids that are not usable as a directory name (runc's rule)."""
-    if not _ID_RE.match(container_id) or container_id in (".", ".."):
+    if not _ID_RE.fullmatch(container_id) or container_id in (".", ".."):
         raise UvmshimError(f"invalid container id format: {container_id!r}")
 
 

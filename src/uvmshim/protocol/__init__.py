@@ -7,6 +7,7 @@
 * :mod:`~uvmshim.protocol.requests` — one typed argument structure per operation.
 * :mod:`~uvmshim.protocol.events` — the typed events.
 * :mod:`~uvmshim.protocol.schema` — the typed-structure base those are built on.
+* :mod:`~uvmshim.protocol.verity` — a dm-verity layer's parameters, as host and guest see them.
 * :mod:`~uvmshim.protocol.framing` — turns messages into frames.
 """
 
@@ -66,9 +67,11 @@ from uvmshim.protocol.requests import (
     ContainerStart,
     Exec,
     ExecStatus,
+    FreshStart,
     Hello,
     HugepagesDir,
     InstallDrivers,
+    LoadModules,
     MountPlan9,
     MountScsi,
     MountVpmem,
@@ -81,10 +84,12 @@ from uvmshim.protocol.requests import (
     UnmountPlan9,
     UnmountScsi,
     UnmountVpmem,
+    VerityStatus,
     decode_request,
     process_key,
 )
 from uvmshim.protocol.schema import Struct
+from uvmshim.protocol.verity import Verity, VerityError
 
 __all__ = [
     "AGENT_PORT_NAME",
@@ -121,9 +126,11 @@ __all__ = [
     "ExecStatus",
     "ExitEvent",
     "FrameDecoder",
+    "FreshStart",
     "Hello",
     "HugepagesDir",
     "InstallDrivers",
+    "LoadModules",
     "Message",
     "MountPlan9",
     "MountScsi",
@@ -143,6 +150,9 @@ __all__ = [
     "UnmountPlan9",
     "UnmountScsi",
     "UnmountVpmem",
+    "Verity",
+    "VerityError",
+    "VerityStatus",
     "check_share_name",
     "decode_event",
     "decode_payload",

@@ -64,6 +64,10 @@ SANDBOX_MOUNTS_DIR = "sandboxMounts"
 #: Below ``<CONTAINER_ROOT_PREFIX>/<sandbox id>``: the pod's ``hugepages://`` directories.
 HUGEPAGES_DIR = "hugepages"
 
+#: Written by the guest's /init once its early set-up (modules, entropy, loopback) is done; a
+#: template VM is saved only after it exists, so that no clone repeats that work.
+BOOT_DONE_MARKER = "/run/uvmshim/boot-done"
+
 #: crun's state directory in the guest (on the /run tmpfs). The agent runs crun with it, and the
 #: host passes it when it runs crun in the guest itself (``uvmshim runc`` state, benchmarks).
 CRUN_ROOT = "/run/crun"

@@ -54,11 +54,16 @@ class OutputEvent(EventBody):
 
 
 class ExitEvent(EventBody):
-    """Container process ``process`` ended with ``exit_code`` (after all of its output)."""
+    """Container process ``process`` ended with ``exit_code`` (after all of its output).
+
+    ``error`` is crun's own error when crun failed to run the process (not the process's
+    exit): e.g. ``executable file `x` not found in $PATH``; empty otherwise.
+    """
 
     EVENT = EventKind.EXIT
     process: str
     exit_code: int
+    error: str = ""
 
     @property
     def route(self) -> int | str | None:

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 #: Bumped on any incompatible change to a request, response or event. 2: typed failures
 #: (``{"kind", "message"}`` instead of a bare string) and strictly checked request arguments.
-PROTOCOL_VERSION = 2
+#: 3: ``mount_scsi``/``mount_vpmem`` take ``verity`` (a dm-verity layer); ``verity_status``.
+PROTOCOL_VERSION = 3
 
 
 class Op(StrEnum):
@@ -50,6 +51,7 @@ class Op(StrEnum):
     UNMOUNT_PLAN9 = "unmount_plan9"
     MOUNT_VPMEM = "mount_vpmem"
     UNMOUNT_VPMEM = "unmount_vpmem"
+    VERITY_STATUS = "verity_status"
     ADD_VPCI = "add_vpci"
     COMBINE_LAYERS = "combine_layers"
     REMOVE_COMBINED_LAYERS = "remove_combined_layers"
@@ -58,6 +60,8 @@ class Op(StrEnum):
     INSTALL_DRIVERS = "install_drivers"
     EXEC = "exec"
     SHUTDOWN = "shutdown"
+    FRESH_START = "fresh_start"
+    LOAD_MODULES = "load_modules"
     CONTAINER_CREATE = "container_create"
     CONTAINER_START = "container_start"
     CONTAINER_EXEC = "container_exec"

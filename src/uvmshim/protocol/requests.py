@@ -51,13 +51,43 @@ class Shutdown(RequestBody):
     OP = Op.SHUTDOWN
 
 
+class FreshStart(RequestBody):
+    """Make this VM its own, before any container starts: sent once per VM right after ``hello``,
+    to a cold-booted VM and, above all, to a clone of a template (whose guest would otherwise
+    share the template's random-number state, wall clock and name with every other clone).
+
+    The guest credits ``entropy`` to its random pool (``RNDADDENTROPY``) and forces its CRNG to
+    reseed (``RNDRESEEDCRNG``), sets ``CLOCK_REALTIME`` to ``time_ns`` (the host's wall clock
+    when it sent the request) and its host name to ``hostname``. Result: ``{"reseeded": bool,
+    "uptime": s}``.
+    """
+
+    OP = Op.FRESH_START
+    entropy: bytes
+    time_ns: int
+    hostname: str
+
+
+class LoadModules(RequestBody):
+    """Load the kernel modules of these groups (``agent.kmods.MODULE_GROUPS`` names: ``9p``,
+    ``scsi``, ``ext4``, ``overlay``, ...) now rather than on first use: a template preloads what
+    containers need, so that no clone pays for it."""
+
+    OP = Op.LOAD_MODULES
+    groups: StrList
+
+
 # Section: storage -------------------------------------------------------------------------------
 
 
 class MountScsi(RequestBody):
     """Wait for the disk at (controller, LUN) and mount it on ``guest_path`` (if not empty).
 
-    Result: ``{"device": "/dev/sdX"}``, plus ``"fstype"`` if it was mounted.
+    With ``verity`` (a :class:`~uvmshim.protocol.verity.Verity` in JSON form; read-only mounts
+    only) the file system is mounted through a dm-verity device over the disk.
+
+    Result: ``{"device": "/dev/sdX"}``, plus ``"fstype"`` if it was mounted and ``"verity"``
+    (the dm device) if it was mounted through dm-verity.
     """
 
     OP = Op.MOUNT_SCSI
@@ -66,6 +96,7 @@ class MountScsi(RequestBody):
     guest_path: str = ""
     read_only: bool = False
     options: StrList = ()
+    verity: JSONObject | None = None
 
 
 class UnmountScsi(RequestBody):
@@ -95,11 +126,13 @@ class UnmountPlan9(RequestBody):
 
 
 class MountVpmem(RequestBody):
-    """Mount vPMEM device ``device`` read-only on ``guest_path``."""
+    """Mount vPMEM device ``device`` read-only on ``guest_path`` (through dm-verity if
+    ``verity`` is given, as for :class:`MountScsi`)."""
 
     OP = Op.MOUNT_VPMEM
     device: Index
     guest_path: str
+    verity: JSONObject | None = None
 
 
 class UnmountVpmem(RequestBody):
@@ -108,6 +141,18 @@ class UnmountVpmem(RequestBody):
     OP = Op.UNMOUNT_VPMEM
     device: Index
     guest_path: str = ""
+
+
+class VerityStatus(RequestBody):
+    """Has dm-verity found a block that does not match its hash under any of these mounts?
+
+    Result: ``{guest_path: {"corrupted": bool, "detail": "..."}}`` for each of
+    ``guest_paths`` that is mounted through dm-verity; ``detail`` quotes the kernel's message
+    (which block of which device) when there is one.
+    """
+
+    OP = Op.VERITY_STATUS
+    guest_paths: StrList
 
 
 class AddVpci(RequestBody):
@@ -251,8 +296,10 @@ def process_key(container_id: str, exec_id: str = "") -> str:
 #: The argument structure of every operation.
 REQUEST_TYPES: dict[str, type[RequestBody]] = {
     cls.OP: cls for cls in (
-        Hello, Ping, Shutdown, MountScsi, UnmountScsi, MountPlan9, UnmountPlan9, MountVpmem,
-        UnmountVpmem, AddVpci, CombineLayers, RemoveCombinedLayers, SandboxDir, HugepagesDir,
+        Hello, Ping, Shutdown, FreshStart, LoadModules, MountScsi, UnmountScsi, MountPlan9,
+        UnmountPlan9, MountVpmem,
+        UnmountVpmem, VerityStatus, AddVpci, CombineLayers, RemoveCombinedLayers, SandboxDir,
+        HugepagesDir,
         InstallDrivers, Exec, ContainerCreate, ContainerStart, ContainerExec, ContainerSignal,
         ContainerDelete, ProcessStdin,
     )

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from uvmshim.allocator import Allocation, create_container_resources
-from uvmshim.errors import AllocationError, ReleaseError, UvmshimError
+from uvmshim.errors import AllocationError, GuestError, ReleaseError, UvmshimError
 from uvmshim.oci.spec import Spec
+from uvmshim.protocol.messages import ErrorKind
 from uvmshim.uvm.qemu.agent_client import AgentClient, ContainerProcess
 from uvmshim.uvm.utilityvm import UtilityVM
 
@@ -100,8 +101,19 @@ class Container:
     async def close_stdin(self) -> None:
         await self._init_process().close_stdin()
 
+    @property
+    def runtime_error(self) -> GuestError | None:
+        """crun's own failure to run the init (labelled ``crun: ...``), once :meth:`wait`
+        returned; None when the exit status is the container's own."""
+        if self.init is None or not self.init.error:
+            return None
+        return GuestError("container_start", ErrorKind.CRUN, f"crun: {self.init.error}")
+
     async def wait(self) -> int:
-        """Wait for the init process; return its exit status (128+N if killed by signal N)."""
+        """Wait for the init process; return its exit status (128+N if killed by signal N).
+
+        If crun itself failed, the status is crun's: see :attr:`runtime_error`.
+        """
         code = await self._init_process().wait()
         self.exit_code = code if code >= 0 else 128 - code
         self.state = ContainerState.STOPPED

@@ -27,6 +27,7 @@ import signal
 import sys
 from typing import Any
 
+from uvmshim import owners
 from uvmshim.errors import UvmshimError
 from uvmshim.hostpath import pod_dir
 from uvmshim.oci.spec import Spec
@@ -148,6 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     directory = pod_dir(args.name)
+    # The daemon holds the pod for its life (``pod create``, which made the directory,
+    # exits once the pod is ready): a killed daemon's pod is reclaimed by the next command.
+    owners.acquire(owners.DIR, directory)
     try:
         asyncio.run(serve(args.name, args.rootfs, args.memory, args.cpus))
     except UvmshimError as err:

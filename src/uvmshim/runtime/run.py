@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+from uvmshim.asyncutil import cancel_on_signals
 from uvmshim.oci.spec import Spec
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.vm import start_uvm
@@ -90,6 +91,9 @@ def forward_signals(container: Container) -> Iterator[None]:
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
+        if installed and task is not None:
+            # From here on (the teardown) a signal stops us, as before the container ran.
+            cancel_on_signals(task)
 
 
 async def _deliver(container: Container, signum: int) -> None:
@@ -109,8 +113,11 @@ async def run_container(
     progress: Progress | None = None,
     stdout: BinaryIO | None = None,
     stderr: BinaryIO | None = None,
+    template: bool | None = None,
 ) -> int:
     """Boot a UVM, run the container in it, and tear everything down; return its exit status.
+
+    :param template: see :func:`~uvmshim.runtime.vm.start_uvm` (``False``: boot cold).
 
     :raises UvmshimError: the UVM, the allocation or the guest's create failed (nothing is left).
     """
@@ -118,7 +125,8 @@ async def run_container(
     out = stdout or sys.stdout.buffer
     err = stderr or sys.stderr.buffer
     options = UvmOptions.from_annotations(spec.annotations)
-    async with start_uvm(options, memory_mb=memory_mb, cpus=cpus, progress=say) as uvm:
+    async with start_uvm(options, memory_mb=memory_mb, cpus=cpus, progress=say,
+                         template=template) as uvm:
         container = Container(uvm.vm, uvm.agent, container_id, spec)
         say("attaching storage")
         await container.create(stdin=stdin)
@@ -139,4 +147,6 @@ async def run_container(
                 if task is not None and not task.done():
                     task.cancel()
             await container.delete()
+    if container.runtime_error is not None:
+        raise container.runtime_error
     return code

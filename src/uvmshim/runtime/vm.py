@@ -9,17 +9,30 @@ the agent and its guest backend (:mod:`uvmshim.uvm.qemu.agent_client`,
 happens inside (success, an error, Ctrl-C or cancellation), on the way out the UVM's own
 resources are released, the guest is asked to power off, QEMU is stopped (forced after a
 timeout) and the VM's sockets, host bind mounts and state directory are removed.
+
+By default the UVM is a **clone** of the template for its machine configuration
+(:mod:`uvmshim.uvm.qemu.template`), built on first use: its agent answers a fraction of a second
+after QEMU started, instead of after a boot of several seconds. When there is no usable template
+(templates disabled with ``template=False`` or ``$UVMSHIM_NO_TEMPLATE``, the template can't be
+built, is damaged, or the clone does not come up), the UVM boots cold, with a one-line warning
+if a template should have been used. Either way the agent then gets a
+:class:`~uvmshim.protocol.requests.FreshStart`: fresh entropy, the host's clock, a host name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from uvmshim.errors import ReleaseError
+from uvmshim.asyncutil import finish_despite_cancel
+from uvmshim.errors import AgentConnectionError, BackendError, ReleaseError
+from uvmshim.protocol.requests import FreshStart
 from uvmshim.uvm.bootfiles import BootFiles, ensure_boot_files
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.qemu.agent_client import AgentClient
@@ -27,6 +40,14 @@ from uvmshim.uvm.qemu.config import QemuConfig
 from uvmshim.uvm.qemu.guest import AgentGuestBackend
 from uvmshim.uvm.qemu.host import QemuHostBackend
 from uvmshim.uvm.qemu.machine import QemuMachine
+from uvmshim.uvm.qemu.snapshot import load_state
+from uvmshim.uvm.qemu.template import (
+    TemplateError,
+    discard,
+    ensure_template,
+    resolve_key,
+    templates_disabled,
+)
 from uvmshim.uvm.utilityvm import UtilityVM
 
 log = logging.getLogger(__name__)
@@ -35,6 +56,10 @@ log = logging.getLogger(__name__)
 AGENT_TIMEOUT = 60.0
 #: How long a graceful shutdown may take before QEMU is killed.
 SHUTDOWN_TIMEOUT = 10.0
+#: How long a clone's agent may take to answer (it answers in ~0.2 s; a slow host, more).
+CLONE_AGENT_TIMEOUT = 20.0
+#: Bytes of host entropy each VM gets at its fresh start.
+FRESH_ENTROPY_BYTES = 64
 
 
 @dataclass
@@ -47,10 +72,38 @@ class QemuUvm:
     host: QemuHostBackend
     vm: UtilityVM
     boot: BootFiles
+    #: The key of the template this VM was cloned from; None for a cold boot.
+    template: str | None = None
 
     @property
     def id(self) -> str:
         return self.vm.id
+
+
+def machine_config(boot: BootFiles, options: UvmOptions, *, memory_mb: int = 512,
+                   cpus: int = 2) -> QemuConfig:
+    """The QEMU machine :func:`start_uvm` runs for ``options``."""
+    return QemuConfig(
+        kernel=boot.kernel, initrd=boot.initrd, memory_mb=memory_mb, cpus=cpus,
+        scsi_controllers=options.scsi_controller_count,
+        vpmem_slots=options.effective_vpmem_count,
+        hotplug_ports=max(4, options.effective_vpmem_count),
+    )
+
+
+async def build_template(options: UvmOptions | None = None, *, memory_mb: int = 512,
+                         cpus: int = 2, rebuild: bool = False,
+                         progress: Callable[[str], None] | None = None) -> str:
+    """Build (or find) the template :func:`start_uvm` clones for these settings; return its key.
+
+    :raises TemplateError: it could not be built.
+    """
+    boot = await ensure_boot_files(progress=progress)
+    config = machine_config(boot, options or UvmOptions(), memory_mb=memory_mb, cpus=cpus)
+    key = await resolve_key(config, boot)
+    files = await ensure_template(key, boot, progress=progress, rebuild=rebuild)
+    files.close()
+    return key.key
 
 
 @contextlib.asynccontextmanager
@@ -61,43 +114,125 @@ async def start_uvm(
     cpus: int = 2,
     vm_id: str | None = None,
     progress: Callable[[str], None] | None = None,
+    template: bool | None = None,
 ) -> AsyncIterator[QemuUvm]:
-    """Boot a utility VM and yield it; tear everything down on the way out.
+    """Start a utility VM (a clone of its template, or a cold boot) and yield it; tear
+    everything down on the way out.
 
     :param options: device limits (SCSI controllers, vPMEM); default: 4 SCSI controllers.
-    :param progress: called with a short message at each step (boot files, booting, ready).
+    :param progress: called with a short message at each step (boot files, template, booting,
+        ready).
+    :param template: clone from a template (building it on first use); ``False`` boots cold;
+        ``None`` (default): clone unless ``$UVMSHIM_NO_TEMPLATE`` is set.
     :raises UvmshimError: the boot files could not be built or the VM did not come up;
         nothing is left running.
     """
     say = progress or (lambda _m: None)
     opts = options or UvmOptions()
     boot = await ensure_boot_files(progress=say)
-    config = QemuConfig(
-        kernel=boot.kernel, initrd=boot.initrd, memory_mb=memory_mb, cpus=cpus,
-        scsi_controllers=opts.scsi_controller_count,
-        vpmem_slots=opts.effective_vpmem_count,
-        hotplug_ports=max(4, opts.effective_vpmem_count),
-    )
+    config = machine_config(boot, opts, memory_mb=memory_mb, cpus=cpus)
     agent: AgentClient | None = None
 
     async def power_off() -> None:
-        if agent is not None and not agent.closed:
-            await AgentGuestBackend(agent).shutdown()
+        if agent is None or agent.closed:
+            # Nobody in the guest to ask (still booting): no graceful way; QEMU is killed
+            # at once rather than after the shutdown timeout (Ctrl-C during boot).
+            raise BackendError("no guest agent connection to power off with")
+        await AgentGuestBackend(agent).shutdown()
 
-    machine = QemuMachine(config, vm_id=vm_id, on_shutdown=power_off)
-    say("booting the utility VM")
-    await machine.launch()
+    machine: QemuMachine | None = None
+    key: str | None = None
+    if template is None:
+        template = not templates_disabled()
+    if template:
+        started = await _start_clone(config, boot, vm_id, power_off, say)
+        if started is not None:
+            machine, agent, key = started
+    if machine is None:
+        machine = QemuMachine(config, vm_id=vm_id, on_shutdown=power_off)
+        say("booting the utility VM")
+        await machine.launch()
     uvm: QemuUvm | None = None
     try:
-        agent = await AgentClient.connect(machine.agent_socket_path, timeout=AGENT_TIMEOUT)
+        if agent is None:
+            agent = await AgentClient.connect(machine.agent_socket_path, timeout=AGENT_TIMEOUT)
+            await fresh_start(agent, machine.vm_id)
         host = QemuHostBackend(machine)
         guest = AgentGuestBackend(agent)
         vm = UtilityVM(machine.vm_id, host, guest, opts)
-        uvm = QemuUvm(machine, agent, guest, host, vm, boot)
+        uvm = QemuUvm(machine, agent, guest, host, vm, boot, key)
         say("utility VM ready")
         yield uvm
     finally:
         await _stop(machine, agent, uvm)
+
+
+async def fresh_start(agent: AgentClient, vm_id: str) -> None:
+    """Give the guest fresh entropy, the host's wall clock and its host name (the VM id)."""
+    await agent.request(FreshStart(entropy=os.urandom(FRESH_ENTROPY_BYTES),
+                                   time_ns=time.time_ns(), hostname=vm_id[:63]))
+
+
+async def _start_clone(
+    config: QemuConfig, boot: BootFiles, vm_id: str | None,
+    power_off: Callable[[], Awaitable[None]], say: Callable[[str], None],
+) -> tuple[QemuMachine, AgentClient, str] | None:
+    """A running clone of the template for ``config`` with its agent ready and fresh-started,
+    or None (after a one-line warning) if there is no usable template: the caller boots cold."""
+    try:
+        key = await resolve_key(config, boot)
+        files = await ensure_template(key, boot, progress=say, retry_failed=False)
+    except (TemplateError, OSError) as err:
+        log.warning("no UVM template, booting cold: %s", err)
+        return None
+    machine: QemuMachine | None = None
+    agent: AgentClient | None = None
+    try:
+        machine = QemuMachine(
+            dataclasses.replace(key.config, kernel=boot.kernel, initrd=boot.initrd, ram="clone"),
+            vm_id=vm_id, on_shutdown=power_off, ram_fd=files.ram_fd)
+        say("starting the utility VM from its template")
+        await machine.launch()
+        # Connect and send hello while the state loads: the request is waiting when the guest
+        # runs (QEMU tells the guest that the port's host side is open once the state is in).
+        connecting = asyncio.create_task(
+            AgentClient.connect(machine.agent_socket_path, timeout=CLONE_AGENT_TIMEOUT))
+        try:
+            await load_state(machine, files.state_fd)
+        except BaseException:
+            connecting.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await connecting
+            raise
+        agent = await connecting
+        await fresh_start(agent, machine.vm_id)
+        return machine, agent, key.key
+    except BackendError as err:
+        log.warning("the clone of UVM template %s did not come up, booting cold: %s",
+                    key.key, err)
+        await _stop_failed_clone(machine, agent)
+        if not isinstance(err, AgentConnectionError):
+            # QEMU refused the template's state: never use that template again.
+            discard(files.path)
+        return None
+    except BaseException:
+        await _stop_failed_clone(machine, agent)
+        raise
+    finally:
+        files.close()
+
+
+async def _stop_failed_clone(machine: QemuMachine | None, agent: AgentClient | None) -> None:
+    async def stop() -> None:
+        if agent is not None:
+            await agent.close()
+        if machine is not None:
+            try:
+                await machine.shutdown(timeout=0)
+            except BackendError as err:
+                log.warning("stopping the failed clone: %s", err)
+
+    await finish_despite_cancel(stop())
 
 
 async def _stop(machine: QemuMachine, agent: AgentClient | None, uvm: QemuUvm | None) -> None:

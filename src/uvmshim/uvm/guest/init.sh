@@ -57,5 +57,8 @@ fi
 
 ip link set lo up 2>/dev/null
 
+# Early set-up is over (protocol.constants.BOOT_DONE_MARKER): a template is saved after this.
+mkdir -p /run/uvmshim && : > /run/uvmshim/boot-done
+
 # Stay PID 1: busybox sh reaps every child, including orphans re-parented to us.
 while :; do wait; sleep 1; done

@@ -6,7 +6,9 @@ the guest agent with its guest backend.
 * :mod:`.cmdline` — the pure argv builder.
 * :mod:`.kvm` — "does KVM really work here?" probe, cached per host boot.
 * :mod:`.sandbox` — how QEMU is confined (unprivileged user, seccomp) and why.
+* :mod:`.mountns` — QEMU's own mount namespace: a root holding only what it needs.
 * :mod:`.mounts` — host bind mounts and ``mountinfo``.
+* :mod:`.images` — disk image formats and the files their headers name (backing, data, parent).
 * :mod:`.machine` — :class:`QemuMachine` lifecycle and :func:`list_leftovers`.
 * :mod:`.host` — :class:`QemuHostBackend`, the :class:`~uvmshim.uvm.backend.HostBackend` on QMP.
 * :mod:`.agent_connection` — :class:`AgentConnection`: the agent socket, its run state, requests

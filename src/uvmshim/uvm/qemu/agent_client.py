@@ -128,6 +128,8 @@ class ContainerProcess:
         self.key = key
         self._output = _Output()
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        #: crun's own error, when crun failed to run the process (set with the exit status).
+        self.error = ""
 
     def output(self) -> AsyncIterator[tuple[str, bytes]]:
         """Yield ``(stream, data)`` chunks as they come; ends when the process has exited."""
@@ -153,6 +155,7 @@ class ContainerProcess:
     def on_event(self, event: EventBody) -> None:
         if isinstance(event, ExitEvent):
             if not self._exit.done():
+                self.error = event.error
                 self._exit.set_result(event.exit_code)
         else:
             self._output.on_event(event)

@@ -56,7 +56,13 @@ def kernel_cmdline(config: QemuConfig) -> str:
 
 
 def build_argv(
-    config: QemuConfig, paths: MachinePaths, *, accel: Accel, qmp_fd: int, agent_fd: int
+    config: QemuConfig,
+    paths: MachinePaths,
+    *,
+    accel: Accel,
+    qmp_fd: int,
+    agent_fd: int,
+    ram_fd: int | None = None,
 ) -> list[str]:
     """Build the QEMU argv for ``config``.
 
@@ -65,6 +71,8 @@ def build_argv(
     :param accel: the resolved accelerator (``auto`` must be resolved first, see :mod:`.kvm`).
     :param qmp_fd: an fd QEMU inherits: our end of a connected socketpair for QMP.
     :param agent_fd: an fd QEMU inherits: a bound, listening unix socket for the agent port.
+    :param ram_fd: an fd QEMU inherits: the RAM file of a template or clone (``config.ram``);
+        QEMU opens it as ``/proc/self/fd/<n>`` (``memory-backend-file`` takes only a path).
     :return: the argv, starting with ``config.qemu_binary``.
     """
     cpu = config.cpu_model or ("host" if accel == "kvm" else "max")
@@ -77,7 +85,7 @@ def build_argv(
     argv = [
         config.qemu_binary,
         "-name", "uvmshim,debug-threads=on",
-        "-machine", "q35",
+        "-machine", "q35" if config.ram == "anonymous" else "q35,memory-backend=ram0",
         "-accel", accel,
         "-cpu", cpu,
         "-m", memory,
@@ -111,6 +119,17 @@ def build_argv(
             f"pcie-root-port,id={root_port_id(i)},bus=pcie.0,chassis={i + 1},slot={i + 1},"
             f"addr={root_port_pci_slot(i):#x}",
         ]
+    if config.ram != "anonymous":
+        if ram_fd is None:
+            raise ValueError(f"ram={config.ram} needs the RAM file's descriptor")
+        share = "on" if config.ram == "template" else "off"
+        argv += [
+            "-object",
+            f"memory-backend-file,id=ram0,size={config.memory_mb}M,"
+            f"mem-path=/proc/self/fd/{ram_fd},share={share}",
+        ]
+    if config.ram == "clone":
+        argv += ["-incoming", "defer"]
     if config.qemu_sandbox:
         argv += ["-sandbox", QEMU_SANDBOX]
     argv += list(config.extra_args)

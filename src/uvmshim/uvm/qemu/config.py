@@ -12,12 +12,15 @@ default :func:`uvmshim.hostpath.vm_dir`)::
         agent.sock      virtio-serial port "agent" (created by us, listening fd passed to QEMU)
         qemu.pid        "<pid> <start time>" of the QEMU process (for leak checks)
         exports/        the real directory behind the 9p export; share mount points are made here
-        share/          read-only bind mount of exports/: the 9p export root (mount_tag share0).
+        share/          read-only bind mount of exports/: the 9p export root (mount_tag share0),
+                        a shared mount (QEMU's namespace holds a slave copy).
                         Shares are bind mounts at share/<name> (directory) or
                         share/<name>/<file> (single-file share).
+        root/           empty; QEMU's root is built on it inside QEMU's mount namespace
 
-QMP goes over a socketpair (no socket file). Nothing else of the host is visible to QEMU except the
-boot files, the disks hot-added over QMP and the shares bind-mounted under ``share/``.
+QMP goes over a socketpair (no socket file). QEMU runs in a mount namespace of its own
+(:mod:`.mountns`) in which nothing of the host exists but ``/usr``, the boot files, ``console.log``,
+``share/`` and a few device nodes; disks and vPMEM files come as descriptors over QMP.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from uvmshim.protocol.constants import MAX_ROOT_PORTS, MAX_SCSI_CONTROLLERS
 Accel = Literal["kvm", "tcg"]
 AccelChoice = Literal["kvm", "tcg", "auto"]
 SecurityModel = Literal["none", "mapped-xattr"]
+#: How guest RAM is backed: QEMU's own anonymous memory (a cold boot); a file QEMU writes through
+#: (``share=on``: a VM being saved as a template); or a private copy-on-write mapping of a
+#: template's RAM file (``share=off``: a clone, started with ``-incoming defer``). See
+#: :mod:`uvmshim.uvm.qemu.template`.
+RamMode = Literal["anonymous", "template", "clone"]
 
 #: Fixed PCI slots of the boot-time devices the guest finds by name, not by address (the agent
 #: port by its name, the 9p export by its tag). The slots, the tag and the port name the guest
@@ -79,7 +87,12 @@ class QemuConfig:
     :param qemu_sandbox: pass QEMU's own ``-sandbox on,...`` seccomp policy.
     :param die_with_parent: QEMU gets SIGKILL when the thread that launched it exits (so a
         crashed host process leaves no VM behind); turn off for VMs that must outlive it.
+    :param private_root: run QEMU in its own mount namespace whose root holds only what it needs
+        (:mod:`.mountns`); turn off only to debug (e.g. ``extra_args`` that name host files).
     :param extra_args: appended verbatim to the argv (debugging).
+    :param ram: how guest RAM is backed (:data:`RamMode`); ``template`` and ``clone`` need the
+        RAM file's descriptor (``QemuMachine(ram_fd=...)``), and a clone starts paused, waiting
+        for its device state (``-incoming defer``).
     """
 
     kernel: Path
@@ -99,7 +112,9 @@ class QemuConfig:
     base_dir: Path | None = None
     qemu_sandbox: bool = True
     die_with_parent: bool = True
+    private_root: bool = True
     extra_args: tuple[str, ...] = ()
+    ram: RamMode = "anonymous"
 
     def __post_init__(self) -> None:
         if not 0 <= self.scsi_controllers <= MAX_SCSI_CONTROLLERS:

@@ -15,6 +15,18 @@ Contracts with the guest agent:
   ``0000:00:{0x10+n}.0``; the guest finds its ``/dev/pmemX`` below that bridge
   (``.../0000:00:1n.0/0000:BB:00.0/virtio*/ndbus*/region*/namespace*/block/pmemX``).
 * **vPCI**: ``vfio-pci`` id ``vpci-<guid>`` on the first free root port after the vPMEM ones.
+
+QEMU opens no host file by name (it could not: it runs in a mount namespace holding only its VM
+directory and what it needs to run, see :mod:`.mountns`). uvmshim opens every disk image, block
+device and vPMEM file itself, with the caller's intent (``O_RDONLY`` for read-only, ``O_RDWR``
+otherwise), and hands the descriptor to QEMU over QMP (``SCM_RIGHTS`` + ``add-fd``, one fdset per
+file); block nodes name ``/dev/fdset/<n>``, and the fdset is removed (``remove-fd``) when the
+disk is detached or its attach failed. Before that, the image's headers are read from that very
+descriptor (:mod:`.images`): an image that names another file (a qcow2 backing file or external
+data file, a differencing VHD or VHDX) is refused, unless every file of the chain is listed in
+``allowed_backing_files``; then uvmshim opens those read-only (a data file: like the image) and
+passes them the same way. qcow2 nodes always get ``"backing": null`` or the explicit chain, so
+QEMU never resolves a name from an image.
 """
 
 from __future__ import annotations
@@ -25,19 +37,20 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from qemu.qmp import ExecuteError, QMPError
 
+from ...asyncutil import finish_despite_cancel
 from ...errors import BackendError
 from . import mounts
 from .cmdline import root_port_id, scsi_controller_id
-from .machine import QemuMachine, _finish
+from .images import ImageFormat, ImageReference, format_of, inspect_image
+from .machine import QemuMachine
 
-ImageFormat = Literal["raw", "qcow2", "vpc", "vhdx"]
+__all__ = ["ImageFormat", "QemuHostBackend", "detect_image_format", "qmp_error_class", "scsi_wwn"]
 
 #: How long a hot-unplug may take (measured: 52 ms for scsi-hd, ~60-150 ms on a root port).
 DEVICE_DELETED_TIMEOUT = 10.0
@@ -46,6 +59,8 @@ MAX_LUN = 16383
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
 _BDF_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 VFIO_DRIVER_DIR = Path("/sys/bus/pci/drivers/vfio-pci")
+#: How deep an allowed backing chain may be.
+MAX_CHAIN_DEPTH = 16
 
 
 def detect_image_format(path: str | os.PathLike[str]) -> ImageFormat:
@@ -65,18 +80,21 @@ def detect_image_format(path: str | os.PathLike[str]) -> ImageFormat:
             tail = f.read(512)
     except OSError as e:
         raise BackendError(f"cannot read disk image {os.fspath(path)}: {e.strerror}") from e
-    if head.startswith(b"QFI\xfb"):
-        return "qcow2"
-    if head.startswith(b"vhdxfile"):
-        return "vhdx"
-    if tail.startswith(b"conectix") or head.startswith(b"conectix"):
-        return "vpc"
-    return "raw"
+    return format_of(head, tail)
 
 
 def scsi_wwn(controller: int, lun: int) -> int:
     """The deterministic NAA-5 WWN of the disk at (controller, LUN) (QEMU's OUI 52:54:00)."""
     return (0x5 << 60) | (0x525400 << 36) | (controller << 16) | lun
+
+
+def qmp_error_class(err: BaseException) -> str | None:
+    """The QMP error class (``GenericError``, ``DeviceNotFound``, ...) of a refused command:
+    of ``err`` itself or of the :class:`ExecuteError` it was raised from; else None."""
+    cause = err if isinstance(err, ExecuteError) else err.__cause__
+    if isinstance(cause, ExecuteError):
+        return cause.error.error.class_
+    return None
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -87,11 +105,65 @@ def _check_name(kind: str, name: str) -> None:
 log = logging.getLogger(__name__)
 
 
+def _refusal(image: str, fmt: ImageFormat, ref: ImageReference) -> BackendError:
+    """The error for an image that names a file it may not: what, which file, what to do."""
+    name = repr(ref.name) if ref.name else "(unnamed)"
+    if ref.kind == "parent disk":
+        kind = "VHDX" if fmt == "vhdx" else "VHD"
+        return BackendError(
+            f"disk image {image} is a differencing {kind} on the parent disk {name}: uvmshim "
+            "does not attach images that refer to other files",
+            hint=f"merge it into a standalone image (qemu-img convert -O {fmt} {image} NEW) "
+            "and attach that",
+        )
+    if ref.kind == "backing file":
+        return BackendError(
+            f"disk image {image} is a qcow2 overlay on the backing file {name}: uvmshim does "
+            "not let QEMU open files that an image names",
+            hint=f"make it self-contained (qemu-img convert -O qcow2 {image} NEW.qcow2) and "
+            "attach that, or allow this exact chain through the API "
+            "(QemuHostBackend(allowed_backing_files=...))",
+        )
+    return BackendError(
+        f"disk image {image} keeps its data in the external data file {name}: uvmshim does "
+        "not let QEMU open files that an image names",
+        hint=f"make it self-contained (qemu-img convert -O qcow2 {image} NEW.qcow2) and attach "
+        "that, or allow this exact file through the API "
+        "(QemuHostBackend(allowed_backing_files=...))",
+    )
+
+
+@dataclass
+class _File:
+    """A file uvmshim opened for QEMU: our descriptor until QEMU has it, then its fdset."""
+
+    path: str
+    fd: int
+    fdset: int | None = None
+    sent: bool = False  # its descriptor went out to QEMU (maybe without an answer)
+
+    @property
+    def qemu_name(self) -> str:
+        return f"/dev/fdset/{self.fdset}"
+
+
+@dataclass
+class _Image:
+    """An image to attach: its file and format, and the allowed files it names."""
+
+    file: _File
+    format: ImageFormat
+    read_only: bool
+    backing: _Image | None = None
+    data_file: _File | None = None
+
+
 @dataclass
 class _Disk:
     host_path: str
     device_id: str
     nodes: tuple[str, ...]  # top (format) node first
+    fdsets: tuple[int, ...]  # removed after the node
 
 
 @dataclass
@@ -106,10 +178,19 @@ class QemuHostBackend:
 
     Every method raises :class:`BackendError` with the QMP or OS error in the message; on failure
     nothing half-done stays behind. A failed detach stays tracked so it can be retried.
+
+    :param allowed_backing_files: host files that images may name as their qcow2 backing file
+        or external data file (each file of a chain must be listed; compared after resolving
+        symlinks; a relative name in an image is relative to the image's directory). Empty by
+        default: such images are refused. Differencing VHD/VHDX images are always refused.
     """
 
-    def __init__(self, machine: QemuMachine) -> None:
+    def __init__(
+        self, machine: QemuMachine, *, allowed_backing_files: Iterable[str | os.PathLike[str]] = ()
+    ) -> None:
         self.machine = machine
+        self._allowed_files = frozenset(os.path.realpath(p) for p in allowed_backing_files)
+        self._tags = 0  # makes every add-fd opaque tag unique
         self._lock = asyncio.Lock()
         self._disks: dict[tuple[int, int], _Disk] = {}
         self._shares: dict[str, _Share] = {}
@@ -137,8 +218,10 @@ class QemuHostBackend:
             try:
                 await self._execute("device_del", {"id": device_id}, what)
             except BackendError as e:
-                if "not found" in str(e).lower():
-                    return  # already gone (e.g. a retry after a timed-out wait)
+                # QEMU 7.2 answers an unknown id (a device already gone, e.g. on a retry after
+                # a timed-out wait) with the class DeviceNotFound.
+                if qmp_error_class(e) == "DeviceNotFound":
+                    return
                 raise
             try:
                 async with asyncio.timeout(DEVICE_DELETED_TIMEOUT):
@@ -164,6 +247,135 @@ class QemuHostBackend:
     def _give_port(self, port: str) -> None:
         self._free_ports.append(port)
         self._free_ports.sort(key=lambda p: int(p[2:]))
+
+    # Section: files handed to QEMU
+
+    def _open_file(
+        self, path: str, *, read_only: bool, block_device: bool, files: list[_File]
+    ) -> _File:
+        """Open ``path`` for QEMU (``O_RDONLY`` or ``O_RDWR``) and add it to ``files``.
+
+        ``O_NONBLOCK`` while opening (a FIFO put in its place must not hang us), then the type
+        is checked on the descriptor itself.
+        """
+        mode = os.O_RDONLY if read_only else os.O_RDWR
+        what = "pass-through disk" if block_device else "disk image"
+        try:
+            fd = os.open(path, mode | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError as e:
+            raise BackendError(f"{what} {path}: {e.strerror}") from e
+        file = _File(path, fd)
+        files.append(file)
+        try:
+            st = os.fstat(fd)
+            os.set_blocking(fd, True)
+        except OSError as e:
+            raise BackendError(f"{what} {path}: {e.strerror}") from e
+        if block_device and not stat.S_ISBLK(st.st_mode):
+            raise BackendError(f"pass-through disk {path} is not a host block device")
+        if not block_device and not stat.S_ISREG(st.st_mode):
+            raise BackendError(f"disk image {path} is not a regular file")
+        return file
+
+    def _open_image(
+        self,
+        path: str,
+        *,
+        read_only: bool,
+        files: list[_File],
+        depth: int = 0,
+        named_format: str | None = None,
+    ) -> _Image:
+        """Open the image at ``path`` and, if allowed, every file it names; see the module
+        docstring. ``named_format`` is the format an overlay's header gives for this file."""
+        file = self._open_file(path, read_only=read_only, block_device=False, files=files)
+        if named_format == "raw":  # QEMU would not look inside: neither do we
+            return _Image(file, "raw", read_only)
+        info = inspect_image(file.fd, path)
+        if named_format is not None and named_format != info.format:
+            raise BackendError(
+                f"backing file {path} is {info.format}, but its overlay names it as "
+                f"{named_format}"
+            )
+        image = _Image(file, info.format, read_only)
+        for ref in info.references:
+            if ref.kind == "parent disk" or not ref.name:
+                raise _refusal(path, info.format, ref)
+            named = os.path.join(os.path.dirname(path), ref.name)  # absolute names stay as they are
+            target = os.path.realpath(named)
+            if target not in self._allowed_files:
+                raise _refusal(path, info.format, ref)
+            if ref.kind == "data file":
+                image.data_file = self._open_file(
+                    target, read_only=read_only, block_device=False, files=files
+                )
+                continue
+            if depth + 1 >= MAX_CHAIN_DEPTH:
+                raise BackendError(
+                    f"disk image {path}: backing chain deeper than {MAX_CHAIN_DEPTH} files"
+                )
+            image.backing = self._open_image(
+                target, read_only=True, files=files, depth=depth + 1, named_format=ref.format
+            )
+        return image
+
+    def _image_node(self, image: _Image, prefix: str) -> dict[str, object]:
+        """The ``blockdev-add`` arguments of ``image`` (format node over a ``file`` node)."""
+        ro = image.read_only
+        node: dict[str, object] = {
+            "driver": image.format, "node-name": f"{prefix}-fmt", "read-only": ro,
+            "file": {"driver": "file", "node-name": f"{prefix}-file",
+                     "filename": image.file.qemu_name, "read-only": ro},
+        }  # fmt: skip
+        if image.format == "qcow2":
+            backing = image.backing
+            node["backing"] = self._image_node(backing, prefix + "-b") if backing else None
+            if image.data_file is not None:
+                node["data-file"] = {
+                    "driver": "file", "node-name": f"{prefix}-data",
+                    "filename": image.data_file.qemu_name, "read-only": ro,
+                }  # fmt: skip
+        return node
+
+    async def _hand_over(self, files: list[_File], tag: str) -> None:
+        """Pass each file's descriptor to QEMU (``SCM_RIGHTS`` + ``add-fd``, a new fdset each,
+        ``opaque`` = ``tag``) and close ours. On failure, :meth:`_drop_fdsets` cleans up."""
+        for file in files:
+            await self._add_fd(file, tag)
+            os.close(file.fd)
+            file.fd = -1
+
+    async def _add_fd(self, file: _File, tag: str) -> int:
+        """Give ``file`` to QEMU in a new fdset; return QEMU's descriptor number for it.
+
+        Only under ``self._lock``: the descriptor travels with a byte of its own on the QMP
+        socket and QEMU takes the last one received for the next ``add-fd``.
+        """
+        try:
+            file.sent = True
+            self.machine.qmp.send_fd_scm(file.fd)
+        except (QMPError, OSError) as e:
+            raise BackendError(f"passing {file.path} to QEMU: {e}") from e
+        reply = await self._execute("add-fd", {"opaque": tag}, file.path)
+        if not isinstance(reply, dict):
+            raise BackendError(f"QMP add-fd for {file.path}: unexpected reply {reply!r}")
+        file.fdset = int(reply["fdset-id"])
+        return int(reply["fd"])
+
+    async def _drop_fdsets(self, tag: str, what: str) -> None:
+        """Remove every fdset whose descriptors carry ``tag`` (errors are logged, not raised):
+        this also finds an fdset whose ``add-fd`` answer we never saw."""
+        try:
+            fdsets = await self._execute("query-fdsets", {}, what)
+            for fdset in fdsets if isinstance(fdsets, list) else []:
+                if any(fd.get("opaque") == tag for fd in fdset.get("fds", [])):
+                    await self._execute("remove-fd", {"fdset-id": fdset["fdset-id"]}, what)
+        except BackendError as e:
+            log.warning("%s: could not remove its file descriptors from QEMU: %s", what, e)
+
+    def _next_tag(self, what: str) -> str:
+        self._tags += 1
+        return f"uvmshim:{what}:{self._tags}"
 
     # Section: SCSI
 
@@ -191,30 +403,51 @@ class QemuHostBackend:
                 st = os.stat(host_path)
             except OSError as e:
                 raise BackendError(f"disk {host_path}: {e.strerror}") from e
+            if passthrough and not stat.S_ISBLK(st.st_mode):
+                raise BackendError(f"pass-through disk {host_path} is not a host block device")
+            if not passthrough and not stat.S_ISREG(st.st_mode):
+                raise BackendError(f"disk image {host_path} is not a regular file")
             dev = f"scsi{controller}-lun{lun}"
-            if passthrough:
-                if not stat.S_ISBLK(st.st_mode):
-                    raise BackendError(
-                        f"pass-through disk {host_path} is not a host block device"
+            tag = self._next_tag(dev)
+            files: list[_File] = []
+            try:
+                if passthrough:
+                    file = self._open_file(
+                        host_path, read_only=read_only, block_device=True, files=files
                     )
+                    image = None
+                else:
+                    image = self._open_image(host_path, read_only=read_only, files=files)
+                await self._hand_over(files, tag)
+            except BaseException:
+                if any(f.sent for f in files):
+                    await finish_despite_cancel(self._drop_fdsets(tag, host_path))
+                raise
+            finally:
+                for f in files:
+                    if f.fd >= 0:
+                        os.close(f.fd)
+            fdsets = tuple(f.fdset for f in files if f.fdset is not None)
+            if image is None:
                 nodes: tuple[str, ...] = (f"{dev}-dev",)
                 blockdev: dict[str, object] = {
-                    "driver": "host_device", "node-name": nodes[0], "filename": host_path,
+                    "driver": "host_device", "node-name": nodes[0], "filename": file.qemu_name,
                     "read-only": read_only,
                 }  # fmt: skip
             else:
-                if not stat.S_ISREG(st.st_mode):
-                    raise BackendError(f"disk image {host_path} is not a regular file")
-                fmt = detect_image_format(host_path)
                 nodes = (f"{dev}-fmt", f"{dev}-file")
-                blockdev = {
-                    "driver": fmt, "node-name": nodes[0], "read-only": read_only,
-                    "file": {"driver": "file", "node-name": nodes[1], "filename": host_path,
-                             "read-only": read_only},
-                }  # fmt: skip
+                blockdev = self._image_node(image, dev)
                 if not read_only:
                     blockdev["discard"] = "unmap"  # guest fstrim shrinks sparse scratch images
-            await self._execute("blockdev-add", blockdev, host_path)
+            try:
+                await self._execute("blockdev-add", blockdev, host_path)
+            except BaseException as e:
+                refused = isinstance(e, BackendError) and isinstance(e.__cause__, ExecuteError)
+                rollback = self._rollback_disk(
+                    dev, nodes[0], host_path, tag, device=False, node_added=not refused
+                )
+                await finish_despite_cancel(rollback)
+                raise
             try:
                 await self._execute(
                     "device_add",
@@ -226,24 +459,32 @@ class QemuHostBackend:
                         "wwn": scsi_wwn(controller, lun),
                     },
                     host_path,
-                )
+                )  # fmt: skip
             except BaseException as e:
                 # Roll back; the original error is the one that matters. If we were interrupted
                 # (cancelled, QMP broke) the device may exist after all: try to remove it too.
                 refused = isinstance(e, BackendError) and isinstance(e.__cause__, ExecuteError)
-                rollback = self._rollback_disk(dev, nodes[0], host_path, maybe_added=not refused)
-                await _finish(rollback)
+                rollback = self._rollback_disk(
+                    dev, nodes[0], host_path, tag, device=not refused, node_added=True
+                )
+                await finish_despite_cancel(rollback)
                 raise
-            self._disks[controller, lun] = _Disk(host_path, dev, nodes)
+            self._disks[controller, lun] = _Disk(host_path, dev, nodes, fdsets)
 
-    async def _rollback_disk(self, dev: str, node: str, what: str, *, maybe_added: bool) -> None:
+    async def _rollback_disk(
+        self, dev: str, node: str, what: str, tag: str, *, device: bool, node_added: bool
+    ) -> None:
+        """Undo a failed attach: the device and the node if they may exist, then the fdsets."""
         with contextlib.suppress(BackendError):
-            if maybe_added:
+            if device:
                 await self._device_del(dev, what)
-            await self._execute("blockdev-del", {"node-name": node}, what)
+            if node_added:
+                await self._execute("blockdev-del", {"node-name": node}, what)
+        await self._drop_fdsets(tag, what)
 
     async def scsi_detach(self, controller: int, lun: int) -> None:
-        """Hot-remove the disk at (controller, LUN): ``device_del``, wait, ``blockdev-del``."""
+        """Hot-remove the disk at (controller, LUN): ``device_del``, wait, ``blockdev-del``,
+        then ``remove-fd`` of its fdsets (QEMU closes the image files)."""
         async with self._lock:
             disk = self._disks.get((controller, lun))
             if disk is None:
@@ -251,6 +492,11 @@ class QemuHostBackend:
             await self._device_del(disk.device_id, disk.host_path)
             await self._execute("blockdev-del", {"node-name": disk.nodes[0]}, disk.host_path)
             del self._disks[controller, lun]
+            for fdset in disk.fdsets:
+                try:
+                    await self._execute("remove-fd", {"fdset-id": fdset}, disk.host_path)
+                except BackendError as e:  # the disk is gone all the same
+                    log.warning("%s: fdset %d stays open in QEMU: %s", disk.host_path, fdset, e)
 
     # Section: Plan9
 
@@ -340,7 +586,10 @@ class QemuHostBackend:
         """Expose ``host_path`` read-only as ``virtio-pmem-pci`` device ``device``.
 
         Needs ``QemuConfig.vpmem_slots > 0``. The file size must be a multiple of 2 MiB
-        (the guest maps it in huge-page-aligned sections).
+        (the guest maps it in huge-page-aligned sections). The file goes to QEMU as a read-only
+        descriptor; ``memory-backend-file`` only takes a path, so it names that descriptor as
+        ``/proc/self/fd/<n>`` (QEMU re-opens it read-only through its own ``/proc``) and the
+        fdset is removed once the backend holds its own descriptor.
         """
         cfg = self.machine.config
         if cfg.vpmem_slots == 0:
@@ -363,12 +612,23 @@ class QemuHostBackend:
                 )
             port = root_port_id(device)
             mem = f"vpmem{device}-mem"
-            await self._execute(
-                "object-add",
-                {"qom-type": "memory-backend-file", "id": mem, "mem-path": host_path,
-                 "size": size, "share": True, "readonly": True},
-                host_path,
-            )
+            tag = self._next_tag(mem)
+            files: list[_File] = []
+            try:
+                file = self._open_file(host_path, read_only=True, block_device=False, files=files)
+                qemu_fd = await self._add_fd(file, tag)
+                await self._execute(
+                    "object-add",
+                    {"qom-type": "memory-backend-file", "id": mem,
+                     "mem-path": f"/proc/self/fd/{qemu_fd}", "size": size, "share": True,
+                     "readonly": True},
+                    host_path,
+                )  # fmt: skip
+            finally:
+                for f in files:
+                    os.close(f.fd)
+                if any(f.sent for f in files):
+                    await finish_despite_cancel(self._drop_fdsets(tag, host_path))
             try:
                 await self._execute(
                     "device_add",
@@ -385,9 +645,10 @@ class QemuHostBackend:
     async def vpmem_remove(self, device: int) -> None:
         """Hot-remove vPMEM device ``device`` and its memory backend.
 
-        QEMU 7.2 refuses this ("virtio based memory devices cannot be unplugged"): the error
-        is raised as a :class:`BackendError` and the device stays attached (and tracked) until
-        the VM stops. A QEMU that can unplug it gets the full ``device_del`` + ``object-del``.
+        QEMU 7.2 refuses this (``GenericError`` "virtio based memory devices cannot be
+        unplugged."): the error is raised as a :class:`BackendError` and the device stays
+        attached (and tracked) until the VM stops. A QEMU that can unplug it gets the full
+        ``device_del`` + ``object-del``.
         """
         async with self._lock:
             mem = self._vpmem.get(device)
@@ -396,7 +657,9 @@ class QemuHostBackend:
             try:
                 await self._device_del(f"vpmem{device}", f"vPMEM {device}")
             except BackendError as e:
-                if "cannot be unplugged" in str(e):
+                # QEMU has no error class of its own for this refusal (only GenericError), so
+                # the class narrows the check and the text decides.
+                if qmp_error_class(e) == "GenericError" and "cannot be unplugged" in str(e):
                     raise BackendError(
                         f"vPMEM device {device} cannot be removed: this QEMU cannot hot-unplug "
                         "virtio-pmem devices; it stays attached until the VM stops"

@@ -20,24 +20,25 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
+from ... import hostpath, owners, procscan
+from ...asyncutil import finish_despite_cancel
 from ...errors import BackendError
-from . import mounts
+from . import mountns, mounts
 from .cmdline import build_argv
-from .config import Accel, MachinePaths, QemuConfig, default_base_dir
+from .config import Accel, MachinePaths, QemuConfig
 from .kvm import KvmProbe
 from .sandbox import child_preexec, setpriv_prefix
-
-T = TypeVar("T")
 
 #: How long QEMU gets to come up with its QMP greeting (start-up is ~40 ms; TCG hosts are slow).
 QMP_CONNECT_TIMEOUT = 30.0
@@ -51,7 +52,7 @@ def default_kvm_probe() -> KvmProbe:
     """The process-wide probe, caching its verdict next to the default state directories."""
     global _default_probe
     if _default_probe is None:
-        _default_probe = KvmProbe(default_base_dir().parent / "kvm-probe.json")
+        _default_probe = KvmProbe(hostpath.kvm_probe_cache())
     return _default_probe
 
 
@@ -96,41 +97,16 @@ def _tail(path: Path, size: int = 4096) -> str:
         return ""
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat: tells a live process from a recycled pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-async def _finish(aw: Awaitable[T]) -> T:
-    """Await ``aw`` to completion even if we are cancelled meanwhile, then re-raise the cancel.
-
-    Cleanup must not stop halfway because a second Ctrl-C or a task cancel arrived.
-    """
-    task = asyncio.ensure_future(aw)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
-
-
 def create_state_dir(paths: MachinePaths) -> None:
     """Create a VM's private state directory with its read-only 9p export root.
 
     The export root (``share/``) is a read-only bind of ``exports/``: the guest can't create
     anything at the top of share0 (no planted symlinks where we later put mount points). Mount
     points are made in ``exports/`` and mounted on under ``share/``, which a read-only mount allows.
+    ``share/`` is a shared mount (its own peer group), so the shares bound under it later also
+    appear in QEMU's mount namespace, whose copy of it is a slave (:mod:`.mountns`); unmounting
+    it (:func:`remove_state_dir`) ends that. ``root/`` is the empty directory on which QEMU's
+    root is built in its namespace.
 
     :raise BackendError: the directory exists already, or the bind mount failed (then nothing
         is left behind).
@@ -143,7 +119,9 @@ def create_state_dir(paths: MachinePaths) -> None:
     try:
         paths.exports_dir.mkdir(mode=0o755)
         paths.share_dir.mkdir(mode=0o755)
+        (paths.state_dir / "root").mkdir(mode=0o700)
         mounts.bind_mount(paths.exports_dir, paths.share_dir, read_only=True)
+        mounts.make_shared(paths.share_dir)
     except BaseException:
         shutil.rmtree(paths.state_dir, ignore_errors=True)
         raise
@@ -176,6 +154,8 @@ class QemuMachine:
     :param on_shutdown: the graceful shutdown request (e.g. the agent's "power off"); without it,
         :meth:`shutdown` asks QEMU to ``quit``.
     :param kvm_probe: resolves ``accel="auto"``; default the process-wide :func:`default_kvm_probe`.
+    :param ram_fd: the RAM file of a template or clone VM (``config.ram``), inherited by QEMU;
+        the caller keeps it open until :meth:`launch` returns and closes it.
     """
 
     def __init__(
@@ -185,12 +165,16 @@ class QemuMachine:
         vm_id: str | None = None,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
         kvm_probe: KvmProbe | None = None,
+        ram_fd: int | None = None,
     ) -> None:
+        if (ram_fd is None) != (config.ram == "anonymous"):
+            raise ValueError(f"ram={config.ram} and ram_fd={ram_fd} do not go together")
         self.config = config
+        self._ram_fd = ram_fd
         self.vm_id = vm_id or uuid.uuid4().hex[:12]
         if "/" in self.vm_id or self.vm_id in ("", ".", ".."):
             raise ValueError(f"bad vm id {self.vm_id!r}")
-        self.paths = MachinePaths((config.base_dir or default_base_dir()) / self.vm_id)
+        self.paths = MachinePaths((config.base_dir or hostpath.vm_dir()) / self.vm_id)
         self.on_shutdown = on_shutdown
         self._probe = kvm_probe
         self._runstate = Runstate.IDLE
@@ -264,70 +248,87 @@ class QemuMachine:
         try:
             await self._launch()
         except BaseException:
-            await _finish(self._cleanup())
+            await finish_despite_cancel(self._cleanup())
             raise
         self._runstate = Runstate.RUNNING
 
     async def _launch(self) -> None:
         cfg, paths = self.config, self.paths
         if cfg.accel == "auto":
-            self._accel = await (self._probe or default_kvm_probe()).accel()
+            accel = await (self._probe or default_kvm_probe()).accel()
         else:
-            self._accel = cfg.accel
+            accel = cfg.accel
+        self._accel = accel
         for boot_file in (cfg.kernel, cfg.initrd):
             if not os.path.isfile(boot_file):
                 raise BackendError(f"boot file {boot_file} does not exist")
-        create_state_dir(paths)
+        owners.acquire(owners.VM, paths.state_dir)  # before: a SIGKILL leaves a record
+        try:
+            create_state_dir(paths)
+        except BaseException:
+            owners.release(owners.VM, paths.state_dir)
+            raise
         self._owns_state_dir = True
 
         # QMP over a socketpair and the agent port on a listening socket we bound: no race with
         # QEMU creating socket files, and no QMP socket file anyone else could connect to.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await self._spawn(ours, theirs)
+            await self._spawn(ours, theirs, accel)
         except BaseException:
             ours.close()
             raise
 
-    async def _spawn(self, ours: socket.socket, theirs: socket.socket) -> None:
+    async def _spawn(self, ours: socket.socket, theirs: socket.socket, accel: Accel) -> None:
         cfg, paths = self.config, self.paths
-        assert self._accel is not None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(os.fspath(paths.agent_socket))
             listener.listen(1)
             self._argv = build_argv(
-                cfg, paths, accel=self._accel, qmp_fd=theirs.fileno(), agent_fd=listener.fileno()
+                cfg, paths, accel=accel, qmp_fd=theirs.fileno(), agent_fd=listener.fileno(),
+                ram_fd=self._ram_fd,
             )
             if cfg.run_as is not None:
                 self._argv = setpriv_prefix(*cfg.run_as) + self._argv
+            root = None
+            if cfg.private_root:
+                # QEMU can't create it in its read-only root: it gets this file bound there.
+                fd = os.open(paths.console_log, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    if cfg.run_as is not None:
+                        os.fchown(fd, *cfg.run_as)
+                finally:
+                    os.close(fd)
+                root = mountns.plan(cfg, paths, accel=accel)
             with open(paths.qemu_log, "wb") as log:
                 try:
-                    self._proc = await asyncio.create_subprocess_exec(
+                    proc = await asyncio.create_subprocess_exec(
                         *self._argv,
                         stdin=asyncio.subprocess.DEVNULL,
                         stdout=log,
                         stderr=log,
-                        pass_fds=(theirs.fileno(), listener.fileno()),
-                        preexec_fn=child_preexec(die_with_parent=cfg.die_with_parent),
+                        pass_fds=(theirs.fileno(), listener.fileno())
+                        + (() if self._ram_fd is None else (self._ram_fd,)),
+                        preexec_fn=child_preexec(die_with_parent=cfg.die_with_parent, root=root),
                         # Own session: a terminal's Ctrl-C goes to us, and we stop QEMU in order.
                         start_new_session=True,
                     )
-                except OSError as e:
+                except (OSError, subprocess.SubprocessError) as e:
                     raise self._launch_error(f"cannot start {self._argv[0]}: {e}") from e
+                self._proc = proc
         finally:
             theirs.close()
             listener.close()
-        start = _proc_start_time(self._proc.pid)
-        paths.pid_file.write_text(f"{self._proc.pid} {start}\n")
-        await self._connect_qmp(ours)
+        start = procscan.start_time(proc.pid)
+        paths.pid_file.write_text(f"{proc.pid} {start}\n")
+        await self._connect_qmp(ours, proc)
 
-    async def _connect_qmp(self, sock: socket.socket) -> None:
-        assert self._proc is not None
+    async def _connect_qmp(self, sock: socket.socket, proc: asyncio.subprocess.Process) -> None:
         qmp = QMPClient(f"uvm-{self.vm_id}")
         self._qmp = qmp
         connect = asyncio.ensure_future(qmp.connect(sock))
-        exited = asyncio.ensure_future(self._proc.wait())
+        exited = asyncio.ensure_future(proc.wait())
         try:
             done, _ = await asyncio.wait(
                 {connect, exited}, timeout=QMP_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
@@ -343,7 +344,9 @@ class QemuMachine:
                 status = await qmp.execute("query-status")
             except (QMPError, OSError, EOFError) as e:
                 raise self._launch_error(f"QMP query-status failed: {e}") from e
-            if not isinstance(status, dict) or not status.get("running"):
+            # A clone waits for its device state (-incoming defer): "inmigrate", not running.
+            expected = "inmigrate" if self.config.ram == "clone" else "running"
+            if not isinstance(status, dict) or status.get("status") != expected:
                 raise self._launch_error(f"QEMU is not running after start: {status}")
             return
         if not done:
@@ -353,8 +356,8 @@ class QemuMachine:
             # QMP broke first; usually QEMU is exiting. Give it a moment, for its exit code.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
-                    await self._proc.wait()
-        if self._proc.returncode is not None:
+                    await proc.wait()
+        if proc.returncode is not None:
             raise self._launch_error("QEMU exited during start-up") from err
         raise self._launch_error(f"QMP connection failed: {err}") from err
 
@@ -389,7 +392,7 @@ class QemuMachine:
         try:
             await self._graceful(timeout)
         finally:
-            await _finish(self._cleanup(check=True))
+            await finish_despite_cancel(self._cleanup(check=True))
 
     async def _graceful(self, timeout: float) -> None:
         proc = self._proc
@@ -427,6 +430,8 @@ class QemuMachine:
             self._runstate = Runstate.STOPPED
             return
         problems += remove_state_dir(self.paths)
+        if not problems:
+            owners.release(owners.VM, self.paths.state_dir)
         self._runstate = Runstate.STOPPED
         if check and problems:
             raise BackendError(f"VM {self.vm_id} cleanup: " + "; ".join(problems))
@@ -458,19 +463,19 @@ class Leftover:
     mounts: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (for ``uvmshim leak-check``)."""
+        """JSON-friendly form (for ``uvmshim leaks``)."""
         return {"state_dir": str(self.state_dir), "live_pid": self.live_pid, "mounts": self.mounts}
 
 
 def list_leftovers(base_dir: Path | None = None) -> list[Leftover]:
-    """Every VM state directory under ``base_dir`` (default :func:`default_base_dir`).
+    """Every VM state directory under ``base_dir`` (default :func:`uvmshim.hostpath.vm_dir`).
 
     A running VM's directory is listed too: callers compare against the VMs they know.
     The live pid comes from ``qemu.pid`` (checked against the process start time), or else from
     a process whose command line names the directory (a crash before the pid file was written).
     Mounts under ``base_dir`` outside any directory are reported under their own path.
     """
-    base = Path(os.path.realpath(base_dir or default_base_dir()))
+    base = Path(os.path.realpath(base_dir or hostpath.vm_dir()))
     found: dict[Path, Leftover] = {}
     if base.is_dir():
         by_cmdline = _pids_naming(base)
@@ -481,7 +486,7 @@ def list_leftovers(base_dir: Path | None = None) -> list[Leftover]:
             try:
                 pid_s, start = (d / "qemu.pid").read_text().split()
                 pid = int(pid_s)
-                if _proc_start_time(pid) == start and _proc_state(pid) != "Z":
+                if procscan.start_time(pid) == start:  # None for a zombie
                     left.live_pid = pid
             except (OSError, ValueError):
                 pass
@@ -497,18 +502,12 @@ def _pids_naming(base: Path) -> dict[str, int]:
     """State directory name -> pid of a process whose argv names ``<base>/<name>/``."""
     prefix = os.fsencode(base) + b"/"
     result: dict[str, int] = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            argv = (p / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, argv in procscan.command_lines():
         for arg in argv:
             i = arg.find(prefix)
             if i >= 0:
                 name = arg[i + len(prefix) :].split(b"/")[0].split(b",")[0]
-                result.setdefault(os.fsdecode(name), int(p.name))
+                result.setdefault(os.fsdecode(name), pid)
                 break
     return result
 
@@ -525,19 +524,10 @@ def reclaim(leftover: Leftover) -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         for _ in range(100):  # not our child: poll until it is gone (or a zombie)
-            state = _proc_state(pid)
-            if state in (None, "Z"):
+            if procscan.exited(pid):
                 break
             time.sleep(0.05)
         else:
             problems.append(f"pid {pid} did not die")
     problems += remove_state_dir(MachinePaths(leftover.state_dir))
     return problems
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]

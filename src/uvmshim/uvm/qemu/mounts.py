@@ -3,6 +3,11 @@
 We call the syscalls through ctypes rather than the ``mount`` program: no fork per share, exact
 flags, and errno in the error message. All calls are short and non-blocking (no network file
 systems are involved), so they run inline in the event loop.
+
+Binds are made with the mount API of Linux 5.12+ (``open_tree``, ``mount_setattr``,
+``move_mount``): the bind gets its final flags while it is still detached, so a mount namespace
+that receives it by propagation (QEMU's, :mod:`.mountns`) never sees it writable or without
+``nosuid,nodev`` (a propagated copy keeps the flags the mount had when it was attached).
 """
 
 from __future__ import annotations
@@ -21,13 +26,34 @@ MS_NODEV = 0x4
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
 MNT_DETACH = 0x2
+# The new mount API (x86_64 system call numbers, linux/mount.h).
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_OPEN_TREE_CLONE = 1
+_OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = (
     ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p
 )
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64),
+    )  # fmt: skip
 
 
 def _mount(source: str | None, target: str, flags: int) -> None:
@@ -42,21 +68,49 @@ def bind_mount(
 ) -> None:
     """Bind ``source`` on ``target`` (non-recursive), ``nosuid,nodev``, read-only if asked.
 
-    The bind is made private so it does not propagate into other mount namespaces. Read-only
-    needs a second ``MS_REMOUNT|MS_BIND`` call (the kernel ignores ``MS_RDONLY`` on the first).
-    On failure nothing stays mounted.
+    The bind is cloned detached (``open_tree``), given its flags (``mount_setattr``) and only
+    then attached (``move_mount``); see the module docstring. Once attached it is made private,
+    so mounts made on it later do not propagate anywhere. On failure nothing stays mounted.
 
     :raise BackendError: with the errno text.
     """
     src, dst = os.fspath(source), os.fspath(target)
-    _mount(src, dst, MS_BIND)
+    tree = _libc.syscall(
+        _SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(src), _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
+    )
+    if tree < 0:
+        raise BackendError(f"bind {src} (open_tree): {os.strerror(ctypes.get_errno())}")
+    try:
+        flags = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if read_only else 0)
+        attr = _MountAttr(flags, 0, MS_PRIVATE, 0)
+        if _libc.syscall(
+            _SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
+            ctypes.sizeof(attr),
+        ) != 0:  # fmt: skip
+            raise BackendError(f"bind {src} (mount_setattr): {os.strerror(ctypes.get_errno())}")
+        if _libc.syscall(
+            _SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, os.fsencode(dst), _MOVE_MOUNT_F_EMPTY_PATH
+        ) != 0:  # fmt: skip
+            err = ctypes.get_errno()
+            raise BackendError(f"mount {src} on {dst}: {os.strerror(err)}")
+    finally:
+        os.close(tree)  # a detached tree that was never attached goes away with it
     try:
         _mount(None, dst, MS_PRIVATE)
-        flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
-        _mount(None, dst, flags)
     except BaseException:
         unmount(dst)
         raise
+
+
+def make_shared(target: str | os.PathLike[str]) -> None:
+    """Make the mount at ``target`` the only member of a new shared peer group: mounts made
+    under it later propagate to its slaves (QEMU's copy, :mod:`.mountns`).
+
+    :raise BackendError: with the errno text.
+    """
+    dst = os.fspath(target)
+    _mount(None, dst, MS_PRIVATE)
+    _mount(None, dst, MS_SHARED)
 
 
 def unmount(target: str | os.PathLike[str]) -> None:
