@@ -38,6 +38,7 @@ from uvmshim.protocol import (
     ExitEvent,
     OutputEvent,
     Ping,
+    ProcessResize,
     ProcessStdin,
     ProtocolError,
     RequestBody,
@@ -147,8 +148,13 @@ class ContainerProcess:
         await self.client.request(ProcessStdin(process=self.key, data=data))
 
     async def close_stdin(self) -> None:
-        """Close the process's stdin (it reads EOF)."""
+        """Close the process's stdin (it reads EOF; on a terminal: the EOF character)."""
         await self.client.request(ProcessStdin(process=self.key, eof=True))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the window size of the process's terminal (it was started with
+        ``process.terminal``); the guest's kernel sends it ``SIGWINCH``."""
+        await self.client.request(ProcessResize(process=self.key, rows=rows, cols=cols))
 
     # EventSink: the connection routes this process's events here.
 

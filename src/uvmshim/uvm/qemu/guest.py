@@ -24,6 +24,7 @@ from uvmshim.protocol import (
     UnmountScsi,
     UnmountVpmem,
 )
+from uvmshim.protocol.verity import Verity
 from uvmshim.uvm.backend import LayerRef
 
 from .agent_client import AgentClient, ExecResult
@@ -39,11 +40,12 @@ class AgentGuestBackend:
         self.client = client
 
     async def mount_scsi(self, controller: int, lun: int, guest_path: str, *, read_only: bool,
-                         options: Sequence[str]) -> None:
+                         options: Sequence[str], verity: Verity | None = None) -> None:
         """Mount the disk at (controller, LUN) on ``guest_path`` (attach only if empty)."""
         await self.client.request(MountScsi(controller=controller, lun=lun,
                                             guest_path=guest_path, read_only=read_only,
-                                            options=tuple(options)))
+                                            options=tuple(options),
+                                            verity=verity.to_json() if verity else None))
 
     async def unmount_scsi(self, controller: int, lun: int, guest_path: str) -> None:
         """Unmount ``guest_path`` (if non-empty) and let go of the disk."""
@@ -59,9 +61,11 @@ class AgentGuestBackend:
         """Unmount share ``name`` from ``guest_path``."""
         await self.client.request(UnmountPlan9(name=name, guest_path=guest_path))
 
-    async def mount_vpmem(self, device: int, guest_path: str) -> None:
+    async def mount_vpmem(self, device: int, guest_path: str, *,
+                          verity: Verity | None = None) -> None:
         """Mount ``/dev/pmem<device>`` read-only on ``guest_path``."""
-        await self.client.request(MountVpmem(device=device, guest_path=guest_path))
+        await self.client.request(MountVpmem(device=device, guest_path=guest_path,
+                                             verity=verity.to_json() if verity else None))
 
     async def unmount_vpmem(self, device: int, guest_path: str) -> None:
         """Unmount vPMEM device ``device``."""

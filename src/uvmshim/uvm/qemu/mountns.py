@@ -17,9 +17,10 @@ So QEMU starts in a mount namespace of its own whose root is a small read-only t
   ``/proc/self/fd``), so no other process of the host, not even another QEMU running as the same
   user, can be reached through ``/proc/<pid>/root`` or ``/proc/<pid>/fd``.
 
-No ``/etc`` beyond the loader cache, no ``/home``, ``/root``, ``/tmp``, ``/var`` or ``/run``, no
-other VM's directory, no ``qemu.pid``. Paths inside are the host paths, so QEMU's command line
-is unchanged.
+Nothing else of the host's ``/etc``, ``/home``, ``/root``, ``/tmp``, ``/var`` or ``/run``: a
+directory on the way to a bound file (``/root/.cache/uvmshim/boot/<key>``, the VM directory) is
+an empty directory of the tmpfs. No other VM's directory, not even this VM's ``qemu.pid`` or
+``qemu.log``. Paths inside are the host paths, so QEMU's command line is unchanged.
 
 **Shares added later.** Shares are bind mounts that the host makes under ``share/`` while the VM
 runs (:func:`uvmshim.uvm.qemu.host.QemuHostBackend.plan9_add`). The host's ``share/`` mount is
