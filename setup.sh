@@ -1,6 +1,9 @@
 #!/bin/sh
 # Set up uvmshim on a Debian 12 machine (as root) and run a first container in a UVM.
-#   1. Debian packages: QEMU, qemu-img, e2fsprogs, busybox-static, crun (for the guest).
+#   1. Debian packages: QEMU, qemu-img, e2fsprogs, busybox-static, crun (for the guest);
+#      cryptsetup-bin (veritysetup checks our dm-verity layers), skopeo (image pull),
+#      docker-registry (a loopback registry for the pull tests), debootstrap (the Debian
+#      image test).
 #   2. uvmshim itself (pip, editable) with its test tools.
 #   3. The UVM boot files (a Debian kernel and an initrd with the guest agent), cached.
 #   4. A demo: a busybox container with a bind mount, a read-only file, a disk and a
@@ -12,6 +15,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     qemu-system-x86 qemu-utils busybox-static crun e2fsprogs zstd \
+    cryptsetup-bin skopeo docker-registry debootstrap \
     ca-certificates >/dev/null
 python3 -m pip install -q -e '.[test]'
 

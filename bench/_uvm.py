@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from uvmshim.uvm.bootfiles import BootFiles
-from uvmshim.uvm.guest.cpio import CpioWriter
+from uvmshim.uvm.initrd.cpio import CpioWriter
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.qemu.config import QemuConfig
 

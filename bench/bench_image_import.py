@@ -4,10 +4,11 @@ One synthetic layer (many small files, some large ones, made from slices of busy
 compresses like real binaries) is written as an OCI layout, gzip-compressed and uncompressed,
 and imported into a fresh store. The floor is ``mkfs.ext4 -d`` (same options as the importer)
 of the same tree, already unpacked: the part of an import that no importer built on mkfs can
-avoid. Throughput is MB (10^6 bytes) of uncompressed layer tar per second, median of
-``--repeat`` runs, measured in the same run.
+avoid. Each compression is imported with the dm-verity hash tree (the default) and without it
+(``--no-verity``). Throughput is MB (10^6 bytes) of uncompressed layer tar per second, median
+of ``--repeat`` runs, measured in the same run; ``--json`` also prints the numbers as JSON.
 
-    python bench/bench_image_import.py [--mb 64] [--repeat 3] [--dir /dev/shm]
+    python bench/bench_image_import.py [--mb 64] [--repeat 3] [--dir /dev/shm] [--json]
 
 Needs root, e2fsprogs and busybox-static (run as CI runs the tests).
 """
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import os
 import shutil
 import stat
@@ -133,7 +135,7 @@ def disk_used(root: Path) -> int:
     return total
 
 
-def import_seconds(layer: testimages.Layer, work: Path, compression: str
+def import_seconds(layer: testimages.Layer, work: Path, compression: str, verity: bool = True
                    ) -> tuple[float, float, float]:
     """Time a full import; also the unpack part (until the last blob byte was read), and the
     peak disk use of the store during the import over the final layer's."""
@@ -156,7 +158,7 @@ def import_seconds(layer: testimages.Layer, work: Path, compression: str
     sampler.start()
     t0 = time.perf_counter()
     try:
-        rec = asyncio.run(import_image(img, store=store, progress=progress))
+        rec = asyncio.run(import_image(img, store=store, progress=progress, verity=verity))
         elapsed = time.perf_counter() - t0
     finally:
         done.set()
@@ -184,6 +186,7 @@ def main() -> None:
     ap.add_argument("--rootfs", type=Path, default=None,
                     help="import a tar of this tree (e.g. a debootstrap) instead of the "
                          "synthetic layer")
+    ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
     layer = rootfs_layer(args.rootfs) if args.rootfs else make_layer(args.mb << 20)
     mb = len(layer.tar) / 1e6
@@ -193,26 +196,36 @@ def main() -> None:
           f"work dir on {args.dir or tempfile.gettempdir()}")
     with tempfile.TemporaryDirectory(prefix="bench-image-", dir=args.dir) as tmp:
         work = Path(tmp)
+        variants = [(comp, verity) for comp in ("gzip", "none") for verity in (True, False)]
         floor: list[float] = []
-        imp: dict[str, list[float]] = {"gzip": [], "none": []}
-        unpack: dict[str, list[float]] = {"gzip": [], "none": []}
+        imp: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+        unpack: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
         peaks: list[float] = []
         for _ in range(args.repeat):
             # Interleaved, so that host noise hits all variants alike.
             floor.append(floor_seconds(layer, work))
-            for comp in ("gzip", "none"):
-                total, part, peak = import_seconds(layer, work, comp)
-                imp[comp].append(total)
-                unpack[comp].append(part)
+            for comp, verity in variants:
+                total, part, peak = import_seconds(layer, work, comp, verity)
+                imp[comp, verity].append(total)
+                unpack[comp, verity].append(part)
                 peaks.append(peak)
     f = statistics.median(floor)
     print(f"{'floor: mkfs.ext4 -d':32} {mb / f:8.1f} MB/s  ({f:.2f} s)")
-    for comp in ("gzip", "none"):
-        t = statistics.median(imp[comp])
-        u = statistics.median(unpack[comp])
-        print(f"{'import, ' + comp + ' layer':32} {mb / t:8.1f} MB/s  ({t:.2f} s, unpack "
-              f"{u:.2f} s)  floor/import = {f / t:.2f}, import is {t / f:.2f}x the floor")
+    imports: list[dict[str, object]] = []
+    results: dict[str, object] = {"layer_mb": round(mb, 2), "entries": entries,
+                                  "floor_mb_s": round(mb / f, 1), "imports": imports}
+    for comp, verity in variants:
+        t = statistics.median(imp[comp, verity])
+        u = statistics.median(unpack[comp, verity])
+        label = f"import, {comp} layer, " + ("verity" if verity else "no verity")
+        print(f"{label:32} {mb / t:8.1f} MB/s  ({t:.2f} s, unpack {u:.2f} s)  "
+              f"import/floor throughput = {f / t:.2f}")
+        imports.append({"compression": comp, "verity": verity, "mb_s": round(mb / t, 1),
+                        "seconds": round(t, 3), "vs_floor": round(f / t, 3)})
     print(f"peak disk during import / final layer disk: {max(peaks):.3f}")
+    results["peak_disk_ratio"] = round(max(peaks), 3)
+    if args.json:
+        print(json.dumps(results))
     os.sync()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from uvmshim.allocator import create_container_resources
-from uvmshim.oci.spec import Spec
+from uvmshim.spec import Spec
 from uvmshim.uvm.sim import simulated_uvm
 
 

@@ -9,7 +9,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from uvmshim.oci.spec import Spec
+from uvmshim.spec import Spec
 
 T = TypeVar("T")
 

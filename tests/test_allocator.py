@@ -14,7 +14,7 @@ import pytest
 from uvmshim.allocator import create_container_resources
 from uvmshim.devices import device_info_from_path
 from uvmshim.errors import UvmshimError
-from uvmshim.oci.spec import Spec
+from uvmshim.spec import Spec
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.sim import SimulatedBackend, simulated_uvm
 

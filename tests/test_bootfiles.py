@@ -16,14 +16,14 @@ from uvmshim import hostpath
 from uvmshim.errors import ToolError, UvmshimError
 from uvmshim.uvm import bootfiles
 from uvmshim.uvm.bootfiles import BuildInputs, PackageInfo, compute_key, extract_vmlinux
-from uvmshim.uvm.guest.cpio import CpioWriter
+from uvmshim.uvm.initrd.cpio import CpioWriter
 
 BASE = BuildInputs(
     builder_version=1,
     kernel_package="linux-image-6.1.0-57-amd64",
     packages=(PackageInfo("crun", "1.8.1-1+deb12u1", "amd64", "ab" * 32),
               PackageInfo("busybox-static", "1:1.35.0-4", "amd64", "cd" * 32)),
-    files=(("agent/server.py", "00" * 32), ("uvm/guest/init.sh", "11" * 32)),
+    files=(("agent/server.py", "00" * 32), ("uvm/initrd/init.sh", "11" * 32)),
     modules=("virtio_pci", "ext4"),
 )
 
@@ -41,7 +41,7 @@ def test_key_is_stable_and_hex() -> None:
     {"packages": (PackageInfo("crun", "1.8.1-1+deb12u1", "amd64", "ef" * 32),
                   BASE.packages[1])},
     {"files": (("agent/server.py", "01" * 32), BASE.files[1])},
-    {"files": (BASE.files[0], ("uvm/guest/init.sh", "12" * 32))},
+    {"files": (BASE.files[0], ("uvm/initrd/init.sh", "12" * 32))},
     {"modules": ("virtio_pci", "ext4", "xfs")},
 ])
 def test_key_changes_with_every_input(change: dict[str, object]) -> None:
@@ -51,8 +51,8 @@ def test_key_changes_with_every_input(change: dict[str, object]) -> None:
 def test_source_files_cover_agent_protocol_init_and_builder() -> None:
     names = {name for name, _ in bootfiles.source_files()}
     for expected in ("agent/server.py", "agent/storage.py", "protocol/framing.py",
-                     "protocol/messages.py", "uvm/guest/init.sh", "uvm/bootfiles.py",
-                     "uvm/guest/stage.py"):
+                     "protocol/messages.py", "uvm/initrd/init.sh", "uvm/bootfiles.py",
+                     "uvm/initrd/stage.py"):
         assert expected in names
     assert all(p.exists() for _, p in bootfiles.source_files())
 

@@ -13,11 +13,11 @@ import pytest
 
 from uvmsession import UvmSession
 from uvmshim.errors import UvmshimError
-from uvmshim.oci.spec import Spec
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.leaks import find_holdings
 from uvmshim.runtime.pod import Pod, pause_spec
 from uvmshim.runtime.specgen import RunOptions, build_spec
+from uvmshim.spec import Spec
 
 from helpers import ext4
 

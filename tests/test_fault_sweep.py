@@ -8,7 +8,7 @@ import pytest
 
 from uvmshim.allocator import create_container_resources
 from uvmshim.errors import UvmshimError
-from uvmshim.oci.spec import Spec
+from uvmshim.spec import Spec
 from uvmshim.uvm.sim import simulated_uvm
 
 from helpers import HostFiles, make_spec, run

@@ -1,5 +1,5 @@
 """Host directories (:mod:`uvmshim.hostpath`), ``/proc`` inspection (:mod:`uvmshim.procscan`),
-the process runner (:mod:`uvmshim.run`) and ``uvmshim leaks`` looking wherever they point.
+the process runner (:mod:`uvmshim.tools`) and ``uvmshim leaks`` looking wherever they point.
 
 No VM: the leak inventory is checked against real directories, mounts and processes.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from uvmshim import hostpath, procscan, run
+from uvmshim import hostpath, procscan, tools
 from uvmshim.cli.leaks_cmd import leaks_command
 from uvmshim.errors import ToolError, UvmshimError
 from uvmshim.runtime.leaks import Holdings, find_holdings, reclaim_all
@@ -222,11 +222,11 @@ def test_command_lines_and_open_fds(fake_qemu: tuple[int, Path]) -> None:
 
 def test_start_and_running_report_a_missing_program() -> None:
     with pytest.raises(ToolError, match="command not found") as err:
-        run.start(["uvmshim-no-such-program"], missing_hint="install it")
+        tools.start(["uvmshim-no-such-program"], missing_hint="install it")
     assert err.value.returncode == 127 and err.value.hint == "install it"
 
     async def main() -> None:
-        async with run.running(["uvmshim-no-such-program"]):
+        async with tools.running(["uvmshim-no-such-program"]):
             pass
 
     with pytest.raises(ToolError, match="command not found"):
@@ -235,8 +235,8 @@ def test_start_and_running_report_a_missing_program() -> None:
 
 def test_running_kills_and_reaps_on_the_way_out() -> None:
     async def main() -> int | None:
-        async with run.running([sys.executable, "-c", "print('up', flush=True); input()"],
-                               stdout=run.PIPE) as proc:
+        async with tools.running([sys.executable, "-c", "print('up', flush=True); input()"],
+                               stdout=tools.PIPE) as proc:
             assert proc.stdout is not None
             assert await proc.stdout.readline() == b"up\n"
         return proc.returncode
@@ -246,7 +246,7 @@ def test_running_kills_and_reaps_on_the_way_out() -> None:
 
 def test_start_hands_the_process_over(tmp_path: Path) -> None:
     with open(tmp_path / "log", "wb") as log:
-        proc = run.start(["sh", "-c", "echo out; echo err >&2"], stdout=log, stderr=log,
+        proc = tools.start(["sh", "-c", "echo out; echo err >&2"], stdout=log, stderr=log,
                          new_session=True)
     assert proc.wait() == 0
     assert sorted((tmp_path / "log").read_text().split()) == ["err", "out"]

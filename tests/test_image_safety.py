@@ -31,7 +31,7 @@ def assert_clean(store: ImageStore) -> None:
     assert not tmp.exists() or not any(tmp.iterdir())
     layers = store.root / "layers" / "sha256"
     for d in layers.iterdir() if layers.exists() else []:
-        assert sorted(os.listdir(d)) == ["layer.json", "layer.vhd"]
+        assert sorted(os.listdir(d)) == ["layer.json", "layer.vhd", "verity.json"]
 
 
 def refuse(tmp_path: Path, layer: Layer, match: str, *, compression: str = "gzip"

@@ -190,6 +190,7 @@ def reference(specs: list[Spec], tar: bytes, dest: Path) -> dict[str, tuple[obje
             (dest / s.name).unlink()
             target = dest / d / base[4:]
             os.mknod(target, stat.S_IFCHR, os.makedev(0, 0))
+            os.chown(target, 0, 0)  # not the gid of a setgid parent: whiteouts are root's
         elif s.kind == "opaque":
             (dest / s.name).unlink()
     return snapshot(dest)

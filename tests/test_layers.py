@@ -38,8 +38,6 @@ LAYERS: dict[str, int] = {
     "cli": 7,
     "__main__": 7,
     "__init__": 0,
-    # names before the renames of this change
-    "run": 2, "oci": 2, "oci_runtime": 6,
 }
 
 

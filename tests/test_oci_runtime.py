@@ -14,8 +14,8 @@ import pytest
 from uvmshim.cli.entry import is_runc_argv
 from uvmshim.cli.runc_cmd import main as runc_main
 from uvmshim.errors import UvmshimError
-from uvmshim.oci_runtime import ops
-from uvmshim.oci_runtime.state import ContainerDir, new_state
+from uvmshim.runc import ops
+from uvmshim.runc.state import ContainerDir, new_state
 
 
 def runc(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -28,7 +28,6 @@ from uvmshim.agent.runtime import Runtime
 from uvmshim.agent.server import Server
 from uvmshim.agent.storage import Storage, find_pmem_device, find_scsi_block_device
 from uvmshim.errors import UvmError
-from uvmshim.oci_runtime.hosted import GUEST_CRUN
 from uvmshim.protocol import (
     EVENT_TYPES,
     MAX_FRAME_SIZE,
@@ -72,6 +71,7 @@ from uvmshim.protocol import (
     vpmem_root_port_pci_address,
     write_frame,
 )
+from uvmshim.runc.hosted import GUEST_CRUN
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.qemu.cmdline import build_argv
 from uvmshim.uvm.qemu.config import MachinePaths, QemuConfig
@@ -468,7 +468,7 @@ CONSUMERS: dict[str, set[str]] = {
     "uvmshim.uvm.options": {"MAX_SCSI_CONTROLLERS"},
     "uvmshim.guestpath": {"CONTAINER_ROOT_PREFIX", "SANDBOX_MOUNT_PREFIX",
                           "HUGEPAGES_MOUNT_PREFIX", "SANDBOX_MOUNTS_DIR", "HUGEPAGES_DIR"},
-    "uvmshim.oci_runtime.hosted": {"CRUN_ROOT"},
+    "uvmshim.runc.hosted": {"CRUN_ROOT"},
     "uvmshim.agent.__main__": {"AGENT_PORT_NAME"},
     "uvmshim.agent.paths": {"CONTAINER_ROOT_PREFIX", "SANDBOX_MOUNT_PREFIX",
                             "HUGEPAGES_MOUNT_PREFIX", "SANDBOX_MOUNTS_DIR", "HUGEPAGES_DIR"},

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from uvmshim.errors import SpecError
-from uvmshim.oci.spec import Mount, Spec, load_spec
+from uvmshim.spec import Mount, Spec, load_spec
 
 FULL: dict[str, Any] = {
     "ociVersion": "1.1.0",

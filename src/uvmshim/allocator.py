@@ -35,8 +35,8 @@ from uvmshim.errors import (
     os_error_text,
 )
 from uvmshim.layers import mount_lcow_layers
-from uvmshim.oci.spec import Root, Spec
 from uvmshim.resources import ContainerResources
+from uvmshim.spec import Root, Spec
 from uvmshim.uvm.utilityvm import UtilityVM
 
 log = logging.getLogger(__name__)

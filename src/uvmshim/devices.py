@@ -11,8 +11,8 @@ from dataclasses import replace
 
 from uvmshim import guestpath
 from uvmshim.errors import AllocationError, UvmshimError, error_context, os_error_text
-from uvmshim.oci.spec import WindowsDevice
 from uvmshim.resources import Resource
+from uvmshim.spec import WindowsDevice
 from uvmshim.uvm.scsi import VMAccess
 from uvmshim.uvm.utilityvm import UtilityVM
 

@@ -11,6 +11,7 @@
     │   ├── VPMemTooLarge           a layer is larger than the vPMEM maximum size
     │   ├── NotAttached             release of something that is not attached
     │   └── ConflictingAttachment   a disk is already attached with other settings
+    ├── LayerIntegrityError         a dm-verity layer's content no longer matches its root hash
     ├── BackendError                a host (QMP, bind mount) or guest (agent) operation failed
     │   ├── GuestError              the guest agent refused or failed a request (``kind``)
     │   └── AgentConnectionError    no answer: the agent connection is not open, lost or slow
@@ -95,6 +96,11 @@ class NotAttached(UvmError):
 
 class ConflictingAttachment(UvmError):
     """A disk is already attached, but with other read-only/option settings."""
+
+
+class LayerIntegrityError(UvmshimError):
+    """A layer mounted through dm-verity failed verification in the guest: its disk was
+    changed on the host after the layer was made (reads of the changed blocks fail with EIO)."""
 
 
 class BackendError(UvmshimError):

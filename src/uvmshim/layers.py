@@ -5,16 +5,23 @@
 scratch's ``sandbox.vhdx`` is attached read-write at the container root, and the guest is asked
 to combine them into an overlay at ``<root>/rootfs`` with upper/work under
 ``<scratch mount>/scratch/<id>``.
+
+A layer folder that also holds a ``verity.json`` (every layer ``uvmshim image import`` makes,
+unless ``--no-verity``) is mounted by the guest through dm-verity with that root hash: a layer
+disk changed on the host since then cannot be read in the guest.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
 from uvmshim import guestpath
 from uvmshim.errors import (
+    GuestError,
+    LayerIntegrityError,
     NoAvailableLocation,
     ReleaseError,
     UvmError,
@@ -23,6 +30,8 @@ from uvmshim.errors import (
     error_context,
     os_error_text,
 )
+from uvmshim.protocol.messages import ErrorKind, ProtocolError
+from uvmshim.protocol.verity import VERITY_FILE, Verity
 from uvmshim.resources import Resource
 from uvmshim.uvm.scsi import ScsiMount, VMAccess
 from uvmshim.uvm.utilityvm import UtilityVM
@@ -85,12 +94,58 @@ class LayersHandle:
         """The layer and scratch handles (for inventories), top-most layer first."""
         return [r for _, r in self._layers] + [self._scratch]
 
+    def verified_layers(self) -> dict[str, str]:
+        """``{guest path: host layer disk}`` of the layers mounted through dm-verity."""
+        return {p: _host_path(r) for p, r in self._layers if getattr(r, "verity", None)}
+
+
+def _host_path(r: Resource) -> str:
+    return str(getattr(r, "requested_host_path", None) or r.describe().get("host_path", ""))
+
+
+def layer_verity(folder: str) -> Verity | None:
+    """The dm-verity parameters in ``folder/verity.json``, or None if there is no such file.
+
+    :raises UvmError: the file is unreadable or malformed.
+    """
+    path = os.path.join(folder, VERITY_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read(1 << 16)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise UvmError(os_error_text("open", err, path)) from err
+    try:
+        return Verity.from_json(json.loads(raw)).check()
+    except (ValueError, ProtocolError) as err:
+        raise UvmError(f"malformed dm-verity parameters: {err}", where=path,
+                       hint="import the image again (or remove the file to mount the layer "
+                            "unverified)") from None
+
 
 async def add_lcow_layer(vm: UtilityVM, vhd_path: str) -> tuple[str, Resource]:
-    """Attach one read-only layer; return its guest path and handle."""
+    """Attach one read-only layer; return its guest path and handle.
+
+    :raises LayerIntegrityError: the guest found the layer's dm-verity data corrupt.
+    """
+    verity = layer_verity(os.path.dirname(vhd_path))
+    try:
+        return await _add_lcow_layer(vm, vhd_path, verity)
+    except GuestError as err:
+        if err.kind is not ErrorKind.CORRUPT:
+            raise
+        raise LayerIntegrityError(
+            f"layer {vhd_path} failed dm-verity verification in the guest: {err.reason}",
+            hint="the layer disk was changed after import: remove the image and import or "
+                 "pull it again") from None
+
+
+async def _add_lcow_layer(vm: UtilityVM, vhd_path: str,
+                          verity: Verity | None) -> tuple[str, Resource]:
     if not vm.devices_physically_backed and vm.vpmem.count > 0:
         try:
-            mount = await vm.add_vpmem(vhd_path)
+            mount = await vm.add_vpmem(vhd_path, verity=verity)
             return mount.guest_path, mount
         except (NoAvailableLocation, VPMemTooLarge):
             pass  # fall back to SCSI, exactly on these two
@@ -100,7 +155,7 @@ async def add_lcow_layer(vm: UtilityVM, vhd_path: str) -> tuple[str, Resource]:
     uvm_path = guestpath.global_mount_path(vm.mount_counter())
     with error_context("failed to add SCSI layer"):
         sm = await vm.add_scsi(vhd_path, uvm_path, read_only=True, options=("ro",),
-                               access=VMAccess.NOOP)
+                               access=VMAccess.NOOP, verity=verity)
     return sm.guest_path, sm
 
 

@@ -201,15 +201,19 @@ def read_journals(directory: Path | None = None) -> list[OwnerJournal]:
     return found
 
 
-def live_holdings(directory: Path | None = None) -> set[str]:
+def live_holdings(directory: Path | None = None, *, ignore: Path | None = None) -> set[str]:
     """The paths that live owners hold (everything below them is theirs too).
 
     Read the host's resources *before* calling this: an owner records a resource before
     creating it, so whatever was seen then is listed here if its owner lives.
+
+    :param ignore: a journal to leave out (the one a collector holds the lock of).
     """
     me = _journal.path if _journal is not None and _journal.pid == os.getpid() else None
     held: set[str] = set()
     for j in read_journals(directory):
+        if j.path == ignore:
+            continue
         if j.live or j.path == me:
             held.update(e.path for e in j.entries)
     return held
@@ -251,7 +255,7 @@ def collect_garbage(reclaimers: Callable[[], dict[str, Reclaimer]],
             for entry in reversed(_entries(path)):
                 if not os.path.lexists(entry.path):
                     continue
-                if entry.path in live_holdings(directory):
+                if entry.path in live_holdings(directory, ignore=path):
                     continue  # the name was taken again since, by a live process
                 if table is None:
                     table = reclaimers()

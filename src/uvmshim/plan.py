@@ -7,8 +7,8 @@ from typing import Any
 
 from uvmshim.allocator import Allocation, create_container_resources
 from uvmshim.layers import LayersHandle
-from uvmshim.oci.spec import Spec
 from uvmshim.resources import Resource
+from uvmshim.spec import Spec
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.sim import Operation, simulated_uvm
 

@@ -33,6 +33,7 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "9p": ("9pnet_virtio", "9p"),
     "overlay": ("overlay",),
     "pmem": ("virtio_pmem", "nd_pmem"),
+    "dm-verity": ("dm_mod", "dm_verity"),
     "rng": ("virtio_rng",),
 }
 

@@ -14,6 +14,14 @@ agent simply waits for crun. ``container_create`` therefore only prepares the bu
 A started process is named by a *process key* (``<container id>`` for the init,
 ``<container id>/<exec id>`` for an exec); its output and exit arrive as ``output`` and ``exit``
 events carrying that key, and ``process_stdin`` feeds its stdin.
+
+Terminals: a process with ``process.terminal`` gets a pty allocated by crun inside the
+container. crun hands its master over ``--console-socket``: the agent listens on a socket of its
+own for each such process, receives the master fd (``SCM_RIGHTS``), and from then on the master
+*is* the process's stdio here: what it reads goes out as ``stdout`` output, ``process_stdin``
+writes to it and ``process_resize`` sets its window size (``TIOCSWINSZ``: the kernel sends
+``SIGWINCH`` to the pty's foreground process group). The initial size is
+``process.consoleSize``, which crun sets before it executes the process.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from uvmshim.protocol.requests import (
     ContainerSignal,
     ContainerStart,
     HugepagesDir,
+    ProcessResize,
     ProcessStdin,
     SandboxDir,
     process_key,
@@ -50,6 +59,12 @@ if TYPE_CHECKING:
 
 OUTPUT_CHUNK = 32 * 1024
 
+#: Where the console sockets crun connects to live (short paths: ``sun_path`` holds 108 bytes).
+CONSOLE_DIR = "/run/uvmshim/console"
+
+#: How long crun may take to hand over a terminal's master.
+CONSOLE_TIMEOUT = 30.0
+
 
 class _Container:
     def __init__(self, bundle: str, stdin: bool, scratch_dir: str, sandbox_id: str) -> None:
@@ -58,6 +73,121 @@ class _Container:
         self.stdin = stdin
         self.scratch_dir = scratch_dir
         self.started = False
+        self.terminal = False
+
+
+class _Console:
+    """A console socket for one crun call: crun connects and sends the pty master (the way
+    runc and crun hand it to conmon or containerd)."""
+
+    _count = 0
+    _count_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        import socket
+
+        with _Console._count_lock:
+            _Console._count += 1
+            n = _Console._count
+        makedirs(CONSOLE_DIR)
+        self.path = os.path.join(CONSOLE_DIR, f"{os.getpid()}-{n}.sock")
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.bind(self.path)
+            self.sock.listen(1)
+        except OSError as err:
+            self.close()
+            raise AgentError(f"console socket {self.path}: {err.strerror or err}",
+                             ErrorKind.FAILED) from None
+
+    def receive(self, proc: Any, timeout: float = CONSOLE_TIMEOUT) -> int:
+        """The master fd crun sends; -1 if crun exited first (its exit event tells why) or
+        did not send one in time (then it is killed)."""
+        import socket
+        import time
+
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.02)
+        try:
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                    break
+                except TimeoutError:
+                    if proc.poll() is not None:
+                        return -1
+                    if time.monotonic() > deadline:
+                        proc.kill()
+                        return -1
+            with conn:
+                conn.settimeout(max(deadline - time.monotonic(), 1.0))
+                _msg, fds, _flags, _addr = socket.recv_fds(conn, 4096, 4)
+        except OSError:
+            return -1
+        finally:
+            self.close()
+        for extra in fds[1:]:
+            os.close(extra)
+        return fds[0] if fds else -1
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+class _Tty:
+    """The pty master of a container process (non-blocking; closed once the process is gone)."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.closing = False
+        self.lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        import select
+
+        view = memoryview(data)
+        with self.lock:
+            while view:
+                if self.fd < 0 or self.closing:
+                    raise OSError(5, "the terminal is closed")
+                try:
+                    view = view[os.write(self.fd, view):]
+                except BlockingIOError:  # the process does not read: wait, but not forever
+                    select.select([], [self.fd], [], 0.1)
+
+    def eof(self) -> None:
+        """End of input: the EOF character (^D), if the terminal is in canonical mode."""
+        import termios
+
+        with self.lock:
+            if self.fd < 0:
+                return
+            attrs = termios.tcgetattr(self.fd)
+            if attrs[3] & termios.ICANON:
+                veof = attrs[6][termios.VEOF]
+                os.write(self.fd, veof if isinstance(veof, bytes) else bytes([veof]))
+
+    def resize(self, rows: int, cols: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        with self.lock:
+            if self.fd < 0:
+                raise OSError(5, "the terminal is closed")
+            fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def close(self) -> None:
+        self.closing = True  # a writer waiting for room gives up
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 class Runtime:
@@ -73,6 +203,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._containers: dict[str, _Container] = {}
         self._procs: dict[str, Any] = {}  # process key -> subprocess.Popen
+        self._ttys: dict[str, _Tty] = {}  # process key -> its pty master (terminal processes)
 
     def _crun(self, *args: str) -> list[str]:
         return ["crun", "--root", CRUN_ROOT, *args]
@@ -93,12 +224,13 @@ class Runtime:
         with self._lock:
             if container_id in self._containers:
                 raise AgentError(f"container {container_id} already exists", ErrorKind.CONFLICT)
-            self._containers[container_id] = _Container(bundle, req.stdin, req.scratch_dir,
-                                                        sandbox_id or container_id)
+            c = _Container(bundle, req.stdin, req.scratch_dir, sandbox_id or container_id)
+            self._containers[container_id] = c
         try:
             spec = dict(req.spec)
             process = dict(spec.get("process") or {})
-            process["terminal"] = False  # no console socket: stdio are pipes to the agent
+            # A terminal: crun allocates a pty and sends its master to our console socket.
+            c.terminal = process["terminal"] = bool(process.get("terminal"))
             spec["process"] = process
             spec["mounts"] = [self._resolve_mount(m, sandbox_id or container_id)
                               for m in spec.get("mounts") or []]
@@ -141,9 +273,12 @@ class Runtime:
                                  ErrorKind.CONFLICT)
             c.started = True
         log = os.path.join(c.bundle, "crun.log")
+        console = _Console() if c.terminal else None
+        console_args = ["--console-socket", console.path] if console else []
         self._spawn(process_key(container_id),
-                    self._crun_logged(log, "run", "--bundle", c.bundle, container_id),
-                    stdin=c.stdin, cwd=c.bundle, crun_log=log)
+                    self._crun_logged(log, "run", *console_args, "--bundle", c.bundle,
+                                      container_id),
+                    stdin=c.stdin, cwd=c.bundle, crun_log=log, console=console)
         self._wait_running(container_id)
         error = crun_error(log)
         if error:
@@ -182,14 +317,17 @@ class Runtime:
             c = self._containers.get(container_id)
             if c is None or not c.started:
                 raise AgentError(f"container {container_id} is not running", ErrorKind.CONFLICT)
-        spec = {**req.process, "terminal": False}
+        spec = {**req.process, "terminal": bool(req.process.get("terminal"))}
         path = os.path.join(c.bundle, f"exec-{exec_id}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(spec, f)
         log = os.path.join(c.bundle, f"exec-{exec_id}.log")
+        console = _Console() if spec["terminal"] else None
+        console_args = ["--console-socket", console.path] if console else []
         self._spawn(process_key(container_id, exec_id),
-                    self._crun_logged(log, "exec", "--process", path, container_id),
-                    stdin=req.stdin, cwd=c.bundle, crun_log=log)
+                    self._crun_logged(log, "exec", *console_args, "--process", path,
+                                      container_id),
+                    stdin=req.stdin, cwd=c.bundle, crun_log=log, console=console)
 
     def signal(self, req: ContainerSignal) -> None:
         """``crun kill [--all] <id> <signal>``."""
@@ -236,6 +374,16 @@ class Runtime:
         key, data = req.process, req.data
         with self._lock:
             proc = self._procs.get(key)
+            tty = self._ttys.get(key)
+        if tty is not None:
+            try:
+                if data:
+                    tty.write(data)
+                if req.eof:
+                    tty.eof()
+            except OSError as err:
+                raise AgentError(f"terminal of {key}: {err.strerror or err}") from None
+            return
         if proc is None or proc.stdin is None:
             raise AgentError(f"process {key} has no open stdin", ErrorKind.NOT_FOUND)
         try:
@@ -247,35 +395,66 @@ class Runtime:
         except (OSError, ValueError) as err:
             raise AgentError(f"stdin of {key}: {err}") from None
 
+    def resize(self, req: ProcessResize) -> None:
+        """Set the window size of a terminal process's pty."""
+        with self._lock:
+            tty = self._ttys.get(req.process)
+        if tty is None:
+            raise AgentError(f"process {req.process} has no terminal", ErrorKind.NOT_FOUND)
+        try:
+            tty.resize(req.rows, req.cols)
+        except OSError as err:
+            raise AgentError(f"resize {req.process}: {err.strerror or err}") from None
+
     # Processes ----------------------------------------------------------------------------
 
     def _spawn(self, key: str, argv: list[str], *, stdin: bool, cwd: str,
-               crun_log: str = "") -> None:
+               crun_log: str = "", console: _Console | None = None) -> None:
+        """Start ``argv`` as process ``key``; with ``console``, once crun sent the pty master
+        (or gave up), the master is the process's stdio."""
         import subprocess
 
         with self._lock:
             if key in self._procs:
+                if console is not None:
+                    console.close()
                 raise AgentError(f"process {key} already exists", ErrorKind.CONFLICT)
             try:
                 proc = subprocess.Popen(
-                    argv, cwd=cwd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    argv, cwd=cwd,
+                    stdin=subprocess.PIPE if stdin and console is None else subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
             except OSError as err:
+                if console is not None:
+                    console.close()
                 raise AgentError(f"{argv[0]}: {err.strerror or err}", ErrorKind.CRUN) from None
             self._procs[key] = proc
-        threading.Thread(target=self._watch, args=(key, proc, crun_log), daemon=True,
+        tty = None
+        if console is not None:
+            master = console.receive(proc)
+            if master >= 0:
+                tty = _Tty(master)
+                with self._lock:
+                    self._ttys[key] = tty
+        threading.Thread(target=self._watch, args=(key, proc, crun_log, tty), daemon=True,
                          name=f"proc-{key}").start()
 
-    def _watch(self, key: str, proc: Any, crun_log: str) -> None:
+    def _watch(self, key: str, proc: Any, crun_log: str, tty: _Tty | None = None) -> None:
+        exited = threading.Event()
         pumps = [threading.Thread(target=self._pump, args=(key, name, pipe), daemon=True)
                  for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+        if tty is not None:
+            pumps.append(threading.Thread(target=self._pump_tty, args=(key, tty, exited),
+                                          daemon=True))
         for t in pumps:
             t.start()
         rc = proc.wait()
+        exited.set()
         for t in pumps:
             t.join()  # all output before the exit event
         with self._lock:
             self._procs.pop(key, None)
+            self._ttys.pop(key, None)
         error = crun_error(crun_log) if crun_log and rc != 0 else ""
         self._send_event(ExitEvent(process=key, exit_code=rc, error=error))
 
@@ -287,6 +466,31 @@ class Runtime:
                 break
             self._send_event(OutputEvent(process=key, stream=stream, data=chunk))
         pipe.close()
+
+    def _pump_tty(self, key: str, tty: _Tty, exited: threading.Event) -> None:
+        """Relay the pty master until every holder of the slave is gone (EIO), or, once the
+        process exited, until nothing more comes (a background process may keep the slave)."""
+        import select
+
+        fd = tty.fd
+        try:
+            while True:
+                ready, _, _ = select.select([fd], [], [], 0.05 if exited.is_set() else 0.5)
+                if not ready:
+                    if exited.is_set():
+                        break
+                    continue
+                try:
+                    chunk = os.read(fd, OUTPUT_CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError:  # EIO: the slave is closed
+                    break
+                if not chunk:
+                    break
+                self._send_event(OutputEvent(process=key, stream="stdout", data=chunk))
+        finally:
+            tty.close()
 
 
 def crun_error(log: str) -> str:

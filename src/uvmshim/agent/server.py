@@ -116,6 +116,7 @@ class Server:
             Op.UNMOUNT_PLAN9: storage.unmount_plan9,
             Op.MOUNT_VPMEM: storage.mount_vpmem,
             Op.UNMOUNT_VPMEM: storage.unmount_vpmem,
+            Op.VERITY_STATUS: storage.verity_status,
             Op.ADD_VPCI: self._add_vpci,
             Op.COMBINE_LAYERS: storage.combine_layers,
             Op.REMOVE_COMBINED_LAYERS: storage.remove_combined_layers,
@@ -131,6 +132,7 @@ class Server:
             Op.CONTAINER_SIGNAL: rt.signal,
             Op.CONTAINER_DELETE: rt.delete,
             Op.PROCESS_STDIN: self._process_stdin,
+            Op.PROCESS_RESIZE: rt.resize,
         }
 
     # I/O ---------------------------------------------------------------------------------------

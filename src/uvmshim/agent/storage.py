@@ -1,5 +1,9 @@
 """Guest storage: SCSI disks, the 9p export, vPMEM, overlays, sandbox/hugepage dirs. STDLIB ONLY.
 
+A layer disk that comes with dm-verity parameters (``MountScsi.verity``) is mounted through a
+read-only dm-verity device (:mod:`uvmshim.agent.devmapper`) named after its slot
+(``verity-scsi<c>.<lun>``, ``verity-pmem<n>``), removed again when the disk is unmounted.
+
 How a disk is found: the host creates virtio-scsi controller ``i`` at PCI address
 ``scsi_controller_pci_address(i)`` and hot-adds each disk at target ``SCSI_TARGET``, LUN
 ``lun``. The guest-side SCSI host number is assigned by Linux, so we start from the PCI device
@@ -42,7 +46,7 @@ from uvmshim.protocol.constants import (
     scsi_linux_lun,
     vpmem_root_port_pci_address,
 )
-from uvmshim.protocol.messages import ErrorKind
+from uvmshim.protocol.messages import ErrorKind, ProtocolError
 from uvmshim.protocol.requests import (
     CombineLayers,
     HugepagesDir,
@@ -54,6 +58,14 @@ from uvmshim.protocol.requests import (
     UnmountPlan9,
     UnmountScsi,
     UnmountVpmem,
+    VerityStatus,
+)
+from uvmshim.protocol.verity import (
+    SUPERBLOCK_SIZE,
+    Verity,
+    VerityError,
+    check_superblock,
+    dm_table,
 )
 
 #: How long to wait for a hot-added disk or pmem device (seen in ~50 ms normally).
@@ -61,6 +73,19 @@ DEVICE_TIMEOUT = 5.0
 
 #: 2 MiB pages reserved when a hugetlbfs mount finds none free (64 MiB).
 DEFAULT_HUGEPAGES = 32
+
+_VERITY_PREFIX = "verity-"
+
+
+def _verity_name(kind: str, *numbers: int) -> str:
+    """The dm device name of a verified disk in a slot: ``verity-scsi0.3``, ``verity-pmem1``."""
+    return _VERITY_PREFIX + kind + ".".join(str(n) for n in numbers)
+
+
+def _tree_blocks(v: Verity) -> int:
+    from uvmshim.protocol.verity import DIGEST_SIZES, tree_blocks
+
+    return tree_blocks(v.data_blocks, v.hash_block_size, DIGEST_SIZES[v.algorithm])
 
 
 def find_scsi_block_device(controller: int, lun: int, *, sysfs: str = "/sys") -> str | None:
@@ -196,13 +221,41 @@ class Storage:
         device = f"{self._dev}/{name}"
         if not guest_path:
             return {"device": device}
-        fstype = detect_fstype(device)
-        self._loader.ensure_group(fstype)
-        opts = read_only_options(fstype) if req.read_only else []
-        opts += [o for o in req.options if o and o not in opts]
-        makedirs(guest_path)
-        mount(device, guest_path, fstype=fstype, options=",".join(opts))
-        return {"device": device, "fstype": fstype}
+        if req.verity is not None and not req.read_only:
+            raise AgentError("dm-verity needs a read-only mount", ErrorKind.INVALID)
+        found = self._mount_disk(device, guest_path, options=req.options,
+                                 read_only=req.read_only, verity=req.verity,
+                                 dm_name=_verity_name("scsi", req.controller, req.lun))
+        return {"device": device, **found}
+
+    def _mount_disk(self, device: str, guest_path: str, *, options: tuple[str, ...] = (),
+                    read_only: bool, verity: dict[str, object] | None,
+                    dm_name: str) -> dict[str, str]:
+        """Mount ``device`` (through dm-verity device ``dm_name`` if ``verity``); return
+        ``{"fstype": ...}`` plus ``"verity"`` (the dm device)."""
+        source, found = device, {}
+        if verity is not None:
+            source = found["verity"] = self._open_verity(verity, device, dm_name)
+        try:
+            fstype = detect_fstype(source)
+            self._loader.ensure_group(fstype)
+            opts = read_only_options(fstype) if read_only else []
+            opts += [o for o in options if o and o not in opts]
+            makedirs(guest_path)
+            mount(source, guest_path, fstype=fstype, options=",".join(opts))
+        except AgentError as err:
+            if verity is None:
+                raise
+            why = self._verity_failure(dm_name)
+            self._close_verity(dm_name)
+            if why is not None:
+                raise AgentError(
+                    f"{device}: dm-verity refused the layer's data{f' ({why})' if why else ''}: "
+                    "it does not match the root hash, the disk was changed after the import",
+                    ErrorKind.CORRUPT) from None
+            raise AgentError(f"{err} (through dm-verity device {dm_name})", err.kind) from None
+        found["fstype"] = fstype
+        return found
 
     def unmount_scsi(self, req: UnmountScsi) -> None:
         """Unmount ``guest_path`` (if given) and detach the disk from the guest kernel.
@@ -213,6 +266,7 @@ class Storage:
         if req.guest_path:
             umount(req.guest_path)
             remove_dir(req.guest_path)
+        self._close_verity(_verity_name("scsi", req.controller, req.lun))
         name = find_scsi_block_device(req.controller, req.lun, sysfs=self._sysfs)
         if name is None:
             return
@@ -290,16 +344,104 @@ class Storage:
         if node is None:
             raise AgentError(f"vPMEM device {device} did not appear after {DEVICE_TIMEOUT:g} s",
                              ErrorKind.TIMEOUT)
-        fstype = detect_fstype(node)
-        self._loader.ensure_group(fstype)
-        makedirs(guest_path)
-        mount(node, guest_path, fstype=fstype, options=",".join(read_only_options(fstype)))
+        self._mount_disk(node, guest_path, read_only=True, verity=req.verity,
+                         dm_name=_verity_name("pmem", device))
 
     def unmount_vpmem(self, req: UnmountVpmem) -> None:
         """Unmount vPMEM device ``device`` from ``guest_path``."""
         if req.guest_path:
             umount(req.guest_path)
             remove_dir(req.guest_path)
+        self._close_verity(_verity_name("pmem", req.device))
+
+    # dm-verity -------------------------------------------------------------------------------
+
+    def _open_verity(self, spec: dict[str, object], device: str, dm_name: str) -> str:
+        """Check ``spec`` against the disk's verity superblock and put a dm-verity device over
+        ``device``; return the new device's node."""
+        from uvmshim.agent import devmapper
+
+        try:
+            v = Verity.from_json(spec).check()
+        except (ProtocolError, VerityError) as err:
+            raise AgentError(str(err), ErrorKind.INVALID) from None
+        self._loader.ensure_group("dm-verity")
+        try:
+            with open(device, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(v.hash_offset)
+                raw = f.read(SUPERBLOCK_SIZE)
+        except OSError as err:
+            raise AgentError(f"read {device}: {err.strerror}") from None
+        try:
+            check_superblock(raw, v)
+        except VerityError as err:
+            raise AgentError(f"{device}: {err}", ErrorKind.CORRUPT) from None
+        if size < v.hash_offset + (1 + _tree_blocks(v)) * v.hash_block_size:
+            raise AgentError(f"{device}: the disk ends before its dm-verity hash tree",
+                             ErrorKind.CORRUPT)
+        self._close_verity(dm_name)  # one left over by an agent that died mid-unmount
+        rdev = os.stat(device).st_rdev
+        data = f"{os.major(rdev)}:{os.minor(rdev)}"
+        node = devmapper.device_node(
+            devmapper.create(dm_name, "verity", dm_table(v, data), v.data_bytes // 512),
+            dev=self._dev, sysfs=self._sysfs)
+        if wait_for(lambda: node if os.path.exists(node) else None,
+                    timeout=DEVICE_TIMEOUT) is None:
+            self._close_verity(dm_name)
+            raise AgentError(f"{node} (dm-verity over {device}) did not appear",
+                             ErrorKind.TIMEOUT)
+        return node
+
+    def _close_verity(self, dm_name: str) -> None:
+        """Remove dm device ``dm_name`` if it exists."""
+        if not os.path.exists(f"{self._dev}/mapper/control"):
+            return  # dm_mod not loaded: there is none
+        from uvmshim.agent import devmapper
+
+        devmapper.remove(dm_name)
+
+    def _verity_failure(self, dm_name: str) -> str | None:
+        """None if dm-verity device ``dm_name`` has not refused a block; else what the kernel
+        said about it (``data block 66 is corrupted``; may be empty)."""
+        from uvmshim.agent import devmapper
+
+        try:
+            statuses = devmapper.status(dm_name)
+        except AgentError:
+            return None
+        if not any(t == "verity" and s.strip().startswith("C") for t, s in statuses):
+            return None
+        data = ""
+        for slave in glob.glob(f"{self._sysfs}/block/*/holders/*"):
+            try:
+                with open(f"{slave}/dm/name") as f:
+                    if f.read().strip() == dm_name:
+                        with open(f"{slave.split('/holders/')[0]}/dev") as g:
+                            data = g.read().strip()
+            except OSError:
+                continue
+        needle = f"verity: {data}: "
+        lines = devmapper.kernel_messages(needle) if data else []
+        return "; ".join(line.split(needle, 1)[-1] for line in lines)
+
+    def verity_status(self, req: VerityStatus) -> dict[str, dict[str, object]]:
+        """For each of ``guest_paths`` mounted through dm-verity: has a block failed?"""
+        source = {target: src for src, target, *_ in mounts()}
+        out: dict[str, dict[str, object]] = {}
+        for path in req.guest_paths:
+            src = source.get(path.rstrip("/") or "/", "")
+            dev_name = src.rsplit("/", 1)[-1]
+            try:
+                with open(f"{self._sysfs}/block/{dev_name}/dm/name") as f:
+                    dm_name = f.read().strip()
+            except OSError:
+                continue
+            if not dm_name.startswith(_VERITY_PREFIX):
+                continue
+            why = self._verity_failure(dm_name)
+            out[path] = {"corrupted": why is not None, "detail": why or ""}
+        return out
 
     # Overlay ---------------------------------------------------------------------------------
 

@@ -20,18 +20,22 @@ from uvmshim.runtime.leaks import collect_dead_owners, find_holdings, reclaim_al
               help="The OCI runtime's state root, as given to 'uvmshim --root' "
                    "(default: $UVMSHIM_ROOT, else /run/uvmshim).")
 def leaks_command(as_json: bool, reclaim: bool, root: str | None) -> None:
-    """List the UVMs, QEMU processes, host mounts and state directories uvmshim holds.
+    """List the UVMs, QEMU processes, host mounts and state directories that no live uvmshim
+    process holds: what crashed or killed processes left behind.
 
     It looks at every directory uvmshim uses, with the environment's overrides
-    ($UVMSHIM_VM_DIR, $UVMSHIM_POD_DIR, $UVMSHIM_ROOT). With nothing running, this is empty and
-    the exit status is 0; otherwise it is 1. UVM templates are listed apart: they are kept on
+    ($UVMSHIM_VM_DIR, $UVMSHIM_POD_DIR, $UVMSHIM_ROOT), and at every runtime root, pod and VM
+    directory uvmshim has used before. What a running process (a 'uvmshim run', a pod
+    daemon, a runc container's shim) holds is not listed, and --reclaim never touches it; nor
+    is the state of a created runc container (kept until 'delete'). With no leak, the exit
+    status is 0; otherwise it is 1. UVM templates are listed apart: they are kept on
     purpose (remove them with 'uvmshim uvm template rm') and never reclaimed here.
     """
-    holdings = find_holdings(root=root)
+    holdings = find_holdings(root=root, unowned_only=True)
     if reclaim and not holdings.empty:
-        for line in reclaim_all(holdings):
+        for line in [*collect_dead_owners(), *reclaim_all(holdings)]:
             click.echo(line, err=True)
-        holdings = find_holdings(root=root)
+        holdings = find_holdings(root=root, unowned_only=True)
     if as_json:
         dump_json({"empty": holdings.empty, **holdings.as_dict()})
     elif holdings.empty:

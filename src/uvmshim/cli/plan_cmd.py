@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from uvmshim.cli.main import dump_json, run_async
-from uvmshim.oci.spec import load_bundle
 from uvmshim.plan import PlanResult, plan
+from uvmshim.spec import load_bundle
 from uvmshim.uvm.options import UvmOptions
 
 

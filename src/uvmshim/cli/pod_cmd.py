@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from uvmshim import owners, run
+from uvmshim import owners, tools
 from uvmshim.cli.main import collect_garbage, dump_json, run_async
 from uvmshim.errors import UvmshimError
 from uvmshim.hostpath import RUN_DIR, pod_dir, pods_dir
@@ -86,7 +86,7 @@ def create_command(name: str, rootfs: str, memory_mb: int, cpus: int) -> None:
     _claim(name, directory)
     (directory / "rootfs").write_text(os.path.abspath(rootfs))
     with open(directory / "pod.log", "wb") as logf:
-        proc = run.start(
+        proc = tools.start(
             [sys.executable, "-m", "uvmshim.runtime.podd", name, "--rootfs",
              os.path.abspath(rootfs), "--memory", str(memory_mb), "--cpus", str(cpus)],
             stdout=logf, stderr=logf, new_session=True)

@@ -14,10 +14,10 @@ from rich.console import Console
 from uvmshim import hostpath, owners
 from uvmshim.cli.main import collect_garbage, run_async
 from uvmshim.errors import UvmshimError
-from uvmshim.oci.spec import Spec, load_bundle
-from uvmshim.oci_runtime.state import check_id
-from uvmshim.runtime.run import run_container
+from uvmshim.runc.state import check_id
+from uvmshim.runtime.oneshot import run_container
 from uvmshim.runtime.specgen import RunOptions, build_spec
+from uvmshim.spec import Spec, load_bundle
 
 err_console = Console(stderr=True)
 
@@ -76,6 +76,8 @@ def _parse_user(value: str) -> tuple[int, int]:
 @click.option("-u", "--user", default=None, metavar="UID[:GID]")
 @click.option("--read-only", is_flag=True, help="Mount the container's root read-only.")
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open to the container.")
+@click.option("-t", "--tty", is_flag=True, help="Give the container a terminal (a pty in the "
+              "UVM); with -i your terminal is in raw mode until it exits.")
 @click.option("--name", "container_id", default="", help="Container id (default: random).")
 @click.option("--memory", "memory_mb", type=click.IntRange(64), default=512, show_default=True,
               help="UVM memory in MiB.")
@@ -87,7 +89,7 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
                 bundle: str | None, volumes: tuple[str, ...], disks: tuple[str, ...],
                 physical_disks: tuple[str, ...], hugepages: tuple[str, ...],
                 env: tuple[str, ...], workdir: str | None, user: str | None, read_only: bool,
-                interactive: bool, container_id: str, memory_mb: int, cpus: int,
+                interactive: bool, tty: bool, container_id: str, memory_mb: int, cpus: int,
                 no_template: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in a container in a fresh utility VM, then tear everything down.
 
@@ -95,6 +97,7 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
 
     \b
     Examples:
+      uvmshim run -it --rootfs ./rootfs -- sh
       uvmshim run --rootfs ./rootfs -v ./data:/data -- ls /data
       uvmshim run --image busybox --disk data.img:/data:ro -- cat /data/x
       uvmshim run --bundle ./mybundle
@@ -117,7 +120,7 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
             opts = RunOptions(
                 args=list(command), volumes=volumes, disks=disks,
                 physical_disks=physical_disks, hugepages=hugepages, env=list(env),
-                cwd=workdir or "/", read_only_root=read_only,
+                cwd=workdir or "/", read_only_root=read_only, terminal=tty,
                 user=_parse_user(user) if user else (0, 0),
             )
             if image_name:

@@ -134,7 +134,7 @@ def _version() -> str:
 
 
 def _exec_process(args: argparse.Namespace) -> dict[str, Any]:
-    from uvmshim.oci_runtime import ops
+    from uvmshim.runc import ops
 
     if args.process:
         try:
@@ -188,11 +188,11 @@ def _spec_template(bundle: str) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run one parsed command; return the exit status."""
-    from uvmshim.oci_runtime import ops
+    from uvmshim.runc import ops
 
     cmd = args.command
     if cmd in ("create", "run"):
-        from uvmshim.oci_runtime.create import create
+        from uvmshim.runc.create import create
 
         foreground = cmd == "run" and not args.detach
         pid = create(args.root, args.id, args.bundle, pid_file=args.pid_file,
@@ -240,7 +240,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> None:
-    from uvmshim.oci_runtime import ops
+    from uvmshim.runc import ops
 
     states = ops.list_states(args.root)
     if args.quiet:

@@ -40,7 +40,7 @@ from uvmshim.image.layout import ImageError
 from uvmshim.image.unpack import Stopped, UnpackResult, unpack_layer
 from uvmshim.image.verity import VerityStopped, append_hash_tree, salt_for
 from uvmshim.protocol.verity import VERITY_FILE, Verity
-from uvmshim.run import run_tool as _run_tool
+from uvmshim.tools import run_tool as _run_tool
 
 LAYER_FILE = "layer.vhd"
 #: Smallest layer filesystem.
@@ -63,7 +63,7 @@ class LayerResult:
 
 async def run_tool(argv: Sequence[str | os.PathLike[str]], *, stdin: bytes | None = None,
                    env: dict[str, str] | None = None) -> str:
-    """Run a program; return its stdout (see :func:`uvmshim.run.run_tool`).
+    """Run a program; return its stdout (see :func:`uvmshim.tools.run_tool`).
 
     :raises ToolError: a missing program or a non-zero exit status.
     """

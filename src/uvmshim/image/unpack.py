@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import IO
 from urllib.parse import unquote
 
-from uvmshim import run
+from uvmshim import tools
 from uvmshim.errors import ToolError
 from uvmshim.image.ext4 import MAX_LINKS, Ext4Error, Ext4Writer, Node, check_xattr, new_dir
 from uvmshim.image.layout import ImageError, new_hash
@@ -328,8 +328,8 @@ class _Zstd(io.RawIOBase):
 
     def __init__(self, src: IO[bytes], where: str) -> None:
         try:
-            self._proc = run.start(["zstd", "-dcq"], stdin=run.PIPE, stdout=run.PIPE,
-                                   stderr=run.PIPE)
+            self._proc = tools.start(["zstd", "-dcq"], stdin=tools.PIPE, stdout=tools.PIPE,
+                                   stderr=tools.PIPE)
         except ToolError:
             raise ImageError("a zstd-compressed layer needs the zstd program", where=where,
                              hint="install it (Debian: apt-get install zstd)") from None

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 #: Bumped on any incompatible change to a request, response or event. 2: typed failures
 #: (``{"kind", "message"}`` instead of a bare string) and strictly checked request arguments.
 #: 3: ``mount_scsi``/``mount_vpmem`` take ``verity`` (a dm-verity layer); ``verity_status``.
-PROTOCOL_VERSION = 3
+#: 4: a container process with ``process.terminal`` gets a pty in the guest; ``process_resize``.
+PROTOCOL_VERSION = 4
 
 
 class Op(StrEnum):
@@ -68,6 +69,7 @@ class Op(StrEnum):
     CONTAINER_SIGNAL = "container_signal"
     CONTAINER_DELETE = "container_delete"
     PROCESS_STDIN = "process_stdin"
+    PROCESS_RESIZE = "process_resize"
 
 
 class EventKind(StrEnum):
@@ -101,6 +103,9 @@ class ErrorKind(StrEnum):
     TIMEOUT = "timeout"
     #: crun failed.
     CRUN = "crun"
+    #: Data failed its integrity check: a dm-verity layer whose blocks no longer match their
+    #: hashes (the layer disk was changed on the host after import).
+    CORRUPT = "corrupt"
     #: A system call or tool failed (mount, mkdir, insmod).
     FAILED = "failed"
     #: A bug in the agent.

@@ -233,7 +233,12 @@ class ExecStatus(Struct):
 class ContainerCreate(RequestBody):
     """Write ``<bundle>/config.json`` from ``spec`` (the guest-path OCI spec); ``sandbox://``
     and ``hugepages://`` mount sources are resolved for ``sandbox_id`` (default: the
-    container's own id). ``stdin``: give the init process a stdin."""
+    container's own id). ``stdin``: give the init process a stdin.
+
+    With ``process.terminal`` in ``spec`` the init gets a pty allocated in the guest (crun's
+    console socket, handled by the agent); its output comes as ``stdout`` and its stdin is the
+    pty whatever ``stdin`` says. ``process.consoleSize`` (``{"height", "width"}``) is its size
+    before the process starts."""
 
     OP = Op.CONTAINER_CREATE
     container_id: str
@@ -253,7 +258,8 @@ class ContainerStart(RequestBody):
 
 class ContainerExec(RequestBody):
     """Run ``process`` (an OCI process object) in the running container; its process key is
-    ``<container_id>/<exec_id>``."""
+    ``<container_id>/<exec_id>``. ``process.terminal`` and ``process.consoleSize``: as for
+    :class:`ContainerCreate`."""
 
     OP = Op.CONTAINER_EXEC
     container_id: str
@@ -280,12 +286,23 @@ class ContainerDelete(RequestBody):
 
 class ProcessStdin(RequestBody):
     """Write ``data`` to the stdin of the process with key ``process``; then close it if
-    ``eof``."""
+    ``eof`` (a process on a pty instead reads end-of-file: the terminal's EOF character is
+    written, if the terminal is in canonical mode)."""
 
     OP = Op.PROCESS_STDIN
     process: str
     data: bytes = b""
     eof: bool = False
+
+
+class ProcessResize(RequestBody):
+    """Set the window size of the pty of the process with key ``process`` (one started with
+    ``process.terminal``); its foreground process group gets ``SIGWINCH``."""
+
+    OP = Op.PROCESS_RESIZE
+    process: str
+    rows: Index
+    cols: Index
 
 
 def process_key(container_id: str, exec_id: str = "") -> str:
@@ -301,7 +318,7 @@ REQUEST_TYPES: dict[str, type[RequestBody]] = {
         UnmountVpmem, VerityStatus, AddVpci, CombineLayers, RemoveCombinedLayers, SandboxDir,
         HugepagesDir,
         InstallDrivers, Exec, ContainerCreate, ContainerStart, ContainerExec, ContainerSignal,
-        ContainerDelete, ProcessStdin,
+        ContainerDelete, ProcessStdin, ProcessResize,
     )
 }
 

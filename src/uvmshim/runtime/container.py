@@ -15,9 +15,17 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from uvmshim.allocator import Allocation, create_container_resources
-from uvmshim.errors import AllocationError, GuestError, ReleaseError, UvmshimError
-from uvmshim.oci.spec import Spec
+from uvmshim.errors import (
+    AllocationError,
+    GuestError,
+    LayerIntegrityError,
+    ReleaseError,
+    UvmshimError,
+)
+from uvmshim.layers import LayersHandle
 from uvmshim.protocol.messages import ErrorKind
+from uvmshim.protocol.requests import VerityStatus
+from uvmshim.spec import Spec
 from uvmshim.uvm.qemu.agent_client import AgentClient, ContainerProcess
 from uvmshim.uvm.utilityvm import UtilityVM
 
@@ -50,6 +58,8 @@ class Container:
         self.allocation: Allocation | None = None
         self.init: ContainerProcess | None = None
         self.exit_code: int | None = None
+        #: Set by :meth:`wait` if dm-verity refused blocks of the container's layers.
+        self.integrity_error: LayerIntegrityError | None = None
         self._execs = 0
 
     @property
@@ -102,6 +112,16 @@ class Container:
         await self._init_process().close_stdin()
 
     @property
+    def terminal(self) -> bool:
+        """Whether the init runs on a pty (``process.terminal``): its output is one stream."""
+        process = self.spec.raw.get("process")
+        return isinstance(process, dict) and bool(process.get("terminal"))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the window size of the init's terminal (see :attr:`terminal`)."""
+        await self._init_process().resize(rows, cols)
+
+    @property
     def runtime_error(self) -> GuestError | None:
         """crun's own failure to run the init (labelled ``crun: ...``), once :meth:`wait`
         returned; None when the exit status is the container's own."""
@@ -117,7 +137,34 @@ class Container:
         code = await self._init_process().wait()
         self.exit_code = code if code >= 0 else 128 - code
         self.state = ContainerState.STOPPED
+        try:
+            self.integrity_error = await self.check_layers()
+        except UvmshimError as err:  # the exit status stands; the check is best effort
+            log.warning("container %s: cannot ask the guest about its layers: %s", self.id, err)
         return self.exit_code
+
+    async def check_layers(self) -> LayerIntegrityError | None:
+        """Ask the guest whether dm-verity refused a block of this container's layers.
+
+        :return: an error naming each corrupt layer (its blocks read as I/O errors in the
+            container), or None.
+        """
+        layers = self.allocation.resources.layers if self.allocation is not None else None
+        verified = layers.verified_layers() if isinstance(layers, LayersHandle) else {}
+        if not verified:
+            return None
+        found = await self.agent.request(VerityStatus(guest_paths=tuple(verified)))
+        bad = [(verified[p], str(s.get("detail", ""))) for p, s in sorted(found.items())
+               if p in verified and isinstance(s, dict) and s.get("corrupted")]
+        if not bad:
+            return None
+        what = "; ".join(f"{host} ({detail})" if detail else host for host, detail in bad)
+        return LayerIntegrityError(
+            f"container {self.id}: dm-verity refused data of {len(bad)} layer"
+            f"{'s' if len(bad) != 1 else ''}, which no longer match their root hash (reads "
+            f"failed with I/O errors): {what}",
+            hint="a layer disk was changed after import: remove the image and import or pull "
+                 "it again")
 
     async def kill(self, signal: int, *, all_processes: bool = False) -> None:
         """Send ``signal`` to the init process (or every process of the container)."""

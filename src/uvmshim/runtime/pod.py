@@ -15,10 +15,10 @@ from dataclasses import replace
 
 from uvmshim.allocator import ANNOTATION_CONTAINER_TYPE, ANNOTATION_SANDBOX_ID
 from uvmshim.errors import ReleaseError, UvmshimError
-from uvmshim.oci.spec import Spec
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.specgen import RunOptions, build_spec
 from uvmshim.runtime.vm import QemuUvm, start_uvm
+from uvmshim.spec import Spec
 from uvmshim.uvm.options import UvmOptions
 
 log = logging.getLogger(__name__)

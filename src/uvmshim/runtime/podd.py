@@ -8,6 +8,13 @@ unix socket in the pod's directory (:func:`uvmshim.hostpath.pod_dir`, by default
 * ``run`` {id, spec, stdin}: create and start a workload container, stream its output back on
   the same connection as ``{"stream", "data"}`` frames, then ``{"exit_code"}``; the container
   is removed when it exits, or killed and removed if the client goes away first.
+* ``exec`` {id, process}: run another process (an OCI process object) in a running container of
+  the pod (``id``: a workload container, or the pod's name for its sandbox); output and exit
+  come back as for ``run``.
+
+While a ``run`` or ``exec`` process runs, the client sends ``{"stdin": <base64>}``,
+``{"eof": true}`` (end of input) and ``{"resize": [rows, cols]}`` (its terminal's new size; for a
+process with ``process.terminal``) frames on the same connection.
 * ``ps``: the pod's containers. ``rm`` {id}: kill and remove one. ``stop``: stop the pod (the
   daemon then exits, and with it the UVM).
 
@@ -25,15 +32,17 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 from uvmshim import owners
 from uvmshim.errors import UvmshimError
 from uvmshim.hostpath import pod_dir
-from uvmshim.oci.spec import Spec
 from uvmshim.protocol.framing import read_frame, write_frame
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.pod import Pod, pause_spec, run_pod
+from uvmshim.spec import Spec
+from uvmshim.uvm.qemu.agent_client import ContainerProcess
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,9 @@ class PodServer:
             try:
                 if op == "run":
                     await self._run(req, reader, writer)
+                    return
+                if op == "exec":
+                    await self._exec(req, reader, writer)
                     return
                 if op == "ps":
                     result: Any = {"pod": self.pod.id, "containers": sorted(self.pod.containers)}
@@ -83,19 +95,12 @@ class PodServer:
                    writer: asyncio.StreamWriter) -> None:
         cid = str(req.get("id"))
         spec = Spec.from_json(req.get("spec"))
-        container = await self.pod.add_container(cid, spec)
+        container = await self.pod.add_container(cid, spec, stdin=bool(req.get("stdin")))
         await write_frame(writer, {"ok": True, "result": {"created": cid}})
         task = asyncio.create_task(self._attach(container, writer))
         self.running[cid] = task
-
-        async def watch_client() -> None:
-            # The client closing its end means "stop": kill the container.
-            with contextlib.suppress(Exception):
-                await reader.read()
-            if not task.done():
-                task.cancel()
-
-        watcher = asyncio.create_task(watch_client())
+        # The client closing its end means "stop": kill the container.
+        watcher = asyncio.create_task(_client_input(reader, container, task))
         try:
             await task
         except asyncio.CancelledError:
@@ -107,16 +112,63 @@ class PodServer:
                 await self.pod.remove_container(cid)
 
     async def _attach(self, container: Container, writer: asyncio.StreamWriter) -> None:
-        async def relay() -> None:
-            async for stream, data in container.output():
-                await write_frame(writer, {"stream": stream,
-                                           "data": base64.b64encode(data).decode()})
-
-        pump = asyncio.create_task(relay())
+        pump = asyncio.create_task(_relay_output(container.output(), writer))
         await container.start()
         code = await container.wait()
         await pump
         await write_frame(writer, {"exit_code": code})
+
+    async def _exec(self, req: dict[str, Any], reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        cid = str(req.get("id"))
+        container = self.pod.sandbox if cid == self.pod.id else self.pod.containers.get(cid)
+        if container is None:
+            raise UvmshimError(f"pod {self.pod.id} has no container {cid}",
+                               hint=f"uvmshim pod ps {self.pod.id}")
+        process = req.get("process")
+        if not isinstance(process, dict) or not process.get("args"):
+            raise UvmshimError("exec needs a command")
+        base = container.spec.raw.get("process")
+        if isinstance(base, dict):  # the container's environment, user and cwd by default
+            process = {**{k: base[k] for k in ("env", "user", "cwd", "capabilities", "rlimits",
+                                               "noNewPrivileges") if k in base}, **process}
+        proc = await container.exec(process, stdin=True)
+        await write_frame(writer, {"ok": True, "result": {"exec": proc.key}})
+        pump = asyncio.create_task(_relay_output(proc.output(), writer))
+        watcher = asyncio.create_task(_client_input(reader, proc, None))
+        try:
+            code = await proc.wait()
+            await pump
+            await write_frame(writer, {"exit_code": code if code >= 0 else 128 - code})
+        finally:
+            watcher.cancel()
+            pump.cancel()
+
+
+async def _relay_output(chunks: AsyncIterator[tuple[str, bytes]],
+                        writer: asyncio.StreamWriter) -> None:
+    async for stream, data in chunks:
+        await write_frame(writer, {"stream": stream, "data": base64.b64encode(data).decode()})
+
+
+async def _client_input(reader: asyncio.StreamReader, proc: Container | ContainerProcess,
+                        task: asyncio.Task[None] | None) -> None:
+    """Pass the client's ``stdin``/``eof``/``resize`` frames to ``proc``; when the client goes
+    away, cancel ``task`` (if given)."""
+    with contextlib.suppress(Exception):
+        while (frame := await read_frame(reader)) is not None:
+            try:
+                if "stdin" in frame:
+                    await proc.write_stdin(base64.b64decode(str(frame["stdin"])))
+                if frame.get("eof"):
+                    await proc.close_stdin()
+                size = frame.get("resize")
+                if isinstance(size, list) and len(size) == 2:
+                    await proc.resize(int(size[0]), int(size[1]))
+            except UvmshimError as err:  # e.g. the process just exited
+                log.debug("input for %s: %s", getattr(proc, "id", ""), err)
+    if task is not None and not task.done():
+        task.cancel()
 
 
 async def serve(name: str, rootfs: str, memory_mb: int, cpus: int) -> None:

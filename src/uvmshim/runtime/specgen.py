@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uvmshim.errors import UvmshimError
-from uvmshim.oci.spec import Spec
 from uvmshim.runtime.seccomp import default_profile
+from uvmshim.spec import Spec
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: podman's default capability set.

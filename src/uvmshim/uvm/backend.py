@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from uvmshim.protocol.verity import Verity
+
 log = logging.getLogger(__name__)
 
 
@@ -64,9 +66,10 @@ class GuestBackend(Protocol):
 
     async def mount_scsi(
         self, controller: int, lun: int, guest_path: str, *, read_only: bool,
-        options: Sequence[str],
+        options: Sequence[str], verity: Verity | None = None,
     ) -> None:
-        """Mount the disk at (controller, LUN) on ``guest_path``."""
+        """Mount the disk at (controller, LUN) on ``guest_path`` (through dm-verity with
+        ``verity``'s root hash, if given)."""
 
     async def unmount_scsi(self, controller: int, lun: int, guest_path: str) -> None:
         """Unmount ``guest_path`` (if non-empty) and let go of the disk at (controller, LUN)."""
@@ -77,8 +80,10 @@ class GuestBackend(Protocol):
     async def unmount_plan9(self, name: str, guest_path: str) -> None:
         """Unmount share ``name`` from ``guest_path`` and remove the directory."""
 
-    async def mount_vpmem(self, device: int, guest_path: str) -> None:
-        """Mount vPMEM device ``device`` read-only on ``guest_path``."""
+    async def mount_vpmem(self, device: int, guest_path: str, *,
+                          verity: Verity | None = None) -> None:
+        """Mount vPMEM device ``device`` read-only on ``guest_path`` (through dm-verity with
+        ``verity``'s root hash, if given)."""
 
     async def unmount_vpmem(self, device: int, guest_path: str) -> None:
         """Unmount vPMEM device ``device`` from ``guest_path``."""

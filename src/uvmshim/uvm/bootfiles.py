@@ -9,7 +9,7 @@ sees only files we put in the initrd (no host directory is shared by default).
   decompress the payload in Python and boot the resulting ELF ``vmlinux`` through its PVH
   entry point, which skips 3.5-4.8 s of in-guest decompression under TCG.
 * **Initrd:** an uncompressed newc cpio with busybox-static, python3.11, crun, the kernel
-  modules in :mod:`uvmshim.agent.kmods` and our agent (see :mod:`uvmshim.uvm.guest.stage`).
+  modules in :mod:`uvmshim.agent.kmods` and our agent (see :mod:`uvmshim.uvm.initrd.stage`).
 
 The result is cached in ``${XDG_CACHE_HOME:-~/.cache}/uvmshim/boot/<key>``, where ``key``
 hashes every input: package names, versions and .deb checksums, our agent and protocol
@@ -37,10 +37,10 @@ from pathlib import Path
 from uvmshim import hostpath
 from uvmshim.agent import kmods
 from uvmshim.errors import ToolError, UvmshimError
-from uvmshim.run import run_tool
-from uvmshim.uvm.guest import stage as st
-from uvmshim.uvm.guest.cpio import CpioWriter
-from uvmshim.uvm.guest.elf import ELF_MAGIC
+from uvmshim.tools import run_tool
+from uvmshim.uvm.initrd import stage as st
+from uvmshim.uvm.initrd.cpio import CpioWriter
+from uvmshim.uvm.initrd.elf import ELF_MAGIC
 
 #: Bump when the build changes in a way the hashed sources do not show.
 BUILDER_VERSION = 1
@@ -63,7 +63,7 @@ KEEP_OLD_ENTRIES = 1
 Progress = Callable[[str], None]
 
 _PKG_DIR = Path(__file__).resolve().parent.parent  # src/uvmshim
-_INIT_SCRIPT = Path(__file__).resolve().parent / "guest" / "init.sh"
+_INIT_SCRIPT = Path(__file__).resolve().parent / "initrd" / "init.sh"
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def source_files() -> list[tuple[str, Path]]:
     for sub in ("agent", "protocol", "uvm/guest"):
         for p in sorted((_PKG_DIR / sub).glob("*.py")):
             out.append((f"{sub}/{p.name}", p))
-    out.append(("uvm/guest/init.sh", _INIT_SCRIPT))
+    out.append(("uvm/initrd/init.sh", _INIT_SCRIPT))
     out.append(("uvm/bootfiles.py", Path(__file__).resolve()))
     return out
 

@@ -29,6 +29,7 @@ from uvmshim.errors import (
     UvmshimError,
     os_error_text,
 )
+from uvmshim.protocol.verity import Verity
 from uvmshim.uvm.backend import GuestBackend, HostBackend, host_then_guest
 from uvmshim.uvm.options import LUNS_PER_CONTROLLER
 
@@ -58,6 +59,7 @@ class _Attachment:
     passthrough: bool
     options: tuple[str, ...]
     guest_path: str
+    verity: Verity | None = None
     refcount: int = 1
     state: _State = _State.ATTACHING
     guest_mounted: bool = False
@@ -96,6 +98,11 @@ class ScsiMount:
     @property
     def read_only(self) -> bool:
         return self._attachment.read_only
+
+    @property
+    def verity(self) -> Verity | None:
+        """The dm-verity parameters the guest mounted the disk with, if any."""
+        return self._attachment.verity
 
     @property
     def released(self) -> bool:
@@ -185,11 +192,13 @@ class ScsiManager:
         options: Sequence[str] = (),
         passthrough: bool = False,
         access: VMAccess = VMAccess.INDIVIDUAL,
+        verity: Verity | None = None,
     ) -> ScsiMount:
         """Attach ``host_path`` (or take another reference to it) and mount it at ``guest_path``.
 
         An empty ``guest_path`` attaches without mounting. If the disk is already attached,
-        its existing guest path is returned.
+        its existing guest path is returned. With ``verity`` (read-only disks only) the guest
+        mounts the disk through dm-verity.
 
         :raises UvmError: the file is missing or unreadable, every slot is taken
             (:class:`NoAvailableLocation`), the disk is attached with other settings
@@ -201,14 +210,17 @@ class ScsiManager:
             raise UvmError(os_error_text("stat", err, host_path),
                            hint="the disk or layer file must exist on the host") from err
         self._check_access(resolved, read_only, access)
+        if verity is not None and not read_only:
+            raise UvmError(f"{host_path}: dm-verity needs a read-only disk")
         opts = tuple(options)
         existing = self._find(resolved)
         if existing is not None:
-            return await self._reuse(existing, host_path, guest_path, read_only, opts, passthrough)
+            return await self._reuse(existing, host_path, guest_path, read_only, opts, passthrough,
+                                     verity)
         controller, lun = self._free_slot()
         attachment = _Attachment(
             controller=controller, lun=lun, host_path=resolved, read_only=read_only,
-            passthrough=passthrough, options=opts, guest_path=guest_path,
+            passthrough=passthrough, options=opts, guest_path=guest_path, verity=verity,
             done=asyncio.get_running_loop().create_future(),
         )
         self._slots[controller][lun] = attachment
@@ -245,7 +257,8 @@ class ScsiManager:
             lambda: host.scsi_attach(a.controller, a.lun, a.host_path, read_only=a.read_only,
                                      passthrough=a.passthrough),
             (lambda: guest.mount_scsi(a.controller, a.lun, a.guest_path,
-                                      read_only=a.read_only, options=a.options))
+                                      read_only=a.read_only, options=a.options,
+                                      verity=a.verity))
             if a.guest_path else None,
             lambda: host.scsi_detach(a.controller, a.lun),
         )
@@ -253,7 +266,7 @@ class ScsiManager:
 
     async def _reuse(
         self, a: _Attachment, requested: str, guest_path: str, read_only: bool,
-        options: tuple[str, ...], passthrough: bool,
+        options: tuple[str, ...], passthrough: bool, verity: Verity | None = None,
     ) -> ScsiMount:
         where = f"controller {a.controller}, LUN {a.lun}"
         if a.state is _State.DETACH_FAILED:
@@ -275,15 +288,22 @@ class ScsiManager:
                 f"{list(a.options)}; it cannot also be mounted with {list(options)}",
                 hint="use the same mount options for every mount of one disk",
             )
+        if guest_path and a.guest_path and verity != a.verity:
+            raise ConflictingAttachment(
+                f"{a.host_path} is already mounted at {a.guest_path} with other dm-verity "
+                "settings",
+                hint="the layer folder's verity.json changed while the layer was in use",
+            )
         a.refcount += 1
         try:
             if a.state is _State.ATTACHING and a.done is not None:
                 await asyncio.shield(a.done)
             if guest_path and not a.guest_path:
                 # Attached without a mount so far: this caller is the first to need one.
-                a.guest_path, a.options = guest_path, options
+                a.guest_path, a.options, a.verity = guest_path, options, verity
                 await self._guest.mount_scsi(a.controller, a.lun, guest_path,
-                                                read_only=a.read_only, options=options)
+                                                read_only=a.read_only, options=options,
+                                                verity=verity)
                 a.guest_mounted = True
         except BaseException:
             a.refcount -= 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uvmshim.errors import BackendError, os_error_text
+from uvmshim.protocol.verity import Verity
 from uvmshim.uvm.backend import LayerRef
 from uvmshim.uvm.options import LUNS_PER_CONTROLLER, UvmOptions
 from uvmshim.uvm.utilityvm import UtilityVM
@@ -167,9 +168,10 @@ class SimulatedBackend:
         del self.mounts[path]
 
     async def mount_scsi(self, controller: int, lun: int, guest_path: str, *, read_only: bool,
-                         options: Sequence[str]) -> None:
+                         options: Sequence[str], verity: Verity | None = None) -> None:
+        extra = {"verity": verity.root_hash} if verity is not None else {}
         self._record("guest", "mount-scsi", controller=controller, lun=lun, path=guest_path,
-                     read_only=read_only, options=list(options))
+                     read_only=read_only, options=list(options), **extra)
         if (controller, lun) not in self.disks:
             raise BackendError(f"no disk at SCSI {controller}:{lun} in the guest")
         self._mount(guest_path, kind="scsi", controller=controller, lun=lun,
@@ -192,8 +194,10 @@ class SimulatedBackend:
         self._record("guest", "unmount-plan9", name=name, path=guest_path)
         self._unmount(guest_path, "plan9")
 
-    async def mount_vpmem(self, device: int, guest_path: str) -> None:
-        self._record("guest", "mount-vpmem", device=device, path=guest_path)
+    async def mount_vpmem(self, device: int, guest_path: str, *,
+                          verity: Verity | None = None) -> None:
+        extra = {"verity": verity.root_hash} if verity is not None else {}
+        self._record("guest", "mount-vpmem", device=device, path=guest_path, **extra)
         if device not in self.pmem:
             raise BackendError(f"no /dev/pmem{device} in the guest")
         self._mount(guest_path, kind="vpmem", device=device, read_only=True)

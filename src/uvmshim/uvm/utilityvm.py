@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from uvmshim.errors import ReleaseError
+from uvmshim.protocol.verity import Verity
 from uvmshim.resources import Resource, release_newest_first
 from uvmshim.uvm.backend import GuestBackend, HostBackend, LayerRef
 from uvmshim.uvm.options import UvmOptions
@@ -70,9 +71,10 @@ class UtilityVM:
 
     async def add_scsi(self, host_path: str, guest_path: str, *, read_only: bool,
                        options: Sequence[str] = (),
-                       access: VMAccess = VMAccess.INDIVIDUAL) -> ScsiMount:
+                       access: VMAccess = VMAccess.INDIVIDUAL,
+                       verity: Verity | None = None) -> ScsiMount:
         return await self.scsi.add(host_path, guest_path, read_only=read_only, options=options,
-                                   access=access)
+                                   access=access, verity=verity)
 
     async def add_scsi_physical_disk(self, host_path: str, guest_path: str, *, read_only: bool,
                                      options: Sequence[str] = ()) -> ScsiMount:
@@ -85,8 +87,8 @@ class UtilityVM:
         return await self.plan9.add(host_path, guest_path, read_only=read_only,
                                     restrict=restrict, allowed_names=allowed_names)
 
-    async def add_vpmem(self, host_path: str) -> VPMemMount:
-        return await self.vpmem.add(host_path)
+    async def add_vpmem(self, host_path: str, *, verity: Verity | None = None) -> VPMemMount:
+        return await self.vpmem.add(host_path, verity=verity)
 
     async def assign_device(self, instance_id: str, function: int,
                             vmbus_guid: str = "") -> VPCIDevice:

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from uvmshim import guestpath
-from uvmshim.errors import NoAvailableLocation, UvmError, UvmshimError, VPMemTooLarge, os_error_text
+from uvmshim.errors import (
+    ConflictingAttachment,
+    NoAvailableLocation,
+    UvmError,
+    UvmshimError,
+    VPMemTooLarge,
+    os_error_text,
+)
+from uvmshim.protocol.verity import Verity
 from uvmshim.uvm.backend import GuestBackend, HostBackend, host_then_guest
 
 log = logging.getLogger(__name__)
@@ -26,6 +34,7 @@ class _Device:
     host_path: str
     guest_path: str
     size: int
+    verity: Verity | None = None
     refcount: int = 1
     guest_released: bool = False
 
@@ -47,6 +56,11 @@ class VPMemMount:
     @property
     def device_number(self) -> int:
         return self._device.number
+
+    @property
+    def verity(self) -> Verity | None:
+        """The dm-verity parameters the guest mounted the layer with, if any."""
+        return self._device.verity
 
     async def release(self) -> None:
         if self._released:
@@ -74,8 +88,9 @@ class VPMemManager:
         return [{"device": d.number, "host_path": d.host_path, "guest_path": d.guest_path,
                  "refcount": d.refcount} for d in self._devices if d is not None]
 
-    async def add(self, host_path: str) -> VPMemMount:
-        """Expose a layer file as a vPMEM device and mount it at ``/run/layers/p<n>``.
+    async def add(self, host_path: str, *, verity: Verity | None = None) -> VPMemMount:
+        """Expose a layer file as a vPMEM device and mount it at ``/run/layers/p<n>`` (through
+        dm-verity, with ``verity``).
 
         :raises VPMemTooLarge: the file is larger than the maximum size.
         :raises NoAvailableLocation: every device is in use.
@@ -88,6 +103,11 @@ class VPMemManager:
             raise UvmError(os_error_text("stat", err, host_path)) from err
         for d in self._devices:
             if d is not None and d.host_path == resolved:
+                if d.verity != verity:
+                    raise ConflictingAttachment(
+                        f"{resolved} is already mounted at {d.guest_path} with other dm-verity "
+                        "settings",
+                        hint="the layer folder's verity.json changed while the layer was in use")
                 d.refcount += 1
                 return VPMemMount(self, d)
         if size > self.max_size:
@@ -95,13 +115,13 @@ class VPMemManager:
         number = next((i for i, d in enumerate(self._devices) if d is None), None)
         if number is None:
             raise NoAvailableLocation()
-        device = _Device(number, resolved, guestpath.vpmem_layer_path(number), size)
+        device = _Device(number, resolved, guestpath.vpmem_layer_path(number), size, verity)
         self._devices[number] = device  # reserve the slot across the awaits below
         host, guest = self._host, self._guest
         try:
             await host_then_guest(
                 lambda: host.vpmem_add(number, resolved),
-                lambda: guest.mount_vpmem(number, device.guest_path),
+                lambda: guest.mount_vpmem(number, device.guest_path, verity=verity),
                 lambda: host.vpmem_remove(number),
             )
         except UvmshimError as err:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from ... import run
+from ... import tools
 from ...errors import ToolError
 from .config import Accel
 
@@ -49,7 +49,7 @@ async def probe_kvm(
         "-display", "none", "-m", "32", "-debugcon", "stdio", "-no-reboot",
     ]  # fmt: skip
     try:
-        async with run.running(argv, stdout=run.PIPE) as proc:
+        async with tools.running(argv, stdout=tools.PIPE) as proc:
             stdout = proc.stdout
             if stdout is None:  # not reached: stdout is a pipe
                 return False

@@ -3,6 +3,12 @@
 A shim hosts its own container and, for a pod sandbox, the pod's workload containers that joined
 its UVM. Each is a :class:`Hosted`: created → running (↔ paused) → stopped, or aborted before
 ``start`` (a kill or ``delete --force`` of a created container).
+
+A process with ``process.terminal`` (the init or an exec) has a pty in the guest; its host fds
+are then the slave of the pty whose master went to the caller over ``--console-socket`` (or the
+caller's own terminal): that slave is put in raw mode while the process runs, so that bytes pass
+through it untouched, and every size the caller gives its master is passed on to the guest's
+pty (:mod:`uvmshim.runtime.terminal`).
 """
 
 from __future__ import annotations
@@ -14,13 +20,16 @@ import logging
 import os
 import signal
 import socket
+import termios
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from uvmshim.errors import UvmshimError
-from uvmshim.oci_runtime.stdio import relay_input, relay_output
 from uvmshim.protocol.constants import CRUN_ROOT
+from uvmshim.runc.stdio import relay_input, relay_output
+from uvmshim.runtime import terminal
 from uvmshim.runtime.container import Container
+from uvmshim.uvm.qemu.agent_client import ContainerProcess
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,7 @@ class Hosted:
         self.abort: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._out: asyncio.Task[Any] | None = None
         self._in: asyncio.Task[Any] | None = None
+        self._terminal = contextlib.ExitStack()  # the slave's raw mode, the size watcher
 
     def _set(self, status: str) -> None:
         self.status = status
@@ -70,6 +80,7 @@ class Hosted:
             await asyncio.wait([self._out], timeout=5)
         if self._in is not None:
             self._in.cancel()
+        self._terminal.close()
         return code
 
     def close_stdio(self) -> None:
@@ -97,6 +108,8 @@ class Hosted:
             raise UvmshimError(f"cannot start {what} container")
         self.status = "starting"
         c = self.container
+        if c.terminal:
+            enter_terminal(self._terminal, self.stdio[0])
         self._out = self._spawn(relay_output(c.output(), self.stdio[1], self.stdio[2]),
                                 f"{self.id}-out")
         self._in = self._spawn(relay_input(self.stdio[0], c.write_stdin, c.close_stdin),
@@ -107,7 +120,11 @@ class Hosted:
             self.status = "stopped"
             if not self.abort.done():
                 self.abort.set_result(255)
+            self._terminal.close()
             raise
+        if c.terminal and terminal.is_terminal(self.stdio[0]) and c.init is not None:
+            follow_terminal(self._terminal, self._spawn, self.stdio[0], c.init,
+                            terminal.console_size_of(c.spec.raw.get("process")))
         self._set("running")
         self.running.set()
         return {}
@@ -173,6 +190,7 @@ class Hosted:
 
     async def exec(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
         """Run a process in the container; answer when it started and again when it exits."""
+        term = contextlib.ExitStack()
         try:
             if len(fds) != 3:
                 raise UvmshimError("exec needs the process's stdin, stdout and stderr")
@@ -183,18 +201,27 @@ class Hosted:
             process = request.get("process")
             if not isinstance(process, dict) or not process.get("args"):
                 raise UvmshimError("exec: the process has no args")
+            tty = bool(process.get("terminal"))
+            if tty:
+                process = terminal.with_console_size(process, terminal.window_size(fds[0]))
+                enter_terminal(term, fds[0])
             proc = await self.container.exec(process, stdin=True)
             reply(conn, {"ok": True})
             out = self._spawn(relay_output(proc.output(), fds[1], fds[2]), "exec-out")
             feed = self._spawn(relay_input(fds[0], proc.write_stdin, proc.close_stdin),
                                "exec-in")
+            if tty and terminal.is_terminal(fds[0]):
+                follow_terminal(term, self._spawn, fds[0], proc,
+                                terminal.console_size_of(process))
             code = await proc.wait()
             await asyncio.wait([out], timeout=5)
             feed.cancel()
+            term.close()
             reply(conn, {"exit": code if code >= 0 else 128 - code})
         except UvmshimError as err:
             reply(conn, {"error": str(err)})
         finally:
+            term.close()
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -205,3 +232,19 @@ def reply(conn: socket.socket, answer: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
         conn.settimeout(10)
         conn.sendall(json.dumps(answer).encode() + b"\n")
+
+
+def enter_terminal(stack: contextlib.ExitStack, fd: int) -> None:
+    """Raw mode on ``fd`` (if it is a terminal) until ``stack`` closes."""
+    if terminal.is_terminal(fd):
+        try:
+            stack.enter_context(terminal.raw_mode(fd))
+        except (OSError, termios.error) as err:
+            log.warning("terminal %d: cannot set raw mode: %s", fd, err)
+
+
+def follow_terminal(stack: contextlib.ExitStack, spawn: Spawn, fd: int,
+                    proc: ContainerProcess, size: terminal.Size | None) -> None:
+    """Pass the size changes of terminal ``fd`` to ``proc`` until ``stack`` closes."""
+    task = spawn(terminal.follow_window(fd, proc.resize, size), f"{proc.key}-winch")
+    stack.callback(task.cancel)

@@ -2,7 +2,7 @@
 
 ``create`` forks it (:func:`run_shim`); its pid goes into ``--pid-file``. It boots the utility VM,
 creates the container in it, reports to ``create`` over the ready pipe, then serves the later
-CLI calls on ``shim.sock`` (:mod:`uvmshim.oci_runtime.protocol`). It relays stdio between the fds
+CLI calls on ``shim.sock`` (:mod:`uvmshim.runc.protocol`). It relays stdio between the fds
 it inherited (or a pty slave) and the container, and once the container's init has exited it
 deletes the container, stops the UVM, records ``stopped`` and exits with the init's status —
 so that conmon or containerd's shim, which wait for this pid, see the container's exit status.
@@ -11,7 +11,7 @@ Signals sent to the shim go to the container once it runs (as they would reach r
 before ``start``, a terminating signal aborts the container.
 
 A pod sandbox's shim also hosts the pod's workload containers (``add`` requests, see
-:mod:`uvmshim.oci_runtime.create`): each is a :class:`~uvmshim.oci_runtime.hosted.Hosted` in the
+:mod:`uvmshim.runc.create`): each is a :class:`~uvmshim.runc.hosted.Hosted` in the
 same UVM; when the sandbox's init exits, they are killed first.
 """
 
@@ -30,11 +30,12 @@ from typing import Any
 
 from uvmshim import owners, procscan
 from uvmshim.errors import ReleaseError, UvmshimError
-from uvmshim.oci.spec import Spec
-from uvmshim.oci_runtime import protocol
-from uvmshim.oci_runtime.hosted import Hosted, reply
-from uvmshim.oci_runtime.state import ContainerDir
+from uvmshim.runc import protocol
+from uvmshim.runc.hosted import Hosted, reply
+from uvmshim.runc.state import ContainerDir
+from uvmshim.runtime import terminal
 from uvmshim.runtime.container import Container
+from uvmshim.spec import Spec
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class Shim:
             async with start_uvm(options, memory_mb=self.cfg.memory_mb, cpus=self.cfg.cpus,
                                  vm_id=vm_id) as uvm:
                 self.uvm = uvm
-                container = Container(uvm.vm, uvm.agent, self.id, guest_spec(self.cfg.spec))
+                container = Container(uvm.vm, uvm.agent, self.id,
+                                      guest_spec(self.cfg.spec, console=self.cfg.stdin))
                 await container.create(stdin=True)
                 cfg = self.cfg
                 self.main = Hosted(container, uvm, (cfg.stdin, cfg.stdout, cfg.stderr),
@@ -249,7 +251,7 @@ class Shim:
                 raise UvmshimError(f"the pod sandbox {self.id} is not running")
             if member_id in self.members or member_id == self.id:
                 raise UvmshimError(f"container with id exists: {member_id}")
-            spec = guest_spec(Spec.from_json(request.get("spec")))
+            spec = guest_spec(Spec.from_json(request.get("spec")), console=fds[0])
             container = Container(self.uvm.vm, self.uvm.agent, member_id, spec)
             await container.create(stdin=True)
             member_dir = ContainerDir(self.cfg.cdir.root, member_id)
@@ -286,7 +288,7 @@ class Shim:
                 "stderr": res.stderr.decode(errors="replace")}
 
 
-def guest_spec(spec: Spec) -> Spec:
+def guest_spec(spec: Spec, *, console: int = -1) -> Spec:
     """The spec as the guest's crun gets it: without the host's ``linux.cgroupsPath``.
 
     The path names a cgroup of the *host* (podman: ``/libpod_parent/libpod-<id>``); in the UVM
@@ -308,7 +310,9 @@ def guest_spec(spec: Spec) -> Spec:
             raw = dict(spec.raw)
             raw["process"] = {**process, "env": [*env, f"PATH={DEFAULT_PATH}"]}
             spec = replace(spec, raw=raw)
-    return spec
+    # A terminal starts with the size of the pty the caller holds (``console``: its slave),
+    # unless the spec gives one.
+    return terminal.spec_with_console_size(spec, terminal.window_size(console))
 
 
 def run_shim(cfg: ShimConfig, log_path: str | None, debug: bool) -> int:

@@ -414,8 +414,10 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
     """
     file = config_path(path)
     try:
-        with open(file, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        # O_NONBLOCK: opening a FIFO put there must not hang; the type is checked first.
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise SpecError("not a regular file", where=str(file),
                                 hint="pass a config.json or an OCI bundle directory")
             data = f.read(MAX_SPEC_BYTES + 1)
@@ -456,9 +458,9 @@ def resolve_bundle_paths(spec: Spec, bundle: str | os.PathLike[str]) -> Spec:
     base = os.path.abspath(bundle)
     root = spec.root
     if root is not None and root.path and not os.path.isabs(root.path):
-        root = replace(root, path=os.path.join(base, root.path))
+        root = replace(root, path=os.path.normpath(os.path.join(base, root.path)))
     mounts = tuple(
-        replace(m, source=os.path.join(base, m.source))
+        replace(m, source=os.path.normpath(os.path.join(base, m.source)))
         if m.type in HOST_PATH_MOUNT_TYPES and m.source and "://" not in m.source
         and not os.path.isabs(m.source) else m
         for m in spec.mounts

@@ -14,7 +14,7 @@ Layout of one container's directory:
     ``flock``-ed by CLI commands that change the container (create, start, delete), so that two
     concurrent calls on the same id serialise.
 ``shim.sock``
-    The shim's private socket (:mod:`uvmshim.oci_runtime.protocol`).
+    The shim's private socket (:mod:`uvmshim.runc.protocol`).
 
 STDLIB ONLY: imported by every CLI call.
 """

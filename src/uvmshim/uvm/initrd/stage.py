@@ -19,7 +19,7 @@ from pathlib import Path
 
 from uvmshim.agent import kmods
 from uvmshim.errors import UvmshimError
-from uvmshim.uvm.guest.elf import ElfFile, is_elf
+from uvmshim.uvm.initrd.elf import ElfFile, is_elf
 
 PY = "python3.11"
 STDLIB = f"usr/lib/{PY}"

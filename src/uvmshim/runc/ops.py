@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from uvmshim.errors import UvmshimError
-from uvmshim.oci_runtime import protocol
-from uvmshim.oci_runtime.state import ContainerDir, NotFound, list_ids, public, shim_alive
+from uvmshim.runc import protocol
+from uvmshim.runc.state import ContainerDir, NotFound, list_ids, public, shim_alive
 
 
 def _existing(root: str, container_id: str) -> ContainerDir:
@@ -87,7 +87,7 @@ def _wait_gone(st: dict[str, Any], timeout: float) -> bool:
 
 def delete(root: str, container_id: str, force: bool) -> None:
     """Remove a stopped (or, with ``force``, any) container and everything it held."""
-    from uvmshim.oci_runtime.create import cleanup
+    from uvmshim.runc.create import cleanup
 
     cdir = ContainerDir.of(root, container_id)
     if not cdir.exists():
@@ -168,7 +168,7 @@ def list_states(root: str) -> list[dict[str, Any]]:
 
 def container_process(root: str, container_id: str) -> dict[str, Any]:
     """The init's process object from the bundle (defaults for an ``exec`` given as ARGS)."""
-    from uvmshim.oci.spec import load_spec
+    from uvmshim.spec import load_spec
 
     st = _existing(root, container_id).read()
     try:
@@ -223,7 +223,7 @@ def exec_process(root: str, container_id: str, process: dict[str, Any], *,
             code = 255
             try:
                 os.setsid()
-                from uvmshim.oci_runtime.create import detach_stdio
+                from uvmshim.runc.create import detach_stdio
 
                 # e.g. conmon's sync pipe: only the connection stays
                 detach_stdio(keep={conn.sock.fileno()})
@@ -233,7 +233,7 @@ def exec_process(root: str, container_id: str, process: dict[str, Any], *,
             finally:
                 os._exit(code)
         if pid_file:
-            from uvmshim.oci_runtime.create import _write_pid_file
+            from uvmshim.runc.create import _write_pid_file
 
             _write_pid_file(pid_file, pid)
         return 0

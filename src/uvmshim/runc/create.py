@@ -26,9 +26,9 @@ from typing import Any
 
 from uvmshim import hostpath, owners, procscan
 from uvmshim.errors import UvmshimError
-from uvmshim.oci.spec import Spec, load_bundle
-from uvmshim.oci_runtime import protocol
-from uvmshim.oci_runtime.state import ContainerDir, new_state
+from uvmshim.runc import protocol
+from uvmshim.runc.state import ContainerDir, new_state
+from uvmshim.spec import Spec, load_bundle
 
 #: How long ``create`` waits for the shim (first use builds the boot files; TCG boots in ~5 s).
 CREATE_TIMEOUT = 600.0
@@ -190,7 +190,7 @@ def _fork_shim(cdir: ContainerDir, spec: Spec, terminal: bool, console_socket: s
             os.close(ready_r)
             fds = [os.dup(fd) for fd in stdio]
             detach_stdio(keep={ready_w, *fds})
-            from uvmshim.oci_runtime.shim import ShimConfig, run_shim
+            from uvmshim.runc.shim import ShimConfig, run_shim
 
             cfg = ShimConfig(cdir=cdir, spec=spec, stdin=fds[0], stdout=fds[1], stderr=fds[2],
                              ready_fd=ready_w)

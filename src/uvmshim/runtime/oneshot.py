@@ -12,10 +12,12 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+from uvmshim.allocator import check_host_inputs
 from uvmshim.asyncutil import cancel_on_signals
-from uvmshim.oci.spec import Spec
+from uvmshim.runtime import terminal
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.vm import start_uvm
+from uvmshim.spec import Spec
 from uvmshim.uvm.options import UvmOptions
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,11 @@ async def relay_stdin(container: Container, fd: int) -> None:
     """
     if stat.S_ISREG(os.fstat(fd).st_mode):
         while data := os.read(fd, 1 << 20):
+            await container.write_stdin(data)
+        await container.close_stdin()
+        return
+    if os.isatty(fd):  # not O_NONBLOCK: stdout is usually the same open file
+        async for data in terminal.read_chunks(fd):
             await container.write_stdin(data)
         await container.close_stdin()
         return
@@ -119,12 +126,24 @@ async def run_container(
 
     :param template: see :func:`~uvmshim.runtime.vm.start_uvm` (``False``: boot cold).
 
+    A spec whose process asks for a terminal (``-t``) gets a pty in the guest, sized like the
+    user's terminal and resized with it (``SIGWINCH``); with ``stdin`` and a terminal on stdin,
+    that terminal is in raw mode while the container runs (keys, Ctrl-C and Ctrl-D included, go
+    to the container's pty) and is restored on every way out.
+
     :raises UvmshimError: the UVM, the allocation or the guest's create failed (nothing is left).
     """
     say = progress or (lambda _m: None)
     out = stdout or sys.stdout.buffer
     err = stderr or sys.stderr.buffer
     options = UvmOptions.from_annotations(spec.annotations)
+    in_fd = _fileno(sys.stdin)
+    tty = terminal.spec_terminal(spec)
+    if tty:
+        spec = terminal.spec_with_console_size(spec, terminal.window_size(
+            _fileno(out), _fileno(err), in_fd))
+    raw = tty and stdin and terminal.is_terminal(in_fd)
+    check_host_inputs(spec)  # what the allocation would refuse: refused before booting
     async with start_uvm(options, memory_mb=memory_mb, cpus=cpus, progress=say,
                          template=template) as uvm:
         container = Container(uvm.vm, uvm.agent, container_id, spec)
@@ -135,13 +154,20 @@ async def run_container(
         try:
             say("starting")
             relay = asyncio.create_task(relay_output(container, out, err))
-            if stdin:
-                feeder = asyncio.create_task(relay_stdin(container, sys.stdin.fileno()))
-            with forward_signals(container):
-                await container.start()
-                say("running")
-                code = await container.wait()
-                await relay
+            with contextlib.ExitStack() as user_terminal:
+                if raw:
+                    say("running")  # the spinner is gone before the terminal turns raw
+                    user_terminal.enter_context(terminal.raw_mode(in_fd))
+                if stdin:
+                    feeder = asyncio.create_task(relay_stdin(container, in_fd))
+                if tty:
+                    user_terminal.enter_context(terminal.on_window_change(
+                        in_fd if raw else _fileno(out), container.resize))
+                with forward_signals(container):
+                    await container.start()
+                    say("running")
+                    code = await container.wait()
+                    await relay
         finally:
             for task in (feeder, relay):
                 if task is not None and not task.done():
@@ -149,4 +175,14 @@ async def run_container(
             await container.delete()
     if container.runtime_error is not None:
         raise container.runtime_error
+    if container.integrity_error is not None:
+        raise container.integrity_error
     return code
+
+
+def _fileno(f: object) -> int:
+    """``f``'s file descriptor; -1 if it has none (a test's buffer)."""
+    try:
+        return int(f.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return -1

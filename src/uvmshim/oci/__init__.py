@@ -1,1 +1,0 @@
-"""The OCI runtime-spec model: typed access to what the allocator reads and writes."""
