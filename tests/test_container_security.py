@@ -7,7 +7,6 @@ and single syscalls made by a tiny static x86_64 program written here (no compil
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from uvmsession import UvmSession
+from uvmsession import UvmSession, run_spec, run_to_end
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.leaks import find_holdings
 from uvmshim.runtime.pod import Pod, pause_spec
@@ -149,33 +148,6 @@ def engine_spec(spec: Spec, device_rules: list[dict[str, Any]] | None,
     if devices is not None:
         obj["linux"]["devices"] = devices
     return Spec.from_json(obj)
-
-
-async def run_to_end(c: Container) -> tuple[int, str, str]:
-    out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
-
-    async def collect() -> None:
-        async for stream, data in c.output():
-            out[stream].extend(data)
-
-    relay = asyncio.create_task(collect())
-    await c.start()
-    code = await c.wait()
-    await relay
-    return code, out["stdout"].decode(), out["stderr"].decode()
-
-
-def run_spec(session: UvmSession, cid: str, spec: Spec) -> tuple[int, str, str]:
-    c = Container(session.uvm.vm, session.uvm.agent, cid, spec)
-
-    async def go() -> tuple[int, str, str]:
-        await c.create()
-        try:
-            return await run_to_end(c)
-        finally:
-            await c.delete()
-
-    return session.run(go())
 
 
 def raw_results(out: str) -> dict[str, str]:

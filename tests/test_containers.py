@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from uvmsession import UvmSession
+from uvmsession import UvmSession, run_spec, run_to_end
 from uvmshim.errors import UvmshimError
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.leaks import find_holdings
@@ -52,33 +52,6 @@ def nothing_left(session: UvmSession) -> Iterator[None]:
     assert session.uvm.vm.owned == []
     _, mounts_after, _ = session.sh(GUEST_MOUNTS)
     assert mounts_after == mounts_before, "guest mounts changed"
-
-
-async def run_to_end(c: Container) -> tuple[int, str, str]:
-    out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
-
-    async def collect() -> None:
-        async for stream, data in c.output():
-            out[stream].extend(data)
-
-    relay = asyncio.create_task(collect())
-    await c.start()
-    code = await c.wait()
-    await relay
-    return code, out["stdout"].decode(), out["stderr"].decode()
-
-
-def run_spec(session: UvmSession, cid: str, spec: Spec) -> tuple[int, str, str]:
-    c = Container(session.uvm.vm, session.uvm.agent, cid, spec)
-
-    async def go() -> tuple[int, str, str]:
-        await c.create()
-        try:
-            return await run_to_end(c)
-        finally:
-            await c.delete()
-
-    return session.run(go())
 
 
 def sh_spec(rootfs: str, script: str, **kw: object) -> Spec:

@@ -15,8 +15,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+from uvmshim.runtime.container import Container
 from uvmshim.runtime.leaks import Holdings, find_holdings
 from uvmshim.runtime.vm import QemuUvm, start_uvm
+from uvmshim.spec import Spec
 from uvmshim.uvm.options import UvmOptions
 
 T = TypeVar("T")
@@ -79,3 +81,30 @@ def new_holdings(before: Holdings) -> dict[str, Any]:
         "state_dirs": sorted(set(now.state_dirs) - set(before.state_dirs)),
     }
     return {k: v for k, v in out.items() if v}
+
+
+async def run_to_end(c: Container) -> tuple[int, str, str]:
+    out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+
+    async def collect() -> None:
+        async for stream, data in c.output():
+            out[stream].extend(data)
+
+    relay = asyncio.create_task(collect())
+    await c.start()
+    code = await c.wait()
+    await relay
+    return code, out["stdout"].decode(), out["stderr"].decode()
+
+
+def run_spec(session: UvmSession, cid: str, spec: Spec) -> tuple[int, str, str]:
+    c = Container(session.uvm.vm, session.uvm.agent, cid, spec)
+
+    async def go() -> tuple[int, str, str]:
+        await c.create()
+        try:
+            return await run_to_end(c)
+        finally:
+            await c.delete()
+
+    return session.run(go())
