@@ -69,17 +69,24 @@ def containers_dir(root: str | os.PathLike[str] | None = None) -> Path:
     return (Path(root) if root is not None else runtime_root()) / "containers"
 
 
-def vm_dir() -> Path:
-    """The parent of the VM state directories (see the module docstring)."""
-    env = os.environ.get(VM_DIR_ENV)
+def _run_subdir(name: str, env_var: str) -> Path:
+    """``$<env_var>``, else ``/run/uvmshim/<name>`` as root, else
+    ``$XDG_RUNTIME_DIR/uvmshim/<name>`` if that directory exists, else
+    ``/tmp/uvmshim-<uid>/<name>``."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env)
     if _is_root():
-        return RUN_DIR / "vm"
+        return RUN_DIR / name
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
-        return Path(xdg) / "uvmshim" / "vm"
-    return Path(f"/tmp/uvmshim-{os.geteuid()}") / "vm"
+        return Path(xdg) / "uvmshim" / name
+    return Path(f"/tmp/uvmshim-{os.geteuid()}") / name
+
+
+def vm_dir() -> Path:
+    """The parent of the VM state directories (see the module docstring)."""
+    return _run_subdir("vm", VM_DIR_ENV)
 
 
 def owners_dir() -> Path:
@@ -87,15 +94,7 @@ def owners_dir() -> Path:
     ``/run/uvmshim/owners`` as root, else ``$XDG_RUNTIME_DIR/uvmshim/owners`` if that
     directory exists, else ``/tmp/uvmshim-<uid>/owners``. Not moved by the other overrides:
     every process of a user finds every other's journal, wherever its resources are."""
-    env = os.environ.get(OWNERS_DIR_ENV)
-    if env:
-        return Path(env)
-    if _is_root():
-        return RUN_DIR / "owners"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return Path(xdg) / "uvmshim" / "owners"
-    return Path(f"/tmp/uvmshim-{os.geteuid()}") / "owners"
+    return _run_subdir("owners", OWNERS_DIR_ENV)
 
 
 def kvm_probe_cache() -> Path:

@@ -271,10 +271,7 @@ class QemuHostBackend:
             os.set_blocking(fd, True)
         except OSError as e:
             raise BackendError(f"{what} {path}: {e.strerror}") from e
-        if block_device and not stat.S_ISBLK(st.st_mode):
-            raise BackendError(f"pass-through disk {path} is not a host block device")
-        if not block_device and not stat.S_ISREG(st.st_mode):
-            raise BackendError(f"disk image {path} is not a regular file")
+        _check_disk_kind(path, st.st_mode, block_device)
         return file
 
     def _open_image(
@@ -403,10 +400,7 @@ class QemuHostBackend:
                 st = os.stat(host_path)
             except OSError as e:
                 raise BackendError(f"disk {host_path}: {e.strerror}") from e
-            if passthrough and not stat.S_ISBLK(st.st_mode):
-                raise BackendError(f"pass-through disk {host_path} is not a host block device")
-            if not passthrough and not stat.S_ISREG(st.st_mode):
-                raise BackendError(f"disk image {host_path} is not a regular file")
+            _check_disk_kind(host_path, st.st_mode, passthrough)
             dev = f"scsi{controller}-lun{lun}"
             tag = self._next_tag(dev)
             files: list[_File] = []
@@ -729,3 +723,11 @@ class QemuHostBackend:
             await self._device_del(f"vpci-{vmbus_guid}", f"vPCI {vmbus_guid}")
             del self._vpci[vmbus_guid]
             self._give_port(port)
+
+
+def _check_disk_kind(path: str, mode: int, block_device: bool) -> None:
+    """A pass-through disk must be a host block device; any other disk a regular file."""
+    if block_device and not stat.S_ISBLK(mode):
+        raise BackendError(f"pass-through disk {path} is not a host block device")
+    if not block_device and not stat.S_ISREG(mode):
+        raise BackendError(f"disk image {path} is not a regular file")
