@@ -9,6 +9,7 @@ avoid. Each compression is imported with the dm-verity hash tree (the default) a
 of ``--repeat`` runs, measured in the same run; ``--json`` also prints the numbers as JSON.
 
     python bench/bench_image_import.py [--mb 64] [--repeat 3] [--dir /dev/shm] [--json]
+    python bench/bench_image_import.py --debian     # the Debian bookworm minbase image
 
 Needs root, e2fsprogs and busybox-static (run as CI runs the tests).
 """
@@ -186,9 +187,19 @@ def main() -> None:
     ap.add_argument("--rootfs", type=Path, default=None,
                     help="import a tar of this tree (e.g. a debootstrap) instead of the "
                          "synthetic layer")
+    ap.add_argument("--debian", action="store_true",
+                    help="import the Debian bookworm minbase layer of tests/debian.py (built "
+                         "with debootstrap, cached for the day)")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
-    layer = rootfs_layer(args.rootfs) if args.rootfs else make_layer(args.mb << 20)
+    if args.debian:
+        import debian
+
+        layer = testimages.Layer(debian.layer_tar(debian.debian_image()).read_bytes())
+    elif args.rootfs:
+        layer = rootfs_layer(args.rootfs)
+    else:
+        layer = make_layer(args.mb << 20)
     mb = len(layer.tar) / 1e6
     with tarfile.open(fileobj=io.BytesIO(layer.tar)) as tf:
         entries = len(tf.getmembers())

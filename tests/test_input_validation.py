@@ -61,7 +61,7 @@ def test_bad_json_is_one_clear_error(tmp_path: Path, text: str, message: str) ->
 
 
 def test_spec_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from uvmshim.oci import spec as spec_module
+    from uvmshim import spec as spec_module
 
     monkeypatch.setattr(spec_module, "MAX_SPEC_BYTES", 1000)
     (tmp_path / "config.json").write_text(json.dumps({"x": "y" * 2000}))

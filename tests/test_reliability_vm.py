@@ -88,9 +88,12 @@ def test_live_runc_container_survives_leaks_reclaim(env: dict[str, str], tmp_pat
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_boot_returns_within_a_second(env: dict[str, str], tmp_path: Path,
                                                     rootfs: Path, signum: int) -> None:
+    # A cold boot (no template clone): seconds under TCG, before the agent ever answers.
     proc = subprocess.Popen([uvmshim_binary(), "run", "--rootfs", str(rootfs), "--", "true"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: bool(qemus_under(tmp_path)), timeout=120)  # booting
+                            env={**env, "UVMSHIM_NO_TEMPLATE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: bool(qemus_under(tmp_path)) or proc.poll() is not None, timeout=120)
+    assert proc.poll() is None, proc.communicate()
     t0 = time.monotonic()
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=30)
@@ -111,7 +114,7 @@ def test_sigkill_at_random_points_leaves_nothing_after_the_next_command(
             "-v", f"{data / 'f'}:/f:ro", "--", "sleep", "30"]
     # How long a run takes to get its container going, to spread the kills over it.
     t0 = time.monotonic()
-    probe = subprocess.Popen(argv[:-2] + ["true"], env=env, stdout=subprocess.DEVNULL,
+    probe = subprocess.Popen([*argv[:-2], "true"], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     probe.wait(timeout=300)
     span = time.monotonic() - t0
@@ -125,6 +128,12 @@ def test_sigkill_at_random_points_leaves_nothing_after_the_next_command(
         proc.wait()
         killed_at.append(round(delay, 2))
     print(f"killed at {killed_at} s (a run takes {span:.1f} s)")
+    from uvmshim import owners
+
+    dead = [j for j in owners.read_journals(tmp_path / "owners") if not j.live and j.entries]
+    print(f"left behind: {sum(len(j.entries) for j in dead)} journal entries of "
+          f"{len(dead)} killed runs; {nothing_left(tmp_path)}")
+    assert dead, "the kills should have left something to reclaim"
     # QEMU dies with its owner; what else was left is reclaimed by the next command.
     res = uvmshim(env, "run", "--rootfs", str(rootfs), "--", "true")
     assert res.returncode == 0, res.stderr

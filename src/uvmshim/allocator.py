@@ -37,6 +37,7 @@ from uvmshim.errors import (
 from uvmshim.layers import mount_lcow_layers
 from uvmshim.resources import ContainerResources
 from uvmshim.spec import Root, Spec
+from uvmshim.uvm.network import connect_network, rewrite_netns
 from uvmshim.uvm.utilityvm import UtilityVM
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,11 @@ class Allocation:
         """
         if not self.in_uvm:
             return None
-        return linux_container_document(self.spec, self.resources.container_root_in_uvm,
-                                        self.resources.lcow_scratch_path)
+        doc = linux_container_document(self.spec, self.resources.container_root_in_uvm,
+                                       self.resources.lcow_scratch_path)
+        if self.resources.guest_network_namespace:
+            rewrite_netns(doc["OciSpecification"], self.resources.guest_network_namespace)
+        return doc
 
     def __repr__(self) -> str:
         # Short on purpose: asyncio formats the result of a task in some paths, and the full
@@ -438,6 +442,10 @@ async def _create_container_resources(
                     where="linux", hint="add \"linux\": {} to config.json")
             r.container_root_in_uvm = guestpath.container_root(effective_id)
             r.add(*await add_spec_guest_drivers(vm, spec.annotations))
+            network = await connect_network(vm.network, spec.linux)
+            if network is not None:
+                r.add(network)
+                r.guest_network_namespace = network.guest_path
         sandbox = sandbox_type_and_id(spec.annotations)
         if spec.windows is not None and spec.windows.has_network:
             r.network_namespace = spec.windows.network_namespace

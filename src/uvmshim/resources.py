@@ -60,6 +60,8 @@ class ContainerResources:
         self.container_root_in_uvm = ""
         self.lcow_scratch_path = ""
         self.network_namespace = ""
+        #: The guest network namespace the container joins ("" if the spec names none).
+        self.guest_network_namespace = ""
         self._layers: Resource | None = None
         self._resources: list[Resource] = []
 

@@ -35,6 +35,7 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "pmem": ("virtio_pmem", "nd_pmem"),
     "dm-verity": ("dm_mod", "dm_verity"),
     "rng": ("virtio_rng",),
+    "net": ("virtio_net",),
 }
 
 

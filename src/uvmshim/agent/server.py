@@ -22,6 +22,7 @@ import threading
 import time
 
 from uvmshim.agent.kmods import MODULE_GROUPS, ModuleLoader
+from uvmshim.agent.network import Network
 from uvmshim.agent.runtime import Runtime
 from uvmshim.agent.storage import Storage
 from uvmshim.agent.util import AgentError, run
@@ -106,6 +107,7 @@ class Server:
         self._started = _uptime()
         self._runtime = Runtime(storage, lambda event: self.send(event.to_event().to_json()))
         rt = self._runtime
+        net = self._network = Network(self._modules)
         # Every operation but exec (whose output events carry the request id; see _answer).
         self._handlers: dict[str, Handler] = {
             Op.HELLO: self._hello,
@@ -133,6 +135,10 @@ class Server:
             Op.CONTAINER_DELETE: rt.delete,
             Op.PROCESS_STDIN: self._process_stdin,
             Op.PROCESS_RESIZE: rt.resize,
+            Op.ADD_NETNS: net.add_netns,
+            Op.REMOVE_NETNS: net.remove_netns,
+            Op.ADD_NIC: net.add_nic,
+            Op.REMOVE_NIC: net.remove_nic,
         }
 
     # I/O ---------------------------------------------------------------------------------------

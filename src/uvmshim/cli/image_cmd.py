@@ -1,4 +1,4 @@
-"""``uvmshim image``: import, list and remove local OCI images; make scratch disks."""
+"""``uvmshim image``: pull and import OCI images, list and remove them; make scratch disks."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from uvmshim.image import (
     list_images,
     remove_image,
 )
+from uvmshim.image.pull import PullEvent, pull_image
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -133,6 +134,64 @@ def import_command(ctx: click.Context, path: str, name: str | None, no_verity: b
         record = run_async(import_image(path, name=name, store=store,
                                         progress=_Bars(progress, console),
                                         verity=not no_verity))
+    click.echo(f"{record.name} {record.id}")
+
+
+class _PullBars(_Bars):
+    """Download bars (one per layer, from skopeo's progress), then the conversion's."""
+
+    def __init__(self, progress: Progress, console: Console) -> None:
+        super().__init__(progress, console)
+        self._downloads: dict[int, TaskID] = {}
+
+    def __call__(self, ev: ImportEvent | PullEvent) -> None:
+        if isinstance(ev, ImportEvent):
+            super().__call__(ev)
+            return
+        label = f"layer {ev.index + 1}/{ev.count} {ev.digest[7:19]}"
+        if ev.kind in ("blob-bytes", "blob-done"):
+            task = self._downloads.get(ev.index)
+            if task is None:
+                task = self._downloads[ev.index] = self._progress.add_task(
+                    f"{label} download", total=ev.total)
+            self._progress.update(task, completed=ev.done)
+            if ev.kind == "blob-done":
+                self._progress.remove_task(self._downloads.pop(ev.index))
+                self._console.print(f"{label}: downloaded")
+        elif ev.kind == "downloaded":
+            for task in self._downloads.values():
+                self._progress.remove_task(task)
+            self._downloads.clear()
+
+
+@image_group.command("pull")
+@click.argument("ref")
+@click.option("--name", default=None,
+              help="Name to store the image under (default: REF, with :latest if it names no "
+                   "tag or digest).")
+@click.option("--authfile", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Registry credentials (default: what skopeo/podman/docker login wrote).")
+@click.option("--tls-verify/--no-tls-verify", default=True, show_default=True,
+              help="Check the registry's TLS certificate (--no-tls-verify also allows plain "
+                   "HTTP).")
+@click.option("--no-verity", is_flag=True,
+              help="Give the layer disks no dm-verity hash tree.")
+@click.pass_context
+def pull_command(ctx: click.Context, ref: str, name: str | None, authfile: str | None,
+                 tls_verify: bool, no_verity: bool) -> None:
+    """Pull image REF from its registry (with skopeo) and import it, e.g.
+    `uvmshim image pull docker.io/library/busybox:latest`. Layers already in the store are
+    shared, not converted again; every blob is checked against its digest."""
+    if name is not None:
+        check_image_name(name)
+    store = _store(ctx)
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        record = run_async(pull_image(ref, name=name, store=store, authfile=authfile,
+                                      tls_verify=tls_verify, verity=not no_verity,
+                                      progress=_PullBars(progress, console)))
     click.echo(f"{record.name} {record.id}")
 
 

@@ -110,7 +110,7 @@ def _register() -> None:
     for module, name in (("plan_cmd", "plan_command"), ("uvm_cmd", "uvm_group"),
                          ("image_cmd", "image_group"), ("run_cmd", "run_command"),
                          ("leaks_cmd", "leaks_command"), ("leaks_cmd", "gc_command"),
-                         ("pod_cmd", "pod_group")):
+                         ("pod_cmd", "pod_group"), ("exec_cmd", "exec_command")):
         cli.add_command(getattr(importlib.import_module(f"uvmshim.cli.{module}"), name))
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import shutil
+import stat
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from uvmshim.cli.main import collect_garbage, dump_json, run_async
 from uvmshim.errors import UvmshimError
 from uvmshim.hostpath import RUN_DIR, pod_dir, pods_dir
 from uvmshim.protocol.framing import read_frame, write_frame
+from uvmshim.runtime import terminal
 from uvmshim.runtime.specgen import RunOptions, build_spec
 
 CREATE_TIMEOUT = 180.0
@@ -134,11 +138,14 @@ async def _request(name: str, req: dict[str, Any]) -> Any:
 @click.option("--sandbox-mount", "sandbox_mounts", multiple=True, metavar="NAME:CTR[:ro]",
               help="A directory shared by the pod's containers (sandbox://NAME).")
 @click.option("-e", "--env", multiple=True, metavar="NAME=VALUE")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open to the container.")
+@click.option("-t", "--tty", is_flag=True, help="Give the container a terminal; with -i your "
+              "terminal is in raw mode until it exits.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_command(name: str, container_id: str, rootfs: str | None, volumes: tuple[str, ...],
                 disks: tuple[str, ...], hugepages: tuple[str, ...],
-                sandbox_mounts: tuple[str, ...], env: tuple[str, ...],
-                command: tuple[str, ...]) -> None:
+                sandbox_mounts: tuple[str, ...], env: tuple[str, ...], interactive: bool,
+                tty: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND as a workload container in pod NAME; remove it when it exits.
 
     Put ``--`` before COMMAND so that its options are not taken for uvmshim's.
@@ -150,33 +157,118 @@ def run_command(name: str, container_id: str, rootfs: str | None, volumes: tuple
     root = os.path.abspath(rootfs) if rootfs else pod_rootfs.read_text()
     spec = build_spec(RunOptions(args=list(command), rootfs=root, volumes=volumes, disks=disks,
                                  hugepages=hugepages, sandbox_mounts=sandbox_mounts,
-                                 env=list(env)))
+                                 env=list(env), terminal=tty)).to_json()
+    if tty:
+        spec["process"] = terminal.with_console_size(spec["process"], _user_window())
     cid = container_id or f"{name}-{uuid.uuid4().hex[:8]}"
-    sys.exit(run_async(_run(name, cid, spec.to_json())))
+    sys.exit(run_async(_attach(name, {"op": "run", "id": cid, "spec": spec,
+                                      "stdin": interactive}, stdin=interactive, tty=tty)))
 
 
-async def _run(name: str, cid: str, spec: dict[str, Any]) -> int:
+@pod_group.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("container_id")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open to the process.")
+@click.option("-t", "--tty", is_flag=True, help="Give the process a terminal; with -i your "
+              "terminal is in raw mode until it exits.")
+@click.option("-e", "--env", multiple=True, metavar="NAME=VALUE")
+@click.option("-w", "--workdir", default=None, help="Working directory in the container.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_command(name: str, container_id: str, interactive: bool, tty: bool,
+                 env: tuple[str, ...], workdir: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND in the running container CONTAINER_ID of pod NAME (NAME itself: the pod's
+    sandbox); its exit status becomes uvmshim's.
+
+    \b
+      uvmshim pod exec -it web web-1a2b3c4d -- sh
+    """
+    sys.exit(run_async(exec_in_pod(name, container_id, list(command), interactive=interactive,
+                                   tty=tty, env=list(env), workdir=workdir)))
+
+
+async def exec_in_pod(name: str, container_id: str, command: list[str], *, interactive: bool,
+                      tty: bool, env: list[str], workdir: str | None) -> int:
+    """``exec`` COMMAND in a container of pod NAME; return its exit status."""
+    process: dict[str, Any] = {"args": command, "terminal": tty}
+    if env:
+        process["env"] = env  # added to the container's by the pod daemon
+    if workdir:
+        process["cwd"] = workdir
+    if tty:
+        process = terminal.with_console_size(process, _user_window())
+    return await _attach(name, {"op": "exec", "id": container_id, "process": process},
+                         stdin=interactive, tty=tty)
+
+
+def _user_window() -> terminal.Size | None:
+    return terminal.window_size(sys.stdin.fileno(), sys.stdout.fileno())
+
+
+async def _attach(name: str, request: dict[str, Any], *, stdin: bool, tty: bool) -> int:
+    """Send a ``run`` or ``exec`` request to pod NAME's daemon and attach to the process: its
+    output to ours, our stdin to it (``stdin``), our terminal's size changes to its terminal
+    (``tty``), our terminal in raw mode meanwhile (``tty`` and ``stdin`` on a terminal).
+    Return its exit status."""
     sock = pod_dir(name) / "pod.sock"
     try:
         reader, writer = await asyncio.open_unix_connection(str(sock))
     except OSError:
-        raise UvmshimError(f"no running pod {name}") from None
+        raise UvmshimError(f"no running pod {name}",
+                           hint=f"uvmshim pod create {name} --rootfs DIR") from None
+    lock = asyncio.Lock()
+
+    async def send(frame: dict[str, Any]) -> None:
+        async with lock:
+            await write_frame(writer, frame)
+
+    async def feed() -> None:
+        fd = sys.stdin.fileno()
+        if os.isatty(fd) or not stat.S_ISREG(os.fstat(fd).st_mode):
+            chunks = terminal.read_chunks(fd)
+        else:
+            chunks = _file_chunks(fd)
+        async for data in chunks:
+            await send({"stdin": base64.b64encode(data).decode()})
+        await send({"eof": True})
+
+    async def resize(rows: int, cols: int) -> None:
+        await send({"resize": [rows, cols]})
+
+    in_fd = sys.stdin.fileno()
+    feeder: asyncio.Task[None] | None = None
     try:
-        await write_frame(writer, {"op": "run", "id": cid, "spec": spec})
+        await send(request)
         first = await read_frame(reader)
         if first is None or not first.get("ok"):
             raise UvmshimError(str((first or {}).get("error", "the pod daemon went away")),
                                hint=(first or {}).get("hint"))
-        sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-        while (frame := await read_frame(reader)) is not None:
-            if "exit_code" in frame:
-                return int(frame["exit_code"])
-            sink = sinks.get(str(frame.get("stream")), sys.stdout.buffer)
-            sink.write(base64.b64decode(frame.get("data", "")))
-            sink.flush()
-        raise UvmshimError(f"pod {name} went away while {cid} ran")
+        with contextlib.ExitStack() as user_terminal:
+            if tty and stdin and terminal.is_terminal(in_fd):
+                user_terminal.enter_context(terminal.raw_mode(in_fd))
+            if tty:
+                user_terminal.enter_context(terminal.on_window_change(
+                    in_fd if terminal.is_terminal(in_fd) else sys.stdout.fileno(), resize))
+            if stdin:
+                feeder = asyncio.create_task(feed())
+            sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+            while (frame := await read_frame(reader)) is not None:
+                if "exit_code" in frame:
+                    return int(frame["exit_code"])
+                sink = sinks.get(str(frame.get("stream")), sys.stdout.buffer)
+                sink.write(base64.b64decode(frame.get("data", "")))
+                sink.flush()
+        raise UvmshimError(f"pod {name} went away while {request.get('id')} ran")
     finally:
+        if feeder is not None:
+            feeder.cancel()
+            with contextlib.suppress(BaseException):
+                await feeder
         writer.close()
+
+
+async def _file_chunks(fd: int) -> AsyncIterator[bytes]:
+    while data := os.read(fd, 1 << 20):
+        yield data
 
 
 @pod_group.command("ps")

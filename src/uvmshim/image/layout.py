@@ -254,7 +254,8 @@ def _read_blob_json(src: Source, desc: dict[str, Any], where: str) -> tuple[Any,
     return doc, digest
 
 
-def _host_arch() -> str:
+def host_arch() -> str:
+    """The host's architecture in OCI terms (``amd64``, ``arm64``, ...)."""
     m = platform.machine()
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(m, m)
 
@@ -270,7 +271,7 @@ def _pick(manifests: list[dict[str, Any]], name: str | None, where: str) -> dict
         return manifests[0]
     # A multi-platform index: take the host's platform, if exactly one entry has it.
     plat = [d for d in manifests if (d.get("platform") or {}).get("os") == "linux"
-            and (d.get("platform") or {}).get("architecture") == _host_arch()]
+            and (d.get("platform") or {}).get("architecture") == host_arch()]
     if len(plat) == 1:
         return plat[0]
     if not manifests:

@@ -306,14 +306,16 @@ def _now() -> str:
 
 async def import_image(path: str | os.PathLike[str], *, name: str | None = None,
                        store: ImageStore | None = None,
-                       progress: Progress | None = None, verity: bool = True) -> ImageRecord:
+                       progress: Progress | None = None, verity: bool = True,
+                       source: str | None = None) -> ImageRecord:
     """Import the image at ``path`` (OCI layout dir, oci-archive or docker-archive tar).
 
     Each layer not yet in the store is verified (blob digest, diff id) and converted to a
     ``layer.vhd``; layers already there are reused unread. With ``verity`` (the default) each
     new disk gets a dm-verity hash tree and the layer folder a ``verity.json``, and a cached
     layer without one is converted again; without it, cached layers are reused as they are
-    (with their hash tree, if they have one). The image is recorded under
+    (with their hash tree, if they have one). ``source`` is what the record names as the
+    image's origin (default: ``path``). The image is recorded under
     ``name``, else its first ref name / repo tag, else its short id; an image of the same name
     is replaced (its layers that nothing else uses are removed).
 
@@ -354,7 +356,8 @@ async def import_image(path: str | os.PathLike[str], *, name: str | None = None,
                       "manifest_digest": img.manifest_digest, "diff_ids": img.diff_ids,
                       "config": run_config.to_json(),
                       "created": built if isinstance(built, str) and built else now,
-                      "imported": now, "size": tar_bytes, "source": os.fspath(path)}
+                      "imported": now, "size": tar_bytes,
+                      "source": source if source is not None else os.fspath(path)}
         images = store._read_index()
         old = images.get(rec_name)
         images[rec_name] = record

@@ -72,6 +72,9 @@ BOOT_DONE_MARKER = "/run/uvmshim/boot-done"
 #: host passes it when it runs crun in the guest itself (``uvmshim runc`` state, benchmarks).
 CRUN_ROOT = "/run/crun"
 
+#: Where the agent keeps the network namespaces it creates (one bind-mounted file each).
+GUEST_NETNS_DIR = "/run/uvmshim/netns"
+
 
 # Section: derived values ------------------------------------------------------------------------
 
@@ -137,3 +140,13 @@ def plan9_share_host_path(export_root: str, name: str) -> str:
 def plan9_share_guest_path(name: str) -> str:
     """Return where the guest finds share ``name``: ``PLAN9_GUEST_ROOT/<name>``."""
     return posixpath.join(PLAN9_GUEST_ROOT, check_share_name(name))
+
+
+def guest_netns_path(ns_id: str) -> str:
+    """Return the guest path of network namespace ``ns_id``: ``GUEST_NETNS_DIR/<ns_id>``.
+
+    :raises ValueError: if ``ns_id`` is not one plain path component.
+    """
+    if not ns_id or ns_id in (".", "..") or "/" in ns_id or "\0" in ns_id or len(ns_id) > 128:
+        raise ValueError(f"invalid network namespace name {ns_id!r}")
+    return posixpath.join(GUEST_NETNS_DIR, ns_id)

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 #: (``{"kind", "message"}`` instead of a bare string) and strictly checked request arguments.
 #: 3: ``mount_scsi``/``mount_vpmem`` take ``verity`` (a dm-verity layer); ``verity_status``.
 #: 4: a container process with ``process.terminal`` gets a pty in the guest; ``process_resize``.
-PROTOCOL_VERSION = 4
+#: 5: networking: ``add_netns``, ``remove_netns``, ``add_nic``, ``remove_nic``.
+PROTOCOL_VERSION = 5
 
 
 class Op(StrEnum):
@@ -70,6 +71,10 @@ class Op(StrEnum):
     CONTAINER_DELETE = "container_delete"
     PROCESS_STDIN = "process_stdin"
     PROCESS_RESIZE = "process_resize"
+    ADD_NETNS = "add_netns"
+    REMOVE_NETNS = "remove_netns"
+    ADD_NIC = "add_nic"
+    REMOVE_NIC = "remove_nic"
 
 
 class EventKind(StrEnum):

@@ -305,6 +305,83 @@ class ProcessResize(RequestBody):
     cols: Index
 
 
+# Section: networking ----------------------------------------------------------------------------
+
+
+class AddNetNS(RequestBody):
+    """Create the guest network namespace ``ns_id`` (a bind mount at
+    :func:`~uvmshim.protocol.constants.guest_netns_path`) with ``lo`` up. Containers join it
+    through their spec's ``linux.namespaces`` entry. Result: its path (a string)."""
+
+    OP = Op.ADD_NETNS
+    ns_id: str
+
+
+class RemoveNetNS(RequestBody):
+    """Remove the guest network namespace ``ns_id`` (its NICs go back to the UVM's own
+    namespace, where their hot-unplug removes them)."""
+
+    OP = Op.REMOVE_NETNS
+    ns_id: str
+
+
+class AddNic(RequestBody):
+    """Wait for the NIC whose MAC is ``mac`` (a hot-added ``virtio-net-pci``), move it into
+    the namespace ``ns_id`` under the name ``ifname``, set ``mtu`` (0: keep), add
+    ``addresses`` (``ADDR/PREFIX``, IPv4 or IPv6) and ``routes`` (``DEST/PREFIX [via GW]
+    [metric N]``, see :func:`parse_route`) and bring it up. Result: ``{"ifname": name}``."""
+
+    OP = Op.ADD_NIC
+    ns_id: str
+    nic_id: str
+    mac: str
+    ifname: str
+    mtu: Index = 0
+    addresses: StrList = ()
+    routes: StrList = ()
+
+
+class RemoveNic(RequestBody):
+    """Take NIC ``nic_id`` down and move it back to the UVM's own namespace (before its
+    hot-unplug)."""
+
+    OP = Op.REMOVE_NIC
+    ns_id: str
+    nic_id: str
+
+
+def parse_route(text: str) -> tuple[str, str, int]:
+    """``"DEST/PREFIX [via GW] [metric N]"`` → ``(dest, gateway or "", metric)``.
+
+    Only the syntax is checked here (the agent stays cheap to import); the addresses are
+    checked by whoever uses them.
+
+    :raises ProtocolError: anything else.
+    """
+    words = text.split()
+    if not words or "/" not in words[0]:
+        raise ProtocolError(f"bad route {text!r}: expected DEST/PREFIX [via GW] [metric N]")
+    dest, gateway, metric = words[0], "", 0
+    rest = words[1:]
+    while rest:
+        if len(rest) < 2:
+            raise ProtocolError(f"bad route {text!r}: {rest[0]!r} needs a value")
+        key, value, rest = rest[0], rest[1], rest[2:]
+        if key == "via" and not gateway:
+            gateway = value
+        elif key == "metric" and value.isdigit() and int(value) < 2**32:
+            metric = int(value)
+        else:
+            raise ProtocolError(f"bad route {text!r}: unexpected {key!r} {value!r}")
+    return dest, gateway, metric
+
+
+def format_route(dest: str, gateway: str = "", metric: int = 0) -> str:
+    """The wire form of a route (the inverse of :func:`parse_route`)."""
+    return " ".join([dest, *(["via", gateway] if gateway else []),
+                     *(["metric", str(metric)] if metric else [])])
+
+
 def process_key(container_id: str, exec_id: str = "") -> str:
     """The key of a container process: the container id (its init) or ``<id>/<exec id>``."""
     return f"{container_id}/{exec_id}" if exec_id else container_id
@@ -318,7 +395,7 @@ REQUEST_TYPES: dict[str, type[RequestBody]] = {
         UnmountVpmem, VerityStatus, AddVpci, CombineLayers, RemoveCombinedLayers, SandboxDir,
         HugepagesDir,
         InstallDrivers, Exec, ContainerCreate, ContainerStart, ContainerExec, ContainerSignal,
-        ContainerDelete, ProcessStdin, ProcessResize,
+        ContainerDelete, ProcessStdin, ProcessResize, AddNetNS, RemoveNetNS, AddNic, RemoveNic,
     )
 }
 

@@ -130,8 +130,11 @@ class PodServer:
             raise UvmshimError("exec needs a command")
         base = container.spec.raw.get("process")
         if isinstance(base, dict):  # the container's environment, user and cwd by default
-            process = {**{k: base[k] for k in ("env", "user", "cwd", "capabilities", "rlimits",
-                                               "noNewPrivileges") if k in base}, **process}
+            env = {str(e).split("=", 1)[0]: str(e) for e in [*(base.get("env") or []),
+                                                             *(process.get("env") or [])]}
+            process = {**{k: base[k] for k in ("user", "cwd", "capabilities", "rlimits",
+                                               "noNewPrivileges") if k in base},
+                       **process, "env": list(env.values())}
         proc = await container.exec(process, stdin=True)
         await write_frame(writer, {"ok": True, "result": {"exec": proc.key}})
         pump = asyncio.create_task(_relay_output(proc.output(), writer))

@@ -46,6 +46,8 @@ POLL_INTERVAL = 0.1
 def window_size(*fds: int) -> Size | None:
     """The window size of the first of ``fds`` that is a terminal with a size; None if none."""
     for fd in fds:
+        if fd < 0:
+            continue
         try:
             rows, cols, _, _ = struct.unpack(
                 "HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
@@ -57,10 +59,7 @@ def window_size(*fds: int) -> Size | None:
 
 
 def is_terminal(fd: int) -> bool:
-    try:
-        return os.isatty(fd)
-    except OSError:
-        return False
+    return fd >= 0 and os.isatty(fd)
 
 
 def spec_terminal(spec: Spec) -> bool:

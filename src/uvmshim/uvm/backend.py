@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from uvmshim.hostnet import Endpoint
 from uvmshim.protocol.verity import Verity
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,16 @@ class HostBackend(Protocol):
     async def vpci_remove(self, vmbus_guid: str) -> None:
         """Unassign the device assigned as ``vmbus_guid``."""
 
+    async def nic_add(self, nic_id: str, endpoint: Endpoint, *, netns: str = "",
+                      host_forwards: Sequence[str] | None = None) -> None:
+        """Hot-add a NIC with ``endpoint``'s MAC and MTU: connected to ``endpoint``'s
+        interface in the host network namespace ``netns`` (a tap and tc redirects), or, with
+        ``host_forwards`` instead, to QEMU's user-mode network with those port forwards
+        (``tcp:HOSTADDR:HOSTPORT-:GUESTPORT``)."""
+
+    async def nic_remove(self, nic_id: str) -> None:
+        """Hot-remove NIC ``nic_id`` and undo what connected it on the host."""
+
 
 class GuestBackend(Protocol):
     """Changes inside the guest: the GCS half of hcsshim's ``modify``."""
@@ -90,6 +101,19 @@ class GuestBackend(Protocol):
 
     async def add_vpci(self, vmbus_guid: str) -> None:
         """Wait for the assigned PCI device ``vmbus_guid`` to show up in the guest."""
+
+    async def add_netns(self, ns_id: str) -> None:
+        """Create the guest network namespace ``ns_id`` (``lo`` up)."""
+
+    async def remove_netns(self, ns_id: str) -> None:
+        """Remove the guest network namespace ``ns_id``."""
+
+    async def add_nic(self, ns_id: str, nic_id: str, endpoint: Endpoint) -> None:
+        """Move the NIC with ``endpoint``'s MAC into ``ns_id`` and configure it like
+        ``endpoint`` (name, MTU, addresses, routes)."""
+
+    async def remove_nic(self, ns_id: str, nic_id: str) -> None:
+        """Take NIC ``nic_id`` down (before its hot-unplug)."""
 
     async def combine_layers(
         self, container_id: str, rootfs: str, layers: Sequence[LayerRef], scratch_dir: str

@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uvmshim.errors import BackendError, os_error_text
+from uvmshim.hostnet import Endpoint
 from uvmshim.protocol.verity import Verity
 from uvmshim.uvm.backend import LayerRef
 from uvmshim.uvm.options import LUNS_PER_CONTROLLER, UvmOptions
 from uvmshim.uvm.utilityvm import UtilityVM
 
 _GUID_NAMESPACE = uuid.UUID("6c4f6f0e-2f0b-4d43-9a57-2b1d0c6f1a11")
+#: Hot-plug root ports for NICs and assigned devices (a QEMU UVM's default).
+SIM_HOTPLUG_PORTS = 4
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,15 @@ class SimulatedBackend:
         self.shares: dict[str, dict[str, Any]] = {}
         self.pmem: dict[int, str] = {}
         self.pci: dict[str, str] = {}
+        self.nics: dict[str, dict[str, Any]] = {}
         # guest state
         self.mounts: dict[str, dict[str, Any]] = {}
         self.guest_devices: set[str] = set()
+        self.netns: dict[str, set[str]] = {}  # guest network namespace -> its NICs
+        # Indexes that keep every release O(1) (O(depth of the path)): how many mounts lie
+        # strictly below each path, and how many guest mounts each share has.
+        self._below: dict[str, int] = {}
+        self._share_mounts: dict[str, int] = {}
 
     def fail_at(self, *numbers: int) -> None:
         """Make operation number ``n`` (1-based, counting from the start) fail once."""
@@ -74,7 +83,8 @@ class SimulatedBackend:
     def live(self) -> dict[str, Any]:
         """Everything still attached, shared or mounted (empty when all was released)."""
         state = {"disks": self.disks, "shares": self.shares, "pmem": self.pmem,
-                 "pci": self.pci, "mounts": self.mounts}
+                 "pci": self.pci, "mounts": self.mounts, "nics": self.nics,
+                 "netns": self.netns}
         return {k: v for k, v in state.items() if v}
 
     # Section: host side
@@ -122,7 +132,7 @@ class SimulatedBackend:
         self._record("host", "plan9-remove", name=name)
         if name not in self.shares:
             raise BackendError(f"no plan9 share {name}")
-        if any(m.get("share") == name for m in self.mounts.values()):
+        if self._share_mounts.get(name):
             raise BackendError(f"plan9 share {name} is still mounted in the guest")
         del self.shares[name]
 
@@ -151,21 +161,68 @@ class SimulatedBackend:
             raise BackendError(f"no assigned device {vmbus_guid}")
         del self.pci[vmbus_guid]
 
+    async def nic_add(self, nic_id: str, endpoint: Endpoint, *, netns: str = "",
+                      host_forwards: Sequence[str] | None = None) -> None:
+        self._record("host", "nic-add", nic_id=nic_id, mac=endpoint.mac, netns=netns,
+                     ifname=endpoint.ifname,
+                     **({} if host_forwards is None else {"forwards": list(host_forwards)}))
+        if nic_id in self.nics:
+            raise BackendError(f"NIC {nic_id} already exists")
+        if len(self.nics) + len(self.pci) >= SIM_HOTPLUG_PORTS:
+            raise BackendError(f"NIC {endpoint.ifname}: no free hot-plug root port")
+        self.nics[nic_id] = {"mac": endpoint.mac, "netns": netns, "ifname": endpoint.ifname}
+
+    async def nic_remove(self, nic_id: str) -> None:
+        self._record("host", "nic-remove", nic_id=nic_id)
+        if nic_id not in self.nics:
+            raise BackendError(f"no NIC {nic_id}")
+        del self.nics[nic_id]
+
     # Section: guest side
+
+    @staticmethod
+    def _ancestors(path: str) -> list[str]:
+        """``/a/b/c`` -> ``["/a/b", "/a", "/"]`` (what lies above it)."""
+        out = []
+        p = path.rstrip("/")
+        while p:
+            p = p[: p.rfind("/")]
+            out.append(p or "/")
+            if not p:
+                break
+        return out
 
     def _mount(self, path: str, **what: Any) -> None:
         if path in self.mounts:
             raise BackendError(f"mount on {path}: device or resource busy")
         self.mounts[path] = what
+        for above in self._ancestors(path):
+            self._below[above] = self._below.get(above, 0) + 1
+        share = what.get("share")
+        if share is not None:
+            self._share_mounts[share] = self._share_mounts.get(share, 0) + 1
 
     def _unmount(self, path: str, kind: str) -> None:
         mount = self.mounts.get(path)
         if mount is None or mount["kind"] != kind:
             raise BackendError(f"umount {path}: not mounted")
-        nested = [p for p in self.mounts if p.startswith(path.rstrip("/") + "/")]
-        if nested:
-            raise BackendError(f"umount {path}: target is busy ({nested[0]} is mounted below)")
+        if self._below.get(path.rstrip("/") or "/"):
+            nested = next(p for p in self.mounts if p.startswith(path.rstrip("/") + "/"))
+            raise BackendError(f"umount {path}: target is busy ({nested} is mounted below)")
         del self.mounts[path]
+        for above in self._ancestors(path):
+            left = self._below[above] - 1
+            if left:
+                self._below[above] = left
+            else:
+                del self._below[above]
+        share = mount.get("share")
+        if share is not None:
+            left = self._share_mounts[share] - 1
+            if left:
+                self._share_mounts[share] = left
+            else:
+                del self._share_mounts[share]
 
     async def mount_scsi(self, controller: int, lun: int, guest_path: str, *, read_only: bool,
                          options: Sequence[str], verity: Verity | None = None) -> None:
@@ -210,6 +267,33 @@ class SimulatedBackend:
         self._record("guest", "add-vpci", vmbus_guid=vmbus_guid)
         if vmbus_guid not in self.pci:
             raise BackendError(f"assigned device {vmbus_guid} never showed up in the guest")
+
+    async def add_netns(self, ns_id: str) -> None:
+        self._record("guest", "add-netns", ns_id=ns_id)
+        if ns_id in self.netns:
+            raise BackendError(f"network namespace {ns_id} exists")
+        self.netns[ns_id] = set()
+
+    async def remove_netns(self, ns_id: str) -> None:
+        self._record("guest", "remove-netns", ns_id=ns_id)
+        if ns_id not in self.netns:
+            raise BackendError(f"no network namespace {ns_id}")
+        del self.netns[ns_id]
+
+    async def add_nic(self, ns_id: str, nic_id: str, endpoint: Endpoint) -> None:
+        self._record("guest", "add-nic", ns_id=ns_id, nic_id=nic_id, ifname=endpoint.ifname,
+                     addresses=list(endpoint.addresses), routes=list(endpoint.routes))
+        if ns_id not in self.netns:
+            raise BackendError(f"no network namespace {ns_id}")
+        if nic_id not in self.nics:
+            raise BackendError(f"NIC {nic_id} ({endpoint.mac}) never showed up in the guest")
+        self.netns[ns_id].add(nic_id)
+
+    async def remove_nic(self, ns_id: str, nic_id: str) -> None:
+        self._record("guest", "remove-nic", ns_id=ns_id, nic_id=nic_id)
+        if nic_id not in self.netns.get(ns_id, set()):
+            raise BackendError(f"no NIC {nic_id} in network namespace {ns_id}")
+        self.netns[ns_id].discard(nic_id)
 
     async def combine_layers(self, container_id: str, rootfs: str, layers: Sequence[LayerRef],
                              scratch_dir: str) -> None:

@@ -17,6 +17,7 @@ from uvmshim.errors import ReleaseError
 from uvmshim.protocol.verity import Verity
 from uvmshim.resources import Resource, release_newest_first
 from uvmshim.uvm.backend import GuestBackend, HostBackend, LayerRef
+from uvmshim.uvm.network import NetworkManager
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.plan9 import Plan9Manager, Plan9Share
 from uvmshim.uvm.scsi import ScsiManager, ScsiMount, VMAccess
@@ -55,6 +56,7 @@ class UtilityVM:
         self.vpmem = VPMemManager(host, guest, vm_id, self.options.effective_vpmem_count,
                                   self.options.vpmem_max_size)
         self.vpci = VPCIManager(host, guest, vm_id, new_guid=self.new_guid)
+        self.network = NetworkManager(host, guest, vm_id)
         self._owned: list[Resource] = []
 
     # Section: counters and properties
@@ -126,4 +128,5 @@ class UtilityVM:
             "plan9": self.plan9.shares(),
             "vpmem": self.vpmem.devices(),
             "vpci": self.vpci.devices(),
+            "network": self.network.namespaces(),
         }

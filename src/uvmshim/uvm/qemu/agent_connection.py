@@ -104,8 +104,9 @@ class PendingRequest:
             return await asyncio.wait_for(self._future, timeout)
         except TimeoutError:
             self._connection.forget(self.id)
-            raise AgentConnectionError(
-                f"guest {self.op}: no answer after {timeout:g} s") from None
+            err = AgentConnectionError(f"guest {self.op}: no answer after {timeout:g} s")
+            self._connection.stalled(err)
+            raise err from None
 
 
 class AgentConnection:
@@ -122,6 +123,8 @@ class AgentConnection:
         self._next_id = secrets.randbelow(1 << 30) + 1
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
         self._routes: dict[Route, EventSink] = {}
+        #: Set when a request went unanswered, cleared by the next frame from the guest.
+        self._stalled: AgentConnectionError | None = None
         #: The guest's answer to ``hello`` (version, pid, boot time stamps).
         self.guest_info: dict[str, Any] = {}
 
@@ -200,8 +203,17 @@ class AgentConnection:
         for sink in routes.values():
             sink.on_end(reason)
 
+    def stalled(self, err: AgentConnectionError) -> None:
+        """A request got no answer in time: until the guest sends anything again, further
+        requests fail at once instead of each waiting out its timeout (a teardown releasing
+        many resources must not wait a minute for each)."""
+        self._stalled = err
+
     def _check_can_send(self, op: str) -> None:
         if self._state is RunState.RUNNING:
+            if self._stalled is not None:
+                raise AgentConnectionError(
+                    f"guest {op}: not sent, the agent stopped answering ({self._stalled})")
             return
         if self._state is RunState.CONNECTING and op == Op.HELLO:
             return
@@ -298,6 +310,7 @@ class AgentConnection:
                 if frame is None:
                     self._fail(AgentConnectionError("guest agent closed the connection"))
                     return
+                self._stalled = None  # it answers again
                 try:
                     msg = parse_message(frame)
                 except ProtocolError as err:

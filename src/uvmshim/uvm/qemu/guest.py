@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from uvmshim.hostnet import Endpoint
 from uvmshim.protocol import (
     AddVpci,
     CombineLayers,
@@ -24,6 +25,7 @@ from uvmshim.protocol import (
     UnmountScsi,
     UnmountVpmem,
 )
+from uvmshim.protocol.requests import AddNetNS, AddNic, RemoveNetNS, RemoveNic
 from uvmshim.protocol.verity import Verity
 from uvmshim.uvm.backend import LayerRef
 
@@ -31,6 +33,8 @@ from .agent_client import AgentClient, ExecResult
 
 #: How long the guest may take to sync and answer a shutdown request.
 SHUTDOWN_REQUEST_TIMEOUT = 10.0
+#: How long a share's unmount may take (milliseconds normally): a teardown must not hang.
+UNMOUNT_REQUEST_TIMEOUT = 20.0
 
 
 class AgentGuestBackend:
@@ -59,7 +63,8 @@ class AgentGuestBackend:
 
     async def unmount_plan9(self, name: str, guest_path: str) -> None:
         """Unmount share ``name`` from ``guest_path``."""
-        await self.client.request(UnmountPlan9(name=name, guest_path=guest_path))
+        await self.client.request(UnmountPlan9(name=name, guest_path=guest_path),
+                                  timeout=UNMOUNT_REQUEST_TIMEOUT)
 
     async def mount_vpmem(self, device: int, guest_path: str, *,
                           verity: Verity | None = None) -> None:
@@ -74,6 +79,24 @@ class AgentGuestBackend:
     async def add_vpci(self, vmbus_guid: str) -> None:
         """Wait for an assigned PCI device (this guest refuses: no VFIO support)."""
         await self.client.request(AddVpci(vmbus_guid=vmbus_guid))
+
+    async def add_netns(self, ns_id: str) -> None:
+        """Create the guest network namespace ``ns_id``."""
+        await self.client.request(AddNetNS(ns_id=ns_id))
+
+    async def remove_netns(self, ns_id: str) -> None:
+        """Remove the guest network namespace ``ns_id``."""
+        await self.client.request(RemoveNetNS(ns_id=ns_id))
+
+    async def add_nic(self, ns_id: str, nic_id: str, endpoint: Endpoint) -> None:
+        """Configure the hot-added NIC with ``endpoint``'s MAC in ``ns_id``."""
+        await self.client.request(AddNic(
+            ns_id=ns_id, nic_id=nic_id, mac=endpoint.mac, ifname=endpoint.ifname,
+            mtu=endpoint.mtu, addresses=endpoint.addresses, routes=endpoint.routes))
+
+    async def remove_nic(self, ns_id: str, nic_id: str) -> None:
+        """Take NIC ``nic_id`` down in ``ns_id``."""
+        await self.client.request(RemoveNic(ns_id=ns_id, nic_id=nic_id))
 
     async def combine_layers(self, container_id: str, rootfs: str, layers: Sequence[LayerRef],
                              scratch_dir: str) -> None:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from qemu.qmp import ExecuteError, QMPError
 
+from ... import hostnet
 from ...asyncutil import finish_despite_cancel
 from ...errors import BackendError
 from . import mounts
@@ -167,6 +168,14 @@ class _Disk:
 
 
 @dataclass
+class _Nic:
+    """A hot-added NIC: its root port and, for a tap, the host plumbing behind it."""
+
+    port: str
+    plumbing: hostnet.Plumbing | None
+
+
+@dataclass
 class _Share:
     name: str
     targets: list[Path]  # mount points, under share/
@@ -196,6 +205,8 @@ class QemuHostBackend:
         self._shares: dict[str, _Share] = {}
         self._vpmem: dict[int, str] = {}  # device -> memory backend object id
         self._vpci: dict[str, str] = {}  # guid -> port
+        self._nics: dict[str, _Nic] = {}
+        self._taps = 0
         cfg = machine.config
         # vPMEM device n owns root port n; vPCI takes the rest.
         self._free_ports = [root_port_id(i) for i in range(cfg.vpmem_slots, cfg.hotplug_ports)]
@@ -723,6 +734,104 @@ class QemuHostBackend:
             await self._device_del(f"vpci-{vmbus_guid}", f"vPCI {vmbus_guid}")
             del self._vpci[vmbus_guid]
             self._give_port(port)
+
+    # Section: NICs
+
+    async def nic_add(self, nic_id: str, endpoint: hostnet.Endpoint, *, netns: str = "",
+                      host_forwards: Sequence[str] | None = None) -> None:
+        """Hot-add ``virtio-net-pci`` id ``nic-<nic_id>`` (MAC and ``host_mtu`` of
+        ``endpoint``) on a free root port, behind netdev ``net-<nic_id>``.
+
+        With ``netns``, the netdev is a tap that uvmshim creates in that namespace and
+        connects to ``endpoint``'s interface (:func:`uvmshim.hostnet.plumb`); QEMU gets the
+        tap's descriptor (``SCM_RIGHTS`` + ``getfd``), never ``/dev/net/tun``. Without it, the
+        netdev is QEMU's user-mode network (``10.0.2.0/24``) with ``host_forwards``.
+        Whatever fails, nothing stays: not the device, the netdev, the descriptor, the tap
+        nor the redirects.
+        """
+        _check_name("NIC id", nic_id)
+        if not netns and host_forwards is None:
+            raise BackendError(f"NIC {nic_id}: neither a network namespace nor user-mode "
+                               "networking")
+        async with self._lock:
+            if nic_id in self._nics:
+                raise BackendError(f"NIC {nic_id} already exists")
+            port = self._take_port(f"NIC {endpoint.ifname}")
+            nic = _Nic(port, None)
+            try:
+                await self._nic_add(nic_id, nic, endpoint, netns, host_forwards)
+            except BaseException:
+                await finish_despite_cancel(self._nic_undo(nic_id, nic, device=True))
+                raise
+            self._nics[nic_id] = nic
+
+    async def _nic_add(self, nic_id: str, nic: _Nic, endpoint: hostnet.Endpoint, netns: str,
+                       host_forwards: Sequence[str] | None) -> None:
+        what = f"NIC {endpoint.ifname}"
+        netdev: dict[str, object] = {"id": f"net-{nic_id}"}
+        if netns:
+            tap = f"{hostnet.TAP_PREFIX}{self._taps}"
+            self._taps += 1
+            nic.plumbing = await hostnet.plumb(netns, endpoint, tap)
+            fdname = f"tap-{nic_id}"
+            try:
+                self.machine.qmp.send_fd_scm(nic.plumbing.fd)
+            except (QMPError, OSError) as e:
+                raise BackendError(f"passing {tap} to QEMU: {e}") from e
+            finally:
+                nic.plumbing.close_fd()
+            await self._execute("getfd", {"fdname": fdname}, what)
+            netdev.update({"type": "tap", "fd": fdname, "vhost": False})
+            try:
+                await self._execute("netdev_add", netdev, what)
+            except BaseException:
+                with contextlib.suppress(BackendError):
+                    await self._execute("closefd", {"fdname": fdname}, what)
+                raise
+        else:
+            netdev.update({"type": "user", "net": "10.0.2.0/24",
+                           "hostfwd": [{"str": f} for f in host_forwards or ()]})
+            await self._execute("netdev_add", netdev, what)
+        await self._execute(
+            "device_add",
+            {"driver": "virtio-net-pci", "id": f"nic-{nic_id}", "netdev": f"net-{nic_id}",
+             "mac": endpoint.mac, "host_mtu": endpoint.mtu, "bus": nic.port},
+            what,
+        )
+
+    async def _nic_undo(self, nic_id: str, nic: _Nic, *, device: bool) -> None:
+        """Remove the device (if ``device``), the netdev and the plumbing; what is not there
+        is skipped. :raises BackendError: something stayed (the first problem)."""
+        problems: list[str] = []
+        if device:
+            try:
+                await self._device_del(f"nic-{nic_id}", f"NIC {nic_id}")
+            except BackendError as e:
+                problems.append(str(e))
+        if not problems:
+            try:
+                await self._execute("netdev_del", {"id": f"net-{nic_id}"}, f"NIC {nic_id}")
+            except BackendError as e:
+                if qmp_error_class(e) not in ("DeviceNotFound", "GenericError"):
+                    problems.append(str(e))
+        if nic.plumbing is not None and not problems:
+            try:
+                await hostnet.unplumb(nic.plumbing)
+            except BackendError as e:
+                problems.append(str(e))
+        if problems:
+            raise BackendError("; ".join(problems))
+        self._give_port(nic.port)
+
+    async def nic_remove(self, nic_id: str) -> None:
+        """Hot-remove NIC ``nic_id``: ``device_del`` (waiting for the guest), ``netdev_del``
+        (QEMU closes the tap), then the tap and the redirects on the host."""
+        async with self._lock:
+            nic = self._nics.get(nic_id)
+            if nic is None:
+                raise BackendError(f"no NIC {nic_id}")
+            await self._nic_undo(nic_id, nic, device=True)
+            del self._nics[nic_id]
 
 
 def _check_disk_kind(path: str, mode: int, block_device: bool) -> None:

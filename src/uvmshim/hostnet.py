@@ -1,0 +1,514 @@
+"""The host side of a container's network: its namespace's endpoints, taps and tc redirects.
+
+A container engine (podman's CNI or netavark, containerd's CNI) gives the container a network
+namespace on the host with one or more interfaces (a veth ``eth0`` whose peer is on a bridge)
+and names it in ``linux.namespaces[type=network].path``. The container itself runs in the UVM,
+so its traffic must get from that veth into the VM and back. As Kata Containers does (its
+``tcfilter`` model), for each interface but ``lo`` uvmshim:
+
+1. enters the namespace (``setns`` in a thread of its own: a namespace is a property of the
+   calling thread) and reads the interface's MAC, MTU, IPv4/IPv6 addresses and routes over
+   netlink (pyroute2);
+2. creates a tap device ``uvmtap<n>`` there (``/dev/net/tun`` opened *in* the namespace: the
+   tap is created in the namespace of the opener), non-persistent, with ``IFF_VNET_HDR`` so
+   that QEMU's virtio-net can pass offloaded (large, checksum-less) packets;
+3. adds an ``ingress`` qdisc to both and a catch-all ``u32`` filter with a ``mirred egress
+   redirect`` action in each direction: whatever arrives on the veth leaves through the tap
+   (into QEMU), whatever QEMU writes to the tap leaves through the veth;
+4. hands the tap's descriptor to QEMU (which never opens ``/dev/net/tun`` itself).
+
+The guest gives its NIC the same MAC, addresses, routes and MTU (:mod:`uvmshim.agent.network`).
+Undoing it deletes the veth's ingress qdisc (with its filter) and the tap (whose own qdisc goes
+with it); the tap also vanishes by itself once the last descriptor (QEMU's) is closed.
+
+Our filters have the priority :data:`FILTER_PRIO`, which is how :func:`find_leftovers` tells a
+redirect left behind by a crashed uvmshim from anyone else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
+import ipaddress
+import logging
+import os
+import stat
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from uvmshim.errors import BackendError
+from uvmshim.protocol.requests import format_route
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CLONE_NEWNET = 0x40000000
+_NSFS_MAGIC = 0x6E736673
+# linux/if_tun.h
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+_IFF_LOOPBACK = 0x8
+_ETH_P_ALL = 0x0003
+_RTPROT_KERNEL = 2
+_RTN_UNICAST = 1
+_RT_TABLE_MAIN = 254
+
+#: Name prefix of our tap devices (``uvmtap0``, ``uvmtap1``, ...).
+TAP_PREFIX = "uvmtap"
+#: The tc priority of every redirect filter uvmshim adds ("uv"); marks them as ours.
+FILTER_PRIO = 0x7576
+#: Where named network namespaces live (``ip netns``, podman's CNI, containerd).
+NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
+
+
+class NetworkError(BackendError):
+    """The container's network namespace could not be read or connected to the UVM."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One interface of a host network namespace, as the guest must reproduce it."""
+
+    ifname: str
+    index: int
+    mac: str
+    mtu: int
+    #: ``ADDR/PREFIX``, IPv4 and IPv6 (link-local IPv6 left out: the guest makes its own).
+    addresses: tuple[str, ...] = ()
+    #: Wire routes (:func:`uvmshim.protocol.requests.format_route`): ``DEST/PREFIX [via GW]
+    #: [metric N]``; routes the kernel derives from an address are left out.
+    routes: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {"ifname": self.ifname, "mac": self.mac, "mtu": self.mtu,
+                "addresses": list(self.addresses), "routes": list(self.routes)}
+
+
+@dataclass
+class Plumbing:
+    """A tap and the two redirects between it and ``endpoint``'s interface."""
+
+    netns: str
+    endpoint: Endpoint
+    tap: str
+    tap_index: int = 0
+    #: The tap's descriptor (ours until handed to QEMU; -1 after :meth:`close_fd`).
+    fd: int = -1
+    steps: list[str] = field(default_factory=list)
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# Section: entering a namespace
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc().setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def open_netns(path: str) -> int:
+    """Open the network namespace file ``path``; return its descriptor.
+
+    :raises NetworkError: missing, not a namespace file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NetworkError(f"network namespace {path}: {e.strerror}",
+                           where="linux.namespaces[type=network].path",
+                           hint="the container engine must create the namespace before "
+                                "the container (or leave out the path)") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) or not _is_nsfs(fd):
+            raise NetworkError(f"{path} is not a network namespace",
+                               where="linux.namespaces[type=network].path")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_nsfs(fd: int) -> bool:
+    """Whether ``fd`` is a namespace file (``nsfs``): setns tells without side effects only
+    for the right type, so look at the file system's magic (``fstatfs``)."""
+    buf = ctypes.create_string_buffer(120)
+    if _libc().fstatfs(fd, buf) != 0:
+        return False
+    (magic,) = struct.unpack_from("=q", buf.raw, 0)
+    return int(magic) == _NSFS_MAGIC
+
+
+def _in_thread(netns: str | None, fn: Callable[[IPRoute], T]) -> concurrent.futures.Future[T]:
+    """Run ``fn(ipr)`` in a new thread inside the namespace ``netns`` (None: ours), with a
+    netlink socket opened there; the thread goes back to its own namespace afterwards."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+    fd = open_netns(netns) if netns is not None else -1
+
+    def work() -> None:
+        from pyroute2 import IPRoute
+
+        own = -1
+        try:
+            if fd >= 0:
+                own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                _setns(fd)
+            ipr = IPRoute()
+            try:
+                result = fn(ipr)
+            finally:
+                ipr.close()
+            future.set_result(result)
+        except BaseException as e:  # handed to the awaiting task
+            future.set_exception(e)
+        finally:
+            if own >= 0:
+                with contextlib.suppress(OSError):  # the thread ends anyway
+                    _setns(own)
+                os.close(own)
+            if fd >= 0:
+                os.close(fd)
+
+    try:
+        threading.Thread(target=work, name="uvmshim-netns", daemon=True).start()
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return future
+
+
+async def in_netns(netns: str | None, fn: Callable[[IPRoute], T]) -> T:
+    """Await ``fn(ipr)`` run in the namespace ``netns`` (see :func:`_in_thread`).
+
+    If the caller is cancelled, this still waits for the thread (whose effects the caller may
+    have to undo) before the cancellation goes on.
+    """
+    future = asyncio.wrap_future(_in_thread(netns, fn))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await future
+        raise
+
+
+def _netlink_error(what: str, e: BaseException) -> NetworkError:
+    code = getattr(e, "code", None)
+    if isinstance(code, int) and code > 0:
+        return NetworkError(f"{what}: {os.strerror(code)}")
+    return NetworkError(f"{what}: {e}")
+
+
+# Section: reading the endpoints
+
+
+def _read_endpoints(ipr: IPRoute, netns: str) -> list[Endpoint]:
+    endpoints: list[Endpoint] = []
+    for link in ipr.get_links():
+        name = str(link.get("ifname"))
+        if link["flags"] & _IFF_LOOPBACK:
+            continue
+        if name.startswith(TAP_PREFIX):
+            raise NetworkError(f"network namespace {netns} is already connected to a UVM "
+                               f"({name} exists)",
+                               hint="each network namespace can serve one UVM: put the "
+                                    "containers that share it in one pod")
+        mac = link.get("address")
+        if not isinstance(mac, str) or len(mac) != 17:
+            raise NetworkError(f"interface {name} of {netns} is not an Ethernet interface "
+                               "(no MAC address); uvmshim can only connect Ethernet "
+                               "interfaces to a UVM")
+        index = int(link["index"])
+        addresses: list[str] = []
+        for a in ipr.get_addr(index=index):
+            ip = ipaddress.ip_interface(f"{a.get('address')}/{a['prefixlen']}")
+            if ip.version == 6 and ip.ip.is_link_local:
+                continue
+            addresses.append(ip.with_prefixlen)
+        routes: list[str] = []
+        for family in (2, 10):
+            for r in ipr.get_routes(family=family, table=_RT_TABLE_MAIN):
+                if r.get("oif") != index or r["proto"] == _RTPROT_KERNEL or \
+                        r["type"] != _RTN_UNICAST:
+                    continue
+                dst = r.get("dst") or ("0.0.0.0" if family == 2 else "::")
+                dest = ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)
+                if dest.version == 6 and dest.is_link_local:
+                    continue
+                routes.append(format_route(dest.with_prefixlen, str(r.get("gateway") or ""),
+                                           int(r.get("priority") or 0)))
+        endpoints.append(Endpoint(name, index, mac.lower(), int(link.get("mtu") or 1500),
+                                  tuple(addresses), tuple(routes)))
+    return endpoints
+
+
+async def read_endpoints(netns: str) -> list[Endpoint]:
+    """The interfaces of the network namespace at ``netns`` (all but loopback).
+
+    :raises NetworkError: the path is not a namespace, an interface is not Ethernet, the
+        namespace is already connected to a UVM.
+    """
+    def read(ipr: IPRoute) -> list[Endpoint]:
+        try:
+            return _read_endpoints(ipr, netns)
+        except NetworkError:
+            raise
+        except Exception as e:
+            raise _netlink_error(f"reading network namespace {netns}", e) from e
+
+    return await in_netns(netns, read)
+
+
+# Section: taps and redirects
+
+
+def _create_tap(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+        fcntl.ioctl(fd, _TUNSETIFF, ifr)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _redirect(ipr: IPRoute, from_index: int, to_index: int) -> None:
+    """An ingress qdisc on ``from_index`` and a catch-all filter redirecting to ``to_index``."""
+    ipr.tc("add", "ingress", from_index, "ffff:")
+    ipr.tc("add-filter", "u32", from_index, parent="ffff:", protocol=_ETH_P_ALL,
+           prio=FILTER_PRIO, keys=["0x0/0x0+0"], target=0x10001,
+           action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                   "ifindex": to_index})
+
+
+def _plumb(ipr: IPRoute, p: Plumbing, fail_after: str) -> None:
+    ep = p.endpoint
+    links = ipr.link_lookup(ifname=ep.ifname)
+    if not links or links[0] != ep.index:
+        raise NetworkError(f"interface {ep.ifname} of {p.netns} went away while the "
+                           "container was being connected")
+    p.fd = _create_tap(p.tap)
+    p.steps.append("tap")
+    if fail_after == "tap":
+        raise NetworkError(f"injected failure after creating {p.tap}")
+    p.tap_index = ipr.link_lookup(ifname=p.tap)[0]
+    ipr.link("set", index=p.tap_index, mtu=ep.mtu, state="up")
+    p.steps.append("veth-redirect")  # before: a half-made redirect is undone too
+    try:
+        _redirect(ipr, ep.index, p.tap_index)
+    except Exception as e:
+        if getattr(e, "code", None) == errno.EEXIST:
+            p.steps.remove("veth-redirect")  # not ours: leave it
+            raise NetworkError(
+                f"interface {ep.ifname} of {p.netns} already has an ingress qdisc; uvmshim "
+                "needs it for the redirect into the UVM",
+                hint="remove it (tc qdisc del dev IF ingress) or connect another interface") \
+                from e
+        raise
+    if fail_after == "veth-redirect":
+        raise NetworkError(f"injected failure after redirecting {ep.ifname}")
+    _redirect(ipr, p.tap_index, ep.index)
+    p.steps.append("tap-redirect")
+
+
+def _unplumb(ipr: IPRoute, p: Plumbing) -> list[str]:
+    problems: list[str] = []
+    if "veth-redirect" in p.steps:
+        try:
+            ipr.tc("del", "ingress", p.endpoint.index, "ffff:")
+        except Exception as e:
+            code = getattr(e, "code", None)
+            if code not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+                problems.append(f"removing the redirect of {p.endpoint.ifname}: {e}")
+    if "tap" in p.steps:
+        try:
+            found = ipr.link_lookup(ifname=p.tap)
+            if found:
+                ipr.link("del", index=found[0])
+        except Exception as e:
+            code = getattr(e, "code", None)
+            if code != errno.ENODEV:
+                problems.append(f"removing {p.tap}: {e}")
+    return problems
+
+
+#: Test hook: make :func:`plumb` fail right after this step (``tap``, ``veth-redirect``).
+FAIL_AFTER: str = ""
+
+
+async def plumb(netns: str, endpoint: Endpoint, tap: str) -> Plumbing:
+    """Create tap ``tap`` in ``netns`` and the redirects between it and ``endpoint``.
+
+    :returns: the plumbing, holding the tap's descriptor (the caller passes it to QEMU and
+        closes its own copy).
+    :raises NetworkError: nothing is left behind then.
+    """
+    p = Plumbing(netns, endpoint, tap)
+    fail_after = FAIL_AFTER
+
+    def work(ipr: IPRoute) -> Plumbing:
+        try:
+            _plumb(ipr, p, fail_after)
+        except BaseException as e:
+            problems = _unplumb(ipr, p)
+            p.close_fd()
+            if problems:
+                log.warning("undoing a failed network set-up: %s", "; ".join(problems))
+            if isinstance(e, NetworkError):
+                raise
+            if isinstance(e, OSError):
+                raise NetworkError(f"creating {tap} for {endpoint.ifname} in {netns}: "
+                                   f"{e.strerror}") from e
+            raise _netlink_error(f"connecting {endpoint.ifname} of {netns} to {tap}", e) \
+                from e
+        return p
+
+    try:
+        return await in_netns(netns, work)
+    except asyncio.CancelledError:
+        if p.steps:  # the thread finished after all: undo it
+            with contextlib.suppress(BaseException):
+                await unplumb(p)
+        raise
+
+
+async def unplumb(p: Plumbing) -> None:
+    """Delete ``p``'s redirects and tap (what is already gone is fine).
+
+    :raises NetworkError: something stayed.
+    """
+    p.close_fd()
+    if not p.steps:
+        return
+    try:
+        problems = await in_netns(p.netns, lambda ipr: _unplumb(ipr, p))
+    except NetworkError as e:
+        if not os.path.exists(p.netns):
+            problems = []  # the namespace is gone, and everything in it
+        else:
+            raise NetworkError(f"removing {p.tap}: {e}") from e
+    if problems:
+        raise NetworkError("; ".join(problems))
+    p.steps.clear()
+
+
+# Section: leftovers
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A redirect of ours whose tap is gone (its uvmshim crashed), or a tap nobody holds."""
+
+    netns: str  # "" for the host's own namespace
+    ifname: str
+    index: int
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.netns or 'host network namespace'}: {self.ifname}: {self.what}"
+
+
+def _find_leftovers(ipr: IPRoute, netns: str) -> list[Leftover]:
+    found: list[Leftover] = []
+    names = {int(link["index"]): str(link.get("ifname")) for link in ipr.get_links()}
+    for index, name in names.items():
+        try:
+            filters = ipr.get_filters(index=index, parent=0xFFFF0000)
+        except Exception:
+            continue
+        for f in filters:
+            if (f.get("info", 0) >> 16) != FILTER_PRIO:
+                continue
+            targets = [a.get("TCA_MIRRED_PARMS") for a in _mirred_actions(f)]
+            alive = [t for t in targets if t is not None and
+                     names.get(int(t["ifindex"]), "").startswith(TAP_PREFIX)]
+            if not name.startswith(TAP_PREFIX) and not alive:
+                found.append(Leftover(netns, name, index, "uvmshim redirect to a tap that "
+                                      "is gone"))
+                break
+    return found
+
+
+def _look(ipr: IPRoute, *, ns: str) -> list[Leftover]:
+    return _find_leftovers(ipr, ns)
+
+
+def _mirred_actions(msg: Any) -> Iterable[Any]:
+    options = msg.get("TCA_OPTIONS")
+    if options is None:
+        return []
+    act = options.get("TCA_U32_ACT")
+    if act is None:
+        return []
+    out = []
+    for prio in act.get("attrs", []):
+        value = prio[1]
+        if hasattr(value, "get") and value.get("TCA_ACT_KIND") == "mirred":
+            opts = value.get("TCA_ACT_OPTIONS")
+            if opts is not None:
+                out.append(opts)
+    return out
+
+
+def named_namespaces() -> list[str]:
+    """Every named network namespace file (``/run/netns/*``), the host's own first as ""."""
+    seen: set[tuple[int, int]] = set()
+    out = [""]
+    for d in NETNS_DIRS:
+        with contextlib.suppress(OSError):
+            for entry in sorted(d.iterdir()):
+                with contextlib.suppress(OSError):
+                    st = entry.stat()
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        out.append(str(entry))
+    return out
+
+
+async def find_leftovers(namespaces: Iterable[str] | None = None) -> list[Leftover]:
+    """Redirects of ours left behind in the host's namespace and the named ones."""
+    found: list[Leftover] = []
+    for ns in namespaces if namespaces is not None else named_namespaces():
+        try:
+            found += await in_netns(ns or None, functools.partial(_look, ns=ns))
+        except (NetworkError, OSError) as e:
+            log.debug("looking at %s: %s", ns, e)
+    return found
+
+
+async def reclaim(left: Leftover) -> None:
+    """Delete a leftover redirect (the interface's ingress qdisc)."""
+    def drop(ipr: IPRoute) -> None:
+        try:
+            ipr.tc("del", "ingress", left.index, "ffff:")
+        except Exception as e:
+            if getattr(e, "code", None) not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+                raise _netlink_error(f"removing {left}", e) from e
+
+    await in_netns(left.netns or None, drop)

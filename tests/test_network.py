@@ -1,0 +1,262 @@
+"""Networking on real UVMs (#11): podman's default network with a published port, a pod whose
+containers talk over localhost, a container reaching another on the same podman network, a
+clean teardown and clear errors for bad network namespaces.
+
+Only loopback and addresses inside the networks these tests create (their own namespaces and
+a podman network with its own subnet) are ever contacted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from test_oci_clients import Runc, make_bundle, podman, sandbox_fixes, uvmshim_binary, wait_for
+from uvmshim import hostnet
+
+pytestmark = pytest.mark.vm
+
+__all__ = ["sandbox_fixes"]  # a fixture used here
+
+APPLETS = ["sh", "echo", "cat", "sleep", "true", "ls", "ip", "nc", "httpd", "grep"]
+#: The subnet of the podman network the tests create (theirs alone).
+TEST_SUBNET = "10.89.77.0/24"
+
+
+def make_rootfs(path: Path) -> Path:
+    for d in ("bin", "proc", "sys", "dev", "etc", "tmp", "www"):
+        (path / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy("/bin/busybox", path / "bin" / "busybox")
+    for applet in APPLETS:
+        os.symlink("busybox", path / "bin" / applet)
+    (path / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (path / "etc" / "group").write_text("root:x:0:\n")
+    (path / "www" / "index.html").write_text("hello from the uvm\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_rootfs(tmp_path_factory.mktemp("net") / "rootfs")
+
+
+def _need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+
+
+def ip(*argv: str) -> str:
+    return subprocess.run(["ip", *argv], check=True, capture_output=True, text=True).stdout
+
+
+def host_traces(netns: str) -> list[str]:
+    """What uvmshim may have left in ``netns``: taps, ingress qdiscs (looked at, not counted)."""
+    left = [line for line in ip("-n", netns, "-o", "link").splitlines()
+            if hostnet.TAP_PREFIX in line]
+    qdiscs = subprocess.run(["tc", "-n", netns, "qdisc", "show"], check=True,
+                            capture_output=True, text=True).stdout
+    left += [line for line in qdiscs.splitlines() if "ingress" in line]
+    return left
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[tuple[str, str]]:
+    """Two namespaces of our own joined by a veth: ``c`` (the container's: c0, 10.99.0.2 and
+    fd99::2) and ``s`` (a server's: s0, 10.99.0.1 and fd99::1)."""
+    tag = f"{os.getpid() % 100000}"
+    c, s = f"uvmc{tag}", f"uvms{tag}"
+    ip("netns", "add", c)
+    ip("netns", "add", s)
+    try:
+        ip("link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "s0", "netns", s)
+        for ns, dev, v4, v6 in ((c, "c0", "10.99.0.2/24", "fd99::2/64"),
+                                (s, "s0", "10.99.0.1/24", "fd99::1/64")):
+            ip("-n", ns, "addr", "add", v4, "dev", dev)
+            ip("-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad")
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", c, "route", "add", "default", "via", "10.99.0.1")
+        yield c, s
+    finally:
+        subprocess.run(["ip", "netns", "del", c], check=False)
+        subprocess.run(["ip", "netns", "del", s], check=False)
+
+
+def netns_bundle(tmp: Path, rootfs: Path, args: list[str], netns: str,
+                 annotations: dict[str, str] | None = None) -> Path:
+    b = make_bundle(tmp, rootfs, args)
+    spec = json.loads((b / "config.json").read_text())
+    for ns in spec["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            ns["path"] = f"/run/netns/{netns}"
+    if annotations:
+        spec["annotations"] = annotations
+    (b / "config.json").write_text(json.dumps(spec))
+    return b
+
+
+def http_get(url: str, timeout: float = 60) -> str:
+    """GET ``url`` (a loopback address), retrying while the server comes up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return str(r.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+GET = "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc {addr} {port}"
+
+
+# Section: podman ------------------------------------------------------------------------------
+
+
+def test_podman_default_network_published_port(rootfs: Path,
+                                                sandbox_fixes: dict[str, str]) -> None:
+    _need("podman", "conmon")
+    env = sandbox_fixes
+    name = f"uvmshim-net-{os.getpid()}"
+    podman(env, "run", "-d", "--name", name, "-p", "127.0.0.1:18080:8080", "--rootfs",
+           str(rootfs), "sh", "-c", "trap 'exit 0' TERM; httpd -p 8080 -h /www; "
+           "while :; do sleep 1; done")
+    try:
+        assert http_get("http://127.0.0.1:18080/index.html") == "hello from the uvm\n"
+        assigned = podman(env, "inspect", "-f", "{{.NetworkSettings.IPAddress}}",
+                          name).stdout.strip()
+        assert assigned
+        shown = podman(env, "exec", name, "ip", "-o", "-4", "addr", "show", "eth0").stdout
+        assert f"inet {assigned}/" in shown
+        netns = podman(env, "inspect", "-f", "{{.NetworkSettings.SandboxKey}}",
+                       name).stdout.strip()
+        assert hostnet.TAP_PREFIX in ip("-n", os.path.basename(netns), "-o", "link")
+    finally:
+        podman(env, "rm", "-f", "-t", "2", name, check=False)
+    assert not [line for line in ip("-o", "link").splitlines() if hostnet.TAP_PREFIX in line]
+
+
+@pytest.fixture
+def podman_network(sandbox_fixes: dict[str, str]) -> Iterator[str]:
+    _need("podman", "conmon")
+    net = f"uvmshim-test-{os.getpid()}"
+    podman(sandbox_fixes, "network", "create", "--subnet", TEST_SUBNET, net)
+    try:
+        yield net
+    finally:
+        podman(sandbox_fixes, "network", "rm", "-f", net, check=False)
+
+
+@pytest.mark.parametrize("server_runtime", ["crun", "uvmshim"])
+def test_reach_a_server_on_the_same_podman_network(rootfs: Path, podman_network: str,
+                                                   sandbox_fixes: dict[str, str],
+                                                   server_runtime: str) -> None:
+    env = sandbox_fixes
+    server = f"uvmshim-srv-{os.getpid()}"
+    runtime = "crun" if server_runtime == "crun" else uvmshim_binary()
+    res = subprocess.run(
+        ["podman", "--runtime", runtime, "run", "-d", "--name", server, "--network",
+         podman_network, "--rootfs", str(rootfs), "httpd", "-f", "-p", "8080", "-h", "/www"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    try:
+        addr = podman(env, "inspect", "-f",
+                      f"{{{{(index .NetworkSettings.Networks \"{podman_network}\").IPAddress}}}}",
+                      server).stdout.strip()
+        assert addr.startswith("10.89.77.")
+        out = podman(env, "run", "--rm", "--network", podman_network, "--rootfs", str(rootfs),
+                     "sh", "-c", f"for i in 1 2 3 4 5 6 7 8 9 10; do "
+                     f"{GET.format(addr=addr, port=8080)} && exit 0; sleep 1; done; exit 1")
+        assert out.stdout.endswith("hello from the uvm\n")
+    finally:
+        subprocess.run(["podman", "--runtime", runtime, "rm", "-f", "-t", "1", server],
+                       env=env, capture_output=True, check=False)
+
+
+# Section: our own namespaces ----------------------------------------------------------------
+
+
+def test_pod_containers_share_localhost_and_teardown_is_clean(
+        tmp_path: Path, rootfs: Path, netns_pair: tuple[str, str]) -> None:
+    """A pod (CRI annotations): the sandbox serves on 127.0.0.1, the workload container (in the
+    same UVM, the same guest network namespace) reaches it; the sandbox is reachable from the
+    server namespace on its address; afterwards nothing is left in the namespace."""
+    c, s = netns_pair
+    runc = Runc(tmp_path / "root")
+    pod = {"io.kubernetes.cri.sandbox-id": "netpod"}
+    sb = netns_bundle(tmp_path / "sb", rootfs,
+                      ["sh", "-c", "httpd -p 127.0.0.1:8080 -h /www; httpd -p 8081 -h /www; "
+                       "trap 'exit 0' TERM; while :; do sleep 1; done"], c,
+                      {**pod, "io.kubernetes.cri.container-type": "sandbox"})
+    w = netns_bundle(tmp_path / "w", rootfs, ["sh", "-c", GET.format(addr="127.0.0.1",
+                                                                       port=8080)], c,
+                     {**pod, "io.kubernetes.cri.container-type": "container"})
+    runc("create", "--bundle", str(sb), "netpod", stdin=subprocess.DEVNULL,
+         output=subprocess.DEVNULL)
+    try:
+        runc("start", "netpod")
+        assert hostnet.TAP_PREFIX in ip("-n", c, "-o", "link")
+        out = tmp_path / "w.out"
+        with open(out, "wb") as f:
+            runc("create", "--bundle", str(w), "w1", stdin=subprocess.DEVNULL,
+                 output=f.fileno())
+        runc("start", "w1")
+        wait_for(lambda: runc.status("w1") == "stopped")
+        assert out.read_text().endswith("hello from the uvm\n")
+        runc("delete", "w1")
+        # From the other end of the veth, to the sandbox's address (v4 and v6).
+        for addr in ("10.99.0.2", "fd99::2"):
+            res = subprocess.run(
+                ["ip", "netns", "exec", s, "python3", "-c",
+                 "import socket,sys; a=sys.argv[1]; "
+                 "k=socket.create_connection((a, 8081), timeout=20); "
+                 "k.sendall(b'GET /index.html HTTP/1.0\\r\\n\\r\\n'); "
+                 "print(b''.join(iter(lambda: k.recv(4096), b'')).decode())", addr],
+                capture_output=True, text=True, timeout=60)
+            assert res.stdout.rstrip().endswith("hello from the uvm"), res.stderr
+    finally:
+        runc("delete", "--force", "netpod", check=False)
+    assert host_traces(c) == []
+
+
+def test_bad_network_namespaces(tmp_path: Path, rootfs: Path,
+                                netns_pair: tuple[str, str]) -> None:
+    c, _ = netns_pair
+    runc = Runc(tmp_path / "root")
+    # A path that does not exist: a clear error, nothing left.
+    b = netns_bundle(tmp_path / "a", rootfs, ["true"], "no-such-netns-here")
+    res = runc("create", "--bundle", str(b), "bad1", check=False)
+    assert res.returncode == 1
+    assert "/run/netns/no-such-netns-here: No such file or directory" in res.stderr
+    # Nine interfaces: more than a UVM takes; refused before anything is connected.
+    for i in range(4):  # (this host's kernel has no dummy interfaces)
+        ip("-n", c, "link", "add", f"d{i}", "type", "veth", "peer", "name", f"e{i}")
+    b = netns_bundle(tmp_path / "b", rootfs, ["true"], c)
+    res = runc("create", "--bundle", str(b), "bad2", check=False)
+    assert res.returncode == 1 and "has 9 interfaces besides lo" in res.stderr, res.stderr
+    assert host_traces(c) == []
+    # IPv6 only: works (the guest gets the same address).
+    for i in range(4):
+        ip("-n", c, "link", "del", f"d{i}")
+    ip("-n", c, "-4", "addr", "flush", "dev", "c0")
+    b = netns_bundle(tmp_path / "c", rootfs, ["ip", "-o", "addr", "show", "c0"], c)
+    out = tmp_path / "v6.out"
+    with open(out, "wb") as f:
+        runc("create", "--bundle", str(b), "v6", stdin=subprocess.DEVNULL, output=f.fileno())
+    runc("start", "v6")
+    wait_for(lambda: runc.status("v6") == "stopped")
+    runc("delete", "v6")
+    text = out.read_text()
+    assert "inet6 fd99::2/64" in text and "inet " not in text
+    assert host_traces(c) == []
+    assert not list((runc.root / "containers").iterdir())
