@@ -357,3 +357,37 @@ def test_server_install_drivers_missing_tool(peer: _Peer) -> None:
     resp, _ = peer.until_response(peer.send("install_drivers", rw_path="/run/drivers/x",
                                             disk_path="/run/mounts/m1"))
     assert _failure(resp) == ("unsupported", "/bin/install-drivers is not present in this guest")
+
+
+def test_reaper_records_watched_exits_only(tmp_path: Path) -> None:
+    """PID 1's reaper keeps the status of watched pids (the containers' inits) and the agent
+    reads it back; the paths agree with the protocol's constants."""
+    import subprocess
+
+    from uvmshim.agent import reaper
+    from uvmshim.agent.runtime import wait_exit
+    from uvmshim.protocol.constants import EXIT_STATUS_DIR, EXIT_WATCH_DIR
+
+    assert (reaper.WATCH_DIR, reaper.STATUS_DIR) == (EXIT_WATCH_DIR, EXIT_STATUS_DIR)
+    watch, status = tmp_path / "watch", tmp_path / "exits"
+    watch.mkdir()
+    status.mkdir()
+    for code, watched in ((7, True), (3, False)):
+        proc = subprocess.Popen(["sh", "-c", f"exit {code}"])
+        if watched:
+            (watch / str(proc.pid)).touch()
+        _, st = os.waitpid(proc.pid, 0)
+        proc.returncode = code  # reaped here, as PID 1 does
+        assert reaper.record(proc.pid, st, str(watch), str(status)) is watched
+        if watched:
+            assert not (watch / str(proc.pid)).exists()
+            assert wait_exit(proc.pid, str(status), timeout=1) == 7
+            assert not (status / str(proc.pid)).exists()
+    proc = subprocess.Popen(["sleep", "30"])
+    (watch / str(proc.pid)).touch()
+    proc.kill()
+    _, st = os.waitpid(proc.pid, 0)
+    proc.returncode = -9
+    reaper.record(proc.pid, st, str(watch), str(status))
+    assert wait_exit(proc.pid, str(status), timeout=1) == -9
+    assert wait_exit(999999, str(status), timeout=0.05) == 255  # nothing recorded

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -263,6 +264,58 @@ def test_reimport_does_no_work(images: dict[str, Path], tmp_path: Path) -> None:
     after = [os.stat(d / "layer.vhd") for d in rec.layer_dirs]
     assert [(s.st_ino, s.st_mtime_ns) for s in before] == [(s.st_ino, s.st_mtime_ns)
                                                            for s in after]
+
+
+def _rewrite_manifest(layout: Path, edit: Any) -> None:
+    """Apply ``edit`` to the layout's manifest and re-point its index at the new blob."""
+    index = json.loads((layout / "index.json").read_text())
+    desc = index["manifests"][0]
+    manifest = json.loads((layout / "blobs" / "sha256" / desc["digest"][7:]).read_text())
+    edit(manifest)
+    raw = json.dumps(manifest).encode()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(raw)
+    desc.update(digest=digest, size=len(raw))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_wrong_digest_of_a_cached_layer_is_noticed(layers: list[testimages.Layer],
+                                                   tmp_path: Path) -> None:
+    """Issue 15, point 7: the layer is in the store, but the manifest must still describe it."""
+    store = ImageStore(tmp_path / "store")
+    testimages.write_oci_layout(tmp_path / "good", layers)
+    asyncio.run(import_image(tmp_path / "good", name="good", store=store))
+    index_before = store.index_path.read_bytes()
+
+    # The manifest names the upper layer's blob where the base layer (cached) belongs.
+    swapped = tmp_path / "swapped"
+    testimages.write_oci_layout(swapped, layers)
+
+    def swap(manifest: dict[str, Any]) -> None:
+        manifest["layers"][0] = dict(manifest["layers"][1])
+
+    _rewrite_manifest(swapped, swap)
+    with pytest.raises(ImageError, match="does not match its diff id"):
+        asyncio.run(import_image(swapped, name="bad", store=store))
+
+    # The blob the manifest names holds other bytes than its digest says.
+    corrupt = tmp_path / "corrupt"
+    testimages.write_oci_layout(corrupt, layers)
+    d0 = json.loads((corrupt / "index.json").read_text())["manifests"][0]["digest"]
+    m0 = json.loads((corrupt / "blobs" / "sha256" / d0[7:]).read_text())
+    blob = corrupt / "blobs" / "sha256" / m0["layers"][1]["digest"][7:]
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="does not match its digest"):
+        asyncio.run(import_image(corrupt, name="bad", store=store))
+
+    assert store.index_path.read_bytes() == index_before  # nothing recorded
+    assert [r.name for r in list_images(store)] == ["good"]
+    # The right blob is still accepted, and cheaply: its digest is noted as verified.
+    meta = json.loads((store.layer_dir(layers[0].diff_id) / "layer.json").read_text())
+    assert meta["blobs"] == [m0["layers"][0]["digest"]]
+    asyncio.run(import_image(tmp_path / "good", name="again", store=store))
 
 
 def test_concurrent_imports_convert_once(images: dict[str, Path], tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from test_oci_clients import Runc, make_bundle, podman, sandbox_fixes, uvmshim_binary, wait_for
-from uvmshim import hostnet
+from uvmshim.uvm import hostnet
 
 pytestmark = pytest.mark.vm
 

@@ -56,14 +56,33 @@ def our_vms() -> list[str]:
     return [str(v.state_dir) for v in find_holdings().vms if v.state_dir.name.startswith("oci-")]
 
 
+def _someone_elses(vm: str, mine: str) -> bool:
+    """Whether the live QEMU of ``vm`` was started by a process that is not about ``mine``
+    (a path of this test): other tests may boot runtime VMs at the same time."""
+    for v in find_holdings().vms:
+        if str(v.state_dir) == vm and v.live_pid:
+            pid = v.live_pid
+            while pid > 1:
+                try:
+                    if mine in Path(f"/proc/{pid}/cmdline").read_bytes().decode(
+                            errors="replace"):
+                        return False
+                    pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    break
+            return True
+    return False
+
+
 @pytest.fixture(autouse=True)
-def no_vm_left() -> Iterator[None]:
+def no_vm_left(tmp_path: Path) -> Iterator[None]:
     before = set(our_vms())
     yield
     deadline = time.monotonic() + 30  # a shim may still be tearing its VM down
     while set(our_vms()) - before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert set(our_vms()) - before == set()
+    left = {vm for vm in set(our_vms()) - before if not _someone_elses(vm, str(tmp_path))}
+    assert left == set()
 
 
 def make_bundle(tmp: Path, rootfs: Path, args: list[str]) -> Path:
@@ -134,6 +153,115 @@ def test_runc_lifecycle_and_bad_calls(tmp_path: Path, rootfs: Path) -> None:
     assert not (runc.root / "containers" / "c1").exists()
     assert b"started" in out.read_bytes()
     assert procscan.start_time(shim) is None  # exited (a zombie if its new parent does not reap)
+
+
+def host_crun_create_error(tmp: Path, bundle: Path) -> tuple[int, str]:
+    """crun's own answer to ``create`` of ``bundle`` on this host (cgroups disabled: the
+    host's hybrid layout is not the point), cleaned up afterwards."""
+    crun = shutil.which("crun")
+    if crun is None:
+        pytest.skip("crun is not installed")
+    root = tmp / "crun-root"
+    argv = [crun, "--root", str(root), "--cgroup-manager=disabled"]
+    res = subprocess.run([*argv, "create", "--bundle", str(bundle), "cmp"],
+                         capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    subprocess.run([*argv, "delete", "--force", "cmp"], capture_output=True, check=False)
+    return res.returncode, res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rlimits": [{"type": "RLIMIT_BOGUS", "hard": 1, "soft": 1}]}, "invalid rlimit"),
+    ({"args": ["/no/such/binary"]}, "/no/such/binary"),
+])
+def test_create_fails_like_crun_and_leaves_nothing(tmp_path: Path, rootfs: Path,
+                                                   change: dict[str, object],
+                                                   message: str) -> None:
+    """Two phases: the guest's ``crun create`` runs at ``create``, so a spec crun refuses fails
+    ``create`` (exit 1, crun's error line), and nothing is left: no state, no VM."""
+    runc = Runc(tmp_path / "root")
+    b = make_bundle(tmp_path, rootfs, ["true"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["process"].update(change)
+    (b / "config.json").write_text(json.dumps(spec))
+    res = runc("create", "--bundle", str(b), "--pid-file", str(tmp_path / "pid"), "bad",
+               check=False, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and message in res.stderr, res.stderr
+    assert not (runc.root / "containers" / "bad").exists()
+    assert not (tmp_path / "pid").exists()
+    code, line = host_crun_create_error(tmp_path, b)
+    assert code == 1 and message in line
+    assert line in res.stderr  # the same error line as crun's
+
+
+def test_created_container_waits_and_deletes_like_runc(tmp_path: Path, rootfs: Path) -> None:
+    """After ``create`` the init exists but has not run; ``delete`` (no ``--force``) of a
+    created container removes it, as runc's does; ``kill`` of a stopped one fails."""
+    runc = Runc(tmp_path / "root")
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", "echo ran; exit 5"])
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        runc("create", "--bundle", str(b), "--pid-file", str(tmp_path / "pid"), "c1",
+             stdin=subprocess.DEVNULL, output=f.fileno())
+    st = json.loads(runc("state", "c1").stdout)
+    assert st["status"] == "created" and st["pid"] == int((tmp_path / "pid").read_text())
+    assert set(st) >= {"ociVersion", "id", "status", "pid", "bundle"}
+    pids = json.loads(runc("ps", "--format", "json", "c1").stdout)
+    assert isinstance(pids, list)
+    time.sleep(1)
+    assert out.read_bytes() == b""  # created: the process has not run
+    runc("delete", "c1")
+    assert not (runc.root / "containers" / "c1").exists()
+    assert out.read_bytes() == b""
+
+    with open(out, "wb") as f:
+        runc("create", "--bundle", str(b), "c2", stdin=subprocess.DEVNULL, output=f.fileno())
+    runc("start", "c2")
+    wait_for(lambda: runc.status("c2") == "stopped")
+    assert json.loads((runc.root / "containers" / "c2" / "state.json").read_text())[
+        "exit_code"] == 5
+    assert out.read_bytes() == b"ran\n"
+    res = runc("kill", "c2", "KILL", check=False)
+    assert res.returncode == 1 and "container not running" in res.stderr
+    res = runc("start", "c2", check=False)
+    assert res.returncode == 1 and "stopped" in res.stderr
+    runc("delete", "c2")
+
+
+def test_namespace_paths_join_the_other_containers_uvm(tmp_path: Path, rootfs: Path) -> None:
+    """podman pods: members get the infra container's ``/proc/<pid>/ns/*`` paths; they join
+    its UVM and those namespaces in the guest (same hostname, same pid namespace)."""
+    runc = Runc(tmp_path / "root")
+    infra = make_bundle(tmp_path / "infra", rootfs, ["sh", "-c", LOOP])
+    spec = json.loads((infra / "config.json").read_text())
+    spec["hostname"] = "podhost"
+    (infra / "config.json").write_text(json.dumps(spec))
+    runc("create", "--bundle", str(infra), "--pid-file", str(tmp_path / "ipid"), "infra",
+         stdin=subprocess.DEVNULL, output=subprocess.DEVNULL)
+    runc("start", "infra")
+    vms = our_vms()
+    pid = int((tmp_path / "ipid").read_text())
+    m = make_bundle(tmp_path / "m", rootfs, ["sh", "-c", "hostname; ls /proc | grep -c '^[0-9]'"])
+    spec = json.loads((m / "config.json").read_text())
+    spec.pop("hostname", None)
+    spec["linux"]["namespaces"] = [
+        {"type": t, "path": f"/proc/{pid}/ns/{f}"} if f else {"type": t}
+        for t, f in (("pid", "pid"), ("ipc", "ipc"), ("uts", "uts"), ("mount", ""))]
+    (m / "config.json").write_text(json.dumps(spec))
+    out = tmp_path / "m.out"
+    try:
+        for cid in ("m1", "m2"):
+            with open(out, "wb") as f:
+                runc("create", "--bundle", str(m), cid, stdin=subprocess.DEVNULL,
+                     output=f.fileno())
+            assert our_vms() == vms  # no new UVM
+            runc("start", cid)
+            wait_for(lambda c=cid: runc.status(c) == "stopped")  # type: ignore[misc]
+            lines = out.read_text().split()
+            assert lines[0] == "podhost" and int(lines[1]) >= 2  # infra's processes too
+            runc("delete", cid)
+    finally:
+        runc("delete", "--force", "infra")
 
 
 def test_killed_shim_and_caller_killed_mid_create(tmp_path: Path, rootfs: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from uvmshim import procscan
 from uvmshim.cli.entry import is_runc_argv
 from uvmshim.cli.runc_cmd import main as runc_main
 from uvmshim.errors import UvmshimError
@@ -170,3 +171,42 @@ def test_console_script_is_fast_enough() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert res.stdout.strip() == ""
+
+
+def test_host_namespace_path_fails_create(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A namespace path that is not another uvmshim container's is an error at ``create``
+    (before any VM), naming the field; a network namespace path is left to networking."""
+    from uvmshim.runc.namespaces import join_target
+    from uvmshim.spec import Spec
+
+    ns = [{"type": "ipc", "path": f"/proc/{os.getpid()}/ns/ipc"}, {"type": "pid"}]
+    b = bundle(tmp_path, {**GOOD, "linux": {"namespaces": ns}})
+    root = tmp_path / "root"
+    code, _, err = runc(capsys, "--root", str(root), "create", "--bundle", str(b), "c1")
+    assert code == 1 and "linux.namespaces[0].path" in err and "host namespace" in err
+    assert not (root / "containers" / "c1").exists()
+    net = Spec.from_json({**GOOD, "linux": {"namespaces": [
+        {"type": "network", "path": "/run/netns/x"}]}})
+    assert join_target(str(root), net) == (None, net)
+
+
+def test_namespace_paths_of_a_container_join_it(tmp_path: Path) -> None:
+    """``/proc/<shim pid>/ns/*`` of a live container (podman pods) → ``container://<id>``."""
+    from uvmshim.runc.namespaces import join_target
+    from uvmshim.spec import Spec
+
+    cdir = ContainerDir.of(tmp_path, "infra")
+    cdir.make()
+    state = new_state("infra", "/b", "/b/rootfs", {})
+    me = os.getpid()
+    state.update(status="running", pid=me, shim_start=procscan.start_time(me))
+    cdir.write(state)
+    spec = Spec.from_json({**GOOD, "linux": {"namespaces": [
+        {"type": "ipc", "path": f"/proc/{me}/ns/ipc"},
+        {"type": "uts", "path": f"/proc/{me}/ns/uts"},
+        {"type": "network", "path": f"/proc/{me}/ns/net"}, {"type": "mount"}]}})
+    target, joined = join_target(str(tmp_path), spec)
+    assert target == "infra"
+    assert [n.get("path") for n in (joined.linux or {})["namespaces"]] == [
+        "container://infra", "container://infra", "container://infra", None]

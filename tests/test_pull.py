@@ -13,84 +13,31 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import registry as reg
 import testimages
 from uvmshim.image import ImageError, ImageStore, ImportEvent, layer_folders
 from uvmshim.image.pull import PullEvent, default_name, docker_reference, pull_image
 from uvmshim.protocol.verity import VERITY_FILE
 
-REGISTRY = shutil.which("docker-registry") or shutil.which("registry")
-pytestmark = pytest.mark.skipif(not REGISTRY or not shutil.which("skopeo")
-                                or not os.path.exists(testimages.BUSYBOX),
+pytestmark = pytest.mark.skipif(not reg.available() or not os.path.exists(testimages.BUSYBOX),
                                 reason="needs docker-registry, skopeo and busybox-static")
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """``(host:port, storage root)`` of a registry that lives as long as the module."""
-    root = tmp_path_factory.mktemp("registry")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = root / "config.yml"
-    config.write_text(f"""version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {root / "data"}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-  secret: uvmshim-test
-""")
-    assert REGISTRY is not None
-    proc = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=open(root / "log", "wb"))  # noqa: SIM115 (closed below)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the registry did not start: "
-                                       + (root / "log").read_text()) from None
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}", root / "data"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+    with reg.serve(tmp_path_factory.mktemp("registry")) as where:
+        yield where
 
 
 def push(layout: Path, dest: str, *, all_images: bool = False) -> None:
-    subprocess.run(["skopeo", "copy", "-q", *(["--all"] if all_images else []),
-                    "--dest-tls-verify=false", f"oci:{layout}:{testimages.REF}",
-                    f"docker://{dest}"], check=True, capture_output=True)
-
-
-def blob_path(storage: Path, digest: str) -> Path:
-    hexd = digest.split(":", 1)[1]
-    return storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+    reg.push(layout, testimages.REF, dest, all_images=all_images)
 
 
 def assert_nothing_cached(store: ImageStore) -> None:
@@ -147,7 +94,7 @@ def test_registry_lies_about_a_blob(registry: tuple[str, Path], tmp_path: Path) 
     layer = t.close()
     testimages.write_oci_layout(tmp_path / "img", [layer])
     push(tmp_path / "img", f"{host}/test/liar:1")
-    blob = blob_path(storage, layer.gz_digest)
+    blob = reg.blob_path(storage, layer.gz_digest)
     good = blob.read_bytes()
     store = ImageStore(tmp_path / "store")
     try:

@@ -20,12 +20,14 @@ from typing import Any
 import pytest
 
 import testimages
-from uvmshim.agent import devmapper
+from uvmshim.agent import devmapper, kmods
+from uvmshim.agent import storage as agent_storage
+from uvmshim.agent.util import AgentError
 from uvmshim.errors import UvmError
 from uvmshim.image import ImageStore, import_image, vhd
 from uvmshim.image.verity import append_hash_tree, build_tree, salt_for
 from uvmshim.layers import add_lcow_layer, layer_verity
-from uvmshim.protocol import MountScsi, ProtocolError
+from uvmshim.protocol import ErrorKind, MountScsi, ProtocolError, UnmountScsi
 from uvmshim.protocol.verity import (
     SUPERBLOCK_SIZE,
     Verity,
@@ -270,3 +272,83 @@ def test_malformed_verity_file_is_a_clear_error(host: HostFiles) -> None:
     (Path(folder) / "verity.json").write_text('{"root_hash": "x"}')
     with pytest.raises(UvmError, match="malformed dm-verity parameters"):
         layer_verity(folder)
+
+
+# The agent's verity mounts, with a fake disk and device-mapper --------------------------------
+
+
+class _NoModules(kmods.ModuleLoader):
+    def ensure(self, *names: str) -> None:
+        pass
+
+
+def test_agent_verity_mount_and_its_failures(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    sysfs, dev = tmp_path / "sys", tmp_path / "dev"
+    pci = sysfs / "bus/pci/devices/0000:00:05.0/virtio5/host0/target0:0:0/0:0:0:1/block/sdb"
+    pci.mkdir(parents=True)
+    (dev / "mapper").mkdir(parents=True)
+    (dev / "mapper/control").touch()
+    v = good().check()
+    disk = bytearray(v.hash_offset + (1 + tree_blocks(v.data_blocks)) * 4096)
+    disk[v.hash_offset:v.hash_offset + SUPERBLOCK_SIZE] = superblock(v)
+    (dev / "sdb").write_bytes(disk)
+    created: list[tuple[str, str]] = []
+    removed: list[str] = []
+    mounted: list[tuple[str, str]] = []
+    status = {"verity-scsi0.1": "V"}
+
+    def create(name: str, target: str, params: str, sectors: int, **_: object) -> int:
+        created.append((name, params))
+        (dev / "dm-3").write_bytes(b"\0" * 2048)  # no file system on it: detect fails
+        return os.makedev(254, 3)
+
+    monkeypatch.setattr(devmapper, "create", create)
+    monkeypatch.setattr(devmapper, "remove", lambda name, **_: removed.append(name))
+    monkeypatch.setattr(devmapper, "status", lambda name: [("verity", status[name])])
+    monkeypatch.setattr(devmapper, "kernel_messages", lambda needle, **_: [
+        f"device-mapper: {needle}data block 0 is corrupted"])
+    monkeypatch.setattr(agent_storage, "mount", lambda src, dst, **_: mounted.append((src, dst)))
+    storage = agent_storage.Storage(_NoModules(), sysfs=str(sysfs), dev=str(dev))
+    req = MountScsi(controller=0, lun=1, guest_path=str(tmp_path / "m"), read_only=True,
+                    verity=v.to_json())
+
+    # No file system behind the verity device, which is fine: an ordinary failure.
+    with pytest.raises(AgentError, match="no ext4") as err:
+        storage.mount_scsi(req)
+    assert err.value.kind is ErrorKind.UNSUPPORTED
+    assert created[-1] == ("verity-scsi0.1", dm_table(v, "0:0")) and removed[-1] == "verity-scsi0.1"
+    # The same, but dm-verity says a block failed: a CORRUPT error with the kernel's words.
+    status["verity-scsi0.1"] = "C"
+    (sysfs / "block/sdb/holders/dm-3/dm").mkdir(parents=True)
+    (sysfs / "block/sdb/holders/dm-3/dm/name").write_text("verity-scsi0.1\n")
+    (sysfs / "block/sdb/dev").write_text("8:16\n")
+    with pytest.raises(AgentError, match=r"data block 0 is corrupted\): it does not match "
+                                         r"the root hash") as err:
+        storage.mount_scsi(req)
+    assert err.value.kind is ErrorKind.CORRUPT
+    # A good file system: mounted from the dm device; unmounting removes the device.
+    def create_ext4(name: str, target: str, params: str, sectors: int, **_: object) -> int:
+        sb = bytearray(2048)
+        struct.pack_into("<H", sb, 1024 + 56, 0xEF53)
+        (dev / "dm-3").write_bytes(sb)
+        return os.makedev(254, 3)
+
+    monkeypatch.setattr(devmapper, "create", create_ext4)
+    assert storage.mount_scsi(req) == {"device": f"{dev}/sdb", "verity": f"{dev}/dm-3",
+                                       "fstype": "ext4"}
+    assert mounted[-1] == (f"{dev}/dm-3", str(tmp_path / "m"))
+    monkeypatch.setattr(agent_storage, "umount", lambda target: None)
+    monkeypatch.setattr(agent_storage, "mounts", lambda: [])
+    removed.clear()
+    storage.unmount_scsi(UnmountScsi(controller=0, lun=1, guest_path=str(tmp_path / "m")))
+    assert removed == ["verity-scsi0.1"]
+    # Parameters that do not match the disk's superblock: refused before any dm device.
+    created.clear()
+    bad = MountScsi(controller=0, lun=1, guest_path=str(tmp_path / "m"), read_only=True,
+                    verity=good(salt="02" * 32).to_json())
+    with pytest.raises(AgentError, match="superblock does not match") as err:
+        storage.mount_scsi(bad)
+    assert err.value.kind is ErrorKind.CORRUPT and created == []
+    with pytest.raises(AgentError, match="read-only"):
+        storage.mount_scsi(MountScsi(controller=0, lun=1, guest_path="/m", verity=v.to_json()))

@@ -5,11 +5,14 @@ from the rewritten OCI spec, resolving ``sandbox://`` and ``hugepages://`` mount
 way hcsshim's guest does), ``container_start``, ``container_exec``, ``container_signal`` and
 ``container_delete``.
 
-Why ``crun run`` at start (rather than ``crun create`` + ``crun start``): the container's init
-must be a child of something that can wait for it. After ``crun create`` exits, the init is
-re-parented to PID 1, and becoming a child subreaper needs prctl(2), i.e. ctypes, which the
-initrd does not ship. ``crun run`` stays the init's parent and exits with its status, so the
-agent simply waits for crun. ``container_create`` therefore only prepares the bundle.
+Two phases, as runc's and crun's callers expect: ``container_create`` runs ``crun create``
+(every error of the spec, hooks run in the guest included, fails the create; the init exists
+and waits on crun's ``exec.fifo``), ``container_start`` runs ``crun start``. After ``crun
+create`` exits, the init is re-parented to PID 1, not to the agent (becoming a child subreaper
+needs prctl(2), i.e. ctypes, which the initrd does not ship): the guest's PID 1 is
+:mod:`uvmshim.agent.reaper`, which writes the status of every init the agent watches
+(``EXIT_WATCH_DIR``/``EXIT_STATUS_DIR``); the agent learns of the exit through a pidfd. The
+init's stdio are the pipes (or the pty) ``crun create`` was given, which the agent keeps.
 
 A started process is named by a *process key* (``<container id>`` for the init,
 ``<container id>/<exec id>`` for an exec); its output and exit arrive as ``output`` and ``exit``
@@ -34,7 +37,14 @@ import threading
 from uvmshim.agent.confine import deny_uvm_block_devices
 from uvmshim.agent.storage import Storage
 from uvmshim.agent.util import AgentError, makedirs, run
-from uvmshim.protocol.constants import CRUN_ROOT, HUGEPAGES_MOUNT_PREFIX, SANDBOX_MOUNT_PREFIX
+from uvmshim.protocol.constants import (
+    CONTAINER_NS_PREFIX,
+    CRUN_ROOT,
+    EXIT_STATUS_DIR,
+    EXIT_WATCH_DIR,
+    HUGEPAGES_MOUNT_PREFIX,
+    SANDBOX_MOUNT_PREFIX,
+)
 from uvmshim.protocol.events import EventBody, ExitEvent, OutputEvent
 from uvmshim.protocol.messages import ErrorKind
 from uvmshim.protocol.requests import (
@@ -62,8 +72,18 @@ OUTPUT_CHUNK = 32 * 1024
 #: Where the console sockets crun connects to live (short paths: ``sun_path`` holds 108 bytes).
 CONSOLE_DIR = "/run/uvmshim/console"
 
+#: OCI namespace types → their file in ``/proc/<pid>/ns``.
+_NS_FILES = {"network": "net", "mount": "mnt", "pid": "pid", "ipc": "ipc", "uts": "uts",
+             "user": "user", "cgroup": "cgroup", "time": "time"}
+
 #: How long crun may take to hand over a terminal's master.
 CONSOLE_TIMEOUT = 30.0
+
+#: How long ``crun create`` may take (hooks in the guest included).
+CREATE_TIMEOUT = 50.0
+
+#: How long PID 1 may take to record an exit status once the process is gone.
+STATUS_TIMEOUT = 10.0
 
 
 class _Container:
@@ -74,6 +94,7 @@ class _Container:
         self.scratch_dir = scratch_dir
         self.started = False
         self.terminal = False
+        self.init_pid = 0  # once ``crun create`` made it
 
 
 class _Console:
@@ -216,7 +237,8 @@ class Runtime:
         return ["crun", "--root", CRUN_ROOT, f"--log=file:{log}", "--log-format=json", *args]
 
     def create(self, req: ContainerCreate) -> None:
-        """Write ``<bundle>/config.json`` from ``spec``; the container starts at :meth:`start`."""
+        """Write ``<bundle>/config.json`` from ``spec`` and ``crun create`` the container (its
+        init waits for :meth:`start`); a crun error fails the request and leaves nothing."""
         container_id, bundle, sandbox_id = req.container_id, req.bundle, req.sandbox_id
         _check_id(container_id)
         if not bundle:
@@ -235,13 +257,35 @@ class Runtime:
             spec["mounts"] = [self._resolve_mount(m, sandbox_id or container_id)
                               for m in spec.get("mounts") or []]
             spec = deny_uvm_block_devices(spec)  # whatever the host sent: see agent/confine.py
+            spec = self._resolve_namespaces(spec)
             makedirs(bundle)
             with open(os.path.join(bundle, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(spec, f)
+            self._crun_create(container_id, c)
         except BaseException:
             with self._lock:
                 self._containers.pop(container_id, None)
             raise
+
+    def _resolve_namespaces(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """``container://<id>`` namespace paths → that container's init's namespace."""
+        linux = spec.get("linux")
+        if not isinstance(linux, dict) or not isinstance(linux.get("namespaces"), list):
+            return spec
+        out = []
+        for ns in linux["namespaces"]:
+            path = ns.get("path") if isinstance(ns, dict) else None
+            if isinstance(path, str) and path.startswith(CONTAINER_NS_PREFIX):
+                other = path[len(CONTAINER_NS_PREFIX):]
+                with self._lock:
+                    c = self._containers.get(other)
+                if c is None or c.init_pid <= 0:
+                    raise AgentError(f"namespace {path}: container {other} does not exist",
+                                     ErrorKind.NOT_FOUND)
+                name = _NS_FILES.get(str(ns.get("type")), str(ns.get("type")))
+                ns = {**ns, "path": f"/proc/{c.init_pid}/ns/{name}"}
+            out.append(ns)
+        return {**spec, "linux": {**linux, "namespaces": out}}
 
     def _resolve_mount(self, mount: dict[str, Any], sandbox_id: str) -> dict[str, Any]:
         options = mount.get("options") or []
@@ -260,8 +304,72 @@ class Runtime:
             return {**mount, "source": self._storage.hugepages_dir(hugepages)}
         return mount
 
+    def _crun_create(self, container_id: str, c: _Container) -> None:
+        """``crun create``; on success the init (process key: the container id) is watched:
+        its output and exit arrive as events. On failure nothing of it is left."""
+        import subprocess
+
+        key = process_key(container_id)
+        log = os.path.join(c.bundle, "crun.log")
+        pid_file = os.path.join(c.bundle, "init.pid")
+        with contextlib.suppress(OSError):
+            os.unlink(pid_file)
+        console = _Console() if c.terminal else None
+        console_args = ["--console-socket", console.path] if console else []
+        argv = self._crun_logged(log, "create", *console_args, "--pid-file", pid_file,
+                                 "--bundle", c.bundle, container_id)
+        with self._lock:
+            if key in self._procs:
+                if console is not None:
+                    console.close()
+                raise AgentError(f"process {key} already exists", ErrorKind.CONFLICT)
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=c.bundle,
+                stdin=subprocess.PIPE if c.stdin and console is None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as err:
+            if console is not None:
+                console.close()
+            raise AgentError(f"crun: {err.strerror or err}", ErrorKind.CRUN) from None
+        tty = None
+        if console is not None:
+            master = console.receive(proc)
+            if master >= 0:
+                tty = _Tty(master)
+        try:
+            rc = proc.wait(timeout=CREATE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        pid = 0
+        with contextlib.suppress(OSError, ValueError), open(pid_file, encoding="ascii") as f:
+            pid = int(f.read().strip() or 0)
+        if rc != 0 or pid <= 0:
+            error = crun_error(log) or f"crun create exited with status {rc}"
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+            if tty is not None:
+                tty.close()
+            if os.path.isdir(os.path.join(CRUN_ROOT, container_id)):
+                with contextlib.suppress(AgentError):
+                    run(self._crun("delete", "--force", container_id))
+            raise AgentError(f"crun: {error}", ErrorKind.CRUN)
+        makedirs(EXIT_WATCH_DIR)
+        with open(os.path.join(EXIT_WATCH_DIR, str(pid)), "w", encoding="ascii"):
+            pass
+        c.init_pid = pid
+        with self._lock:
+            self._procs[key] = proc
+            if tty is not None:
+                self._ttys[key] = tty
+        threading.Thread(target=self._watch, args=(key, proc, log, tty, pid), daemon=True,
+                         name=f"proc-{key}").start()
+
     def start(self, req: ContainerStart) -> None:
-        """Run the container's init (``crun run``); its output and exit arrive as events."""
+        """``crun start``: the init created by :meth:`create` runs the container's process."""
         container_id = req.container_id
         with self._lock:
             c = self._containers.get(container_id)
@@ -272,42 +380,11 @@ class Runtime:
                 raise AgentError(f"container {container_id} was already started",
                                  ErrorKind.CONFLICT)
             c.started = True
-        log = os.path.join(c.bundle, "crun.log")
-        console = _Console() if c.terminal else None
-        console_args = ["--console-socket", console.path] if console else []
-        self._spawn(process_key(container_id),
-                    self._crun_logged(log, "run", *console_args, "--bundle", c.bundle,
-                                      container_id),
-                    stdin=c.stdin, cwd=c.bundle, crun_log=log, console=console)
-        self._wait_running(container_id)
-        error = crun_error(log)
-        if error:
-            raise AgentError(f"crun: {error}", ErrorKind.CRUN)
-
-    def _wait_running(self, container_id: str, timeout: float = 30.0) -> None:
-        """Return once crun reports the container running (or its init already exited).
-
-        ``crun run`` returns to us at once; an OCI ``start`` means the process runs, and a
-        ``kill`` or ``exec`` sent right after it must find the container.
-        """
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                proc = self._procs.get(container_id)
-            if proc is None or proc.poll() is not None:
-                return  # exited already: its exit event carries the status
-            # crun writes ``status`` once the container exists; while it is only created (not
-            # started) the ``exec.fifo`` is there too. Looking at the files costs nothing,
-            # where a ``crun state`` costs a process start (~0.2 s under TCG).
-            state_dir = os.path.join(CRUN_ROOT, container_id)
-            if os.path.exists(os.path.join(state_dir, "status")) and \
-                    not os.path.exists(os.path.join(state_dir, "exec.fifo")):
-                return
-            time.sleep(0.005)
-        raise AgentError(f"container {container_id} did not start within {timeout:.0f} s",
-                         ErrorKind.TIMEOUT)
+        log = os.path.join(c.bundle, "crun-start.log")
+        try:
+            run(self._crun_logged(log, "start", container_id))
+        except AgentError as err:
+            raise AgentError(f"crun: {crun_error(log) or err}", ErrorKind.CRUN) from None
 
     def exec(self, req: ContainerExec) -> None:
         """Run ``process`` (an OCI process object) in the running container."""
@@ -348,9 +425,9 @@ class Runtime:
             c = self._containers.get(container_id)
         if c is None:
             raise AgentError(f"container {container_id} does not exist", ErrorKind.NOT_FOUND)
-        # ``crun run`` removes the container itself when its init exits; only a container that
-        # crun still knows needs ``crun delete``.
-        if c.started and os.path.isdir(os.path.join(CRUN_ROOT, container_id)):
+        # A created or stopped container is still crun's until ``crun delete`` (its init, if
+        # still there, is killed: PID 1 records its status, the watcher sends its exit).
+        if os.path.isdir(os.path.join(CRUN_ROOT, container_id)):
             try:
                 run(self._crun("delete", "--force", container_id))
             except AgentError as err:
@@ -360,7 +437,7 @@ class Runtime:
         # What create wrote into the bundle; the bundle directory itself is a mount point (the
         # scratch disk) or the parent of one (the rootfs), which the host removes.
         for name in os.listdir(c.bundle) if os.path.isdir(c.bundle) else []:
-            if name in ("config.json", "crun.log") or (
+            if name in ("config.json", "crun.log", "crun-start.log", "init.pid") or (
                     name.startswith("exec-") and name.endswith((".json", ".log"))):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(c.bundle, name))
@@ -439,7 +516,10 @@ class Runtime:
         threading.Thread(target=self._watch, args=(key, proc, crun_log, tty), daemon=True,
                          name=f"proc-{key}").start()
 
-    def _watch(self, key: str, proc: Any, crun_log: str, tty: _Tty | None = None) -> None:
+    def _watch(self, key: str, proc: Any, crun_log: str, tty: _Tty | None = None,
+               init_pid: int = 0) -> None:
+        """Relay the output of ``proc`` and send its exit event; with ``init_pid``, the exit
+        is that of the container's init (``proc`` is the ``crun create`` that made it)."""
         exited = threading.Event()
         pumps = [threading.Thread(target=self._pump, args=(key, name, pipe), daemon=True)
                  for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))]
@@ -449,6 +529,8 @@ class Runtime:
         for t in pumps:
             t.start()
         rc = proc.wait()
+        if init_pid:
+            rc = wait_exit(init_pid)
         exited.set()
         for t in pumps:
             t.join()  # all output before the exit event
@@ -491,6 +573,39 @@ class Runtime:
                 self._send_event(OutputEvent(process=key, stream="stdout", data=chunk))
         finally:
             tty.close()
+
+
+def wait_exit(pid: int, status_dir: str = EXIT_STATUS_DIR,
+              timeout: float = STATUS_TIMEOUT) -> int:
+    """Wait until process ``pid`` (not our child: re-parented to PID 1) has exited; return the
+    status PID 1 recorded (``os.waitstatus_to_exitcode``), 255 if none came."""
+    import select
+    import time
+
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # already reaped
+        fd = -1
+    if fd >= 0:
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            while not poller.poll():
+                pass
+        finally:
+            os.close(fd)
+    path = os.path.join(status_dir, str(pid))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, encoding="ascii") as f:
+                code = int(f.read().strip())
+            os.unlink(path)
+            return code
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                return 255
+            time.sleep(0.005)
 
 
 def crun_error(log: str) -> str:

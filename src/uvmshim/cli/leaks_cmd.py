@@ -62,6 +62,8 @@ def leaks_command(as_json: bool, reclaim: bool, root: str | None) -> None:
             table.add_row("state dir", d)
         for d in holdings.template_builds:
             table.add_row("unfinished template build", d)
+        for r in holdings.net_redirects:
+            table.add_row("network redirect", r)
         Console().print(table)
     sys.exit(0 if holdings.empty else 1)
 

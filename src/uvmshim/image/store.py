@@ -6,7 +6,8 @@ else ``${XDG_DATA_HOME:-~/.local/share}/uvmshim/images``; see :mod:`uvmshim.host
     lock                               flock(2) target: one writer at a time
     images.json                        {"version": 1, "images": {name: record}}
     layers/sha256/<hex>/layer.vhd      a layer folder, as LayerFolders wants it
-    layers/sha256/<hex>/layer.json     {"diff_id", "tar_bytes", "disk_bytes", "created", "verity"}
+    layers/sha256/<hex>/layer.json     {"diff_id", "tar_bytes", "disk_bytes", "created", "verity",
+                                        "blobs": blob digests verified to hold this layer}
     layers/sha256/<hex>/verity.json    the disk's dm-verity parameters and root hash (if it has
                                        a hash tree: the default; ``--no-verity`` leaves it out)
     tmp/                               work in progress; anything here is garbage
@@ -14,8 +15,9 @@ else ``${XDG_DATA_HOME:-~/.local/share}/uvmshim/images``; see :mod:`uvmshim.host
 A layer appears by ``rename(2)`` of a finished directory from ``tmp/``, and ``images.json`` by
 ``rename(2)`` of a finished file, so a crash, an error or Ctrl-C never leaves a partial layer or
 a half-written index. Layers are shared by every image that lists their diff id; an import
-skips layers already present without reading them, so importing the same image twice does no
-work. A layer left unreferenced by a crash between the two renames is harmless (a later import
+reuses layers already present, only hashing their blobs against the manifest (a blob digest
+not yet noted in ``layer.json`` is also unpacked to check its diff id), so importing the same
+image twice converts nothing. A layer left unreferenced by a crash between the two renames is harmless (a later import
 reuses it).
 """
 
@@ -40,6 +42,7 @@ from typing import Any, Literal
 from uvmshim import hostpath
 from uvmshim.image.layout import ImageConfig, ImageError, LayerBlob, ResolvedImage, open_image
 from uvmshim.image.tar2ext4 import LAYER_FILE, convert_layer
+from uvmshim.image.unpack import verify_blob
 from uvmshim.protocol.verity import VERITY_FILE
 
 _INDEX_VERSION = 1
@@ -311,7 +314,8 @@ async def import_image(path: str | os.PathLike[str], *, name: str | None = None,
     """Import the image at ``path`` (OCI layout dir, oci-archive or docker-archive tar).
 
     Each layer not yet in the store is verified (blob digest, diff id) and converted to a
-    ``layer.vhd``; layers already there are reused unread. With ``verity`` (the default) each
+    ``layer.vhd``; layers already there are reused once their blob is checked against the
+    manifest's digest. With ``verity`` (the default) each
     new disk gets a dm-verity hash tree and the layer folder a ``verity.json``, and a cached
     layer without one is converted again; without it, cached layers are reused as they are
     (with their hash tree, if they have one). ``source`` is what the record names as the
@@ -345,6 +349,8 @@ async def import_image(path: str | os.PathLike[str], *, name: str | None = None,
                                        for layer in todo.values())))
             for i, layer in enumerate(img.layers):
                 if layer.diff_id not in todo:
+                    # Its disk is reused, but the manifest must still describe this blob.
+                    await asyncio.to_thread(_check_cached_layer, store, img, layer, i)
                     emit(ImportEvent("layer-cached", i, len(img.layers), layer.diff_id))
                     continue
                 await _import_layer(store, img, layer, i, emit, verity=verity)
@@ -366,6 +372,32 @@ async def import_image(path: str | os.PathLike[str], *, name: str | None = None,
             store._gc(set(old.get("diff_ids", [])), images)
         emit(ImportEvent("done", count=len(img.layers)))
         return store._record(record)
+
+
+def _check_cached_layer(store: ImageStore, img: ResolvedImage, layer: LayerBlob,
+                        index: int) -> None:
+    """Check that the blob the manifest names for a cached layer is that layer.
+
+    A blob digest once verified to unpack to the layer's diff id is noted in ``layer.json``
+    (``blobs``); then only the blob's own digest is checked, else the whole stream is.
+
+    :raises ImageError: the blob is missing, corrupt, or does not match its descriptor.
+    """
+    where = f"layer {index} ({layer.digest or layer.diff_id})"
+    meta = _layer_meta(store, layer.diff_id)
+    known = meta.get("blobs")
+    known_blobs = [b for b in known if isinstance(b, str)] if isinstance(known, list) else []
+    check_diff_id = layer.digest is None or layer.digest not in known_blobs
+    with img.source.open(layer.member) as blob:
+        verify_blob(blob, where=where, diff_id=layer.diff_id, digest=layer.digest,
+                    size=layer.size, check_diff_id=check_diff_id)
+    if check_diff_id and layer.digest is not None and meta:
+        meta["blobs"] = [*known_blobs, layer.digest]
+        path = store.layer_dir(layer.diff_id) / "layer.json"
+        tmp = path.with_name("layer.json.tmp")
+        with contextlib.suppress(OSError):  # only a note that saves work next time
+            tmp.write_text(json.dumps(meta, indent=1) + "\n")
+            os.rename(tmp, path)
 
 
 def _layer_meta(store: ImageStore, diff_id: str) -> dict[str, Any]:
@@ -393,6 +425,8 @@ async def _import_layer(store: ImageStore, img: ResolvedImage, layer: LayerBlob,
             verity=verity)
         meta: dict[str, Any] = {"diff_id": layer.diff_id, "tar_bytes": res.tar_bytes,
                                 "disk_bytes": res.disk_bytes, "created": _now()}
+        if layer.digest is not None:
+            meta["blobs"] = [layer.digest]  # verified by convert_layer
         if res.verity is not None:
             meta["verity"] = res.verity.to_json()
         (work / "layer.json").write_text(json.dumps(meta, indent=1) + "\n")

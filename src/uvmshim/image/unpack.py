@@ -467,3 +467,55 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
         raise ImageError(f"uncompressed layer does not match its diff id {diff_id} "
                          f"(got {got})", where=where)
     return UnpackResult(diff_id=got, tar_bytes=tar_tap.count, entries=builder.entries)
+
+
+def verify_blob(blob: IO[bytes], *, where: str, diff_id: str, digest: str | None,
+                size: int | None, check_diff_id: bool) -> None:
+    """Check a layer blob against its descriptor without unpacking it.
+
+    The blob's bytes must hash to ``digest`` and count ``size`` (when given); with
+    ``check_diff_id`` the decompressed stream must also hash to ``diff_id``. Used for a layer
+    already in the store, whose disk is reused: the manifest must still describe this blob.
+
+    :raises ImageError: a mismatch, or a corrupt or truncated stream.
+    """
+    blob_hash = new_hash(digest) if digest is not None and digest != diff_id else None
+    raw = _Tap(blob, blob_hash, threading.Event())
+    counted = io.BufferedReader(raw, _COPY_CHUNK)
+    uncompressed = digest == diff_id
+    if check_diff_id or uncompressed:
+        magic = counted.peek(4)[:4]
+        decomp: IO[bytes]
+        if magic.startswith(_GZIP_MAGIC):
+            decomp = _gzip_reader(counted)
+        elif magic == _ZSTD_MAGIC:
+            decomp = io.BufferedReader(_Zstd(counted, where), _COPY_CHUNK)
+        else:
+            decomp = counted
+        diff_hash = new_hash(diff_id)
+        tap = _Tap(decomp, diff_hash, threading.Event())
+        buf = bytearray(_COPY_CHUNK)
+        try:
+            while tap.readinto(buf):
+                pass
+            while counted.read(_COPY_CHUNK):  # bytes after the compressed stream count too
+                pass
+        except _CORRUPT as e:
+            raise ImageError(f"corrupt or truncated layer: {e}", where=where) from None
+        finally:
+            decomp.close()
+        got = f"{diff_id.split(':', 1)[0]}:{diff_hash.hexdigest()}"
+        if got != diff_id:
+            raise ImageError(f"uncompressed layer does not match its diff id {diff_id} "
+                             f"(got {got})", where=where)
+    else:
+        while counted.read(_COPY_CHUNK):
+            pass
+    if blob_hash is not None and digest is not None:
+        got_blob = f"{digest.split(':', 1)[0]}:{blob_hash.hexdigest()}"
+        if got_blob != digest:
+            raise ImageError(f"layer blob does not match its digest (got {got_blob})",
+                             where=where)
+    if size is not None and raw.count != size:
+        raise ImageError(f"layer blob has {raw.count} bytes, its descriptor says {size}",
+                         where=where)

@@ -75,6 +75,18 @@ CRUN_ROOT = "/run/crun"
 #: Where the agent keeps the network namespaces it creates (one bind-mounted file each).
 GUEST_NETNS_DIR = "/run/uvmshim/netns"
 
+#: The guest's PID 1 (``uvmshim.agent.reaper``) reaps every orphan; for a pid that has a file
+#: ``<EXIT_WATCH_DIR>/<pid>`` it writes the exit status (``os.waitstatus_to_exitcode``) to
+#: ``<EXIT_STATUS_DIR>/<pid>``. The agent watches the containers' init processes this way:
+#: after ``crun create`` they are re-parented to PID 1, not to the agent.
+EXIT_WATCH_DIR = "/run/uvmshim/watch"
+EXIT_STATUS_DIR = "/run/uvmshim/exits"
+
+#: A ``linux.namespaces[].path`` of the guest spec naming the same namespace of another
+#: container's init in this UVM (``container://<id>``: a pod member joins its sandbox's);
+#: the agent resolves it to ``/proc/<that init's pid>/ns/<type>``.
+CONTAINER_NS_PREFIX = "container://"
+
 
 # Section: derived values ------------------------------------------------------------------------
 
@@ -150,3 +162,4 @@ def guest_netns_path(ns_id: str) -> str:
     if not ns_id or ns_id in (".", "..") or "/" in ns_id or "\0" in ns_id or len(ns_id) > 128:
         raise ValueError(f"invalid network namespace name {ns_id!r}")
     return posixpath.join(GUEST_NETNS_DIR, ns_id)
+

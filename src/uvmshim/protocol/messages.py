@@ -51,6 +51,8 @@ class Op(StrEnum):
     UNMOUNT_SCSI = "unmount_scsi"
     MOUNT_PLAN9 = "mount_plan9"
     UNMOUNT_PLAN9 = "unmount_plan9"
+    MOUNT_PLAN9_BATCH = "mount_plan9_batch"
+    UNMOUNT_PLAN9_BATCH = "unmount_plan9_batch"
     MOUNT_VPMEM = "mount_vpmem"
     UNMOUNT_VPMEM = "unmount_vpmem"
     VERITY_STATUS = "verity_status"

@@ -125,6 +125,30 @@ class UnmountPlan9(RequestBody):
     guest_path: str = ""
 
 
+class MountPlan9Batch(RequestBody):
+    """Make share ``names[i]`` of the 9p export appear at ``guest_paths[i]``, for every ``i``,
+    all or none (one request for the binds of a whole container).
+
+    The export is mounted once; each guest path becomes a symbolic link to its share's
+    directory there (Kata's model: one export with the binds inside it), so that N shares cost
+    no guest mount at all. The host already made each share as read-only as asked.
+    """
+
+    OP = Op.MOUNT_PLAN9_BATCH
+    names: StrList
+    guest_paths: StrList
+
+
+class UnmountPlan9Batch(RequestBody):
+    """Take share ``names[i]`` away from ``guest_paths[i]``, in the order given, attempting
+    every one (a link of :class:`MountPlan9Batch` is removed, a mount unmounted and its mount
+    point removed). Result: ``{"failed": {name: reason}}`` for the shares that stay."""
+
+    OP = Op.UNMOUNT_PLAN9_BATCH
+    names: StrList
+    guest_paths: StrList
+
+
 class MountVpmem(RequestBody):
     """Mount vPMEM device ``device`` read-only on ``guest_path`` (through dm-verity if
     ``verity`` is given, as for :class:`MountScsi`)."""
@@ -231,9 +255,10 @@ class ExecStatus(Struct):
 
 
 class ContainerCreate(RequestBody):
-    """Write ``<bundle>/config.json`` from ``spec`` (the guest-path OCI spec); ``sandbox://``
-    and ``hugepages://`` mount sources are resolved for ``sandbox_id`` (default: the
-    container's own id). ``stdin``: give the init process a stdin.
+    """Write ``<bundle>/config.json`` from ``spec`` (the guest-path OCI spec) and ``crun
+    create`` the container: its init exists and waits for :class:`ContainerStart`; crun's error
+    fails the request. ``sandbox://`` and ``hugepages://`` mount sources are resolved for
+    ``sandbox_id`` (default: the container's own id). ``stdin``: give the init a stdin.
 
     With ``process.terminal`` in ``spec`` the init gets a pty allocated in the guest (crun's
     console socket, handled by the agent); its output comes as ``stdout`` and its stdin is the
@@ -250,7 +275,8 @@ class ContainerCreate(RequestBody):
 
 
 class ContainerStart(RequestBody):
-    """Start the container's init (process key: the container id); returns once it runs."""
+    """``crun start`` the created container's init (process key: the container id); returns
+    once it runs the container's process."""
 
     OP = Op.CONTAINER_START
     container_id: str
@@ -391,7 +417,7 @@ def process_key(container_id: str, exec_id: str = "") -> str:
 REQUEST_TYPES: dict[str, type[RequestBody]] = {
     cls.OP: cls for cls in (
         Hello, Ping, Shutdown, FreshStart, LoadModules, MountScsi, UnmountScsi, MountPlan9,
-        UnmountPlan9, MountVpmem,
+        UnmountPlan9, MountPlan9Batch, UnmountPlan9Batch, MountVpmem,
         UnmountVpmem, VerityStatus, AddVpci, CombineLayers, RemoveCombinedLayers, SandboxDir,
         HugepagesDir,
         InstallDrivers, Exec, ContainerCreate, ContainerStart, ContainerExec, ContainerSignal,

@@ -85,6 +85,8 @@ def create(root: str, container_id: str, bundle: str, *, pid_file: str | None,
             state = new_state(container_id, bundle, spec.root.path if spec.root else "",
                               dict(spec.annotations))
             sandbox = pod_sandbox(root, spec)
+            if sandbox is None:  # namespace paths of another container: join its UVM
+                sandbox, spec = namespace_sandbox(root, spec)
             if sandbox is not None:  # a pod member: joins the sandbox's UVM
                 state["sandbox"] = sandbox.id
                 cdir.write(state)
@@ -123,6 +125,24 @@ def pod_sandbox(root: str, spec: Spec) -> ContainerDir | None:
     if sdir.current()["status"] not in ("created", "running"):
         raise UvmshimError(f"pod sandbox {sandbox_id} is not running")
     return sdir
+
+
+def namespace_sandbox(root: str, spec: Spec) -> tuple[ContainerDir | None, Spec]:
+    """The container whose namespaces ``spec`` joins (podman pods), and the spec with those
+    paths in the guest's terms (:mod:`uvmshim.runc.namespaces`).
+
+    :raises UvmshimError: a host namespace path, or the container is not live.
+    """
+    from uvmshim.runc.namespaces import join_target
+
+    target, spec = join_target(root, spec)
+    if target is None:
+        return None, spec
+    sdir = ContainerDir.of(root, target)
+    if sdir.current()["status"] not in ("created", "running"):
+        raise UvmshimError(f"container {target}, whose namespaces this one joins, is not "
+                           f"running", where="linux.namespaces")
+    return sdir, spec
 
 
 def _console(terminal: bool, console_socket: str | None) -> tuple[list[int], int]:

@@ -76,6 +76,8 @@ class Hosted:
             return self.abort.result()
         code = await self.container.wait()
         self.status = "stopped"
+        if self.container.integrity_error is not None:  # the engine only sees the status
+            log.error("%s", self.container.integrity_error)
         if self._out is not None:  # its last output, then the exit
             await asyncio.wait([self._out], timeout=5)
         if self._in is not None:

@@ -46,18 +46,21 @@ class Holdings:
     template_builds: list[str] = field(default_factory=list)
     #: The UVM templates (kept on purpose: not leaks, never reclaimed here).
     templates: list[TemplateInfo] = field(default_factory=list)
+    #: tc redirects of ours whose tap is gone (a crashed uvmshim's container network).
+    net_redirects: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         """Nothing is leaked (templates do not count)."""
         return not (self.vms or self.qemu_pids or self.mounts or self.state_dirs
-                    or self.template_builds)
+                    or self.template_builds or self.net_redirects)
 
     def as_dict(self) -> dict[str, Any]:
         return {"vms": [v.as_dict() for v in self.vms], "qemu_pids": self.qemu_pids,
                 "mounts": self.mounts, "state_dirs": self.state_dirs,
                 "template_builds": self.template_builds,
-                "templates": [t.as_dict() for t in self.templates]}
+                "templates": [t.as_dict() for t in self.templates],
+                "net_redirects": self.net_redirects}
 
 
 def _qemu_pids_of(base: Path) -> list[int]:
@@ -102,9 +105,19 @@ def find_holdings(
             holdings.state_dirs.extend(str(c) for c in sorted(d.iterdir()))
     holdings.template_builds = [str(p) for p in leftover_builds()]
     holdings.templates = list_templates()
+    holdings.net_redirects = [str(x) for x in _net_leftovers()]
     if unowned_only:
         _drop_owned(holdings)
     return holdings
+
+
+def _net_leftovers() -> list[Any]:
+    """Redirects of ours whose tap is gone (only a dead QEMU's tap is gone: never owned)."""
+    try:
+        from uvmshim.uvm import hostnet
+    except ImportError:  # pragma: no cover - pyroute2 is a dependency
+        return []
+    return list(hostnet.find_leftovers_sync())
 
 
 def _created_container(path: str) -> bool:
@@ -179,6 +192,15 @@ def reclaim_all(holdings: Holdings) -> list[str]:
             done.append(f"could not unmount under {d}: {err}")
         shutil.rmtree(d, ignore_errors=True)
         done.append(f"removed {d}")
+    from uvmshim.uvm import hostnet
+
+    for left in hostnet.find_leftovers_sync():  # looked up again: only what is still there
+        if str(left) in holdings.net_redirects:
+            try:
+                hostnet.reclaim_sync(left)
+                done.append(f"removed {left}")
+            except hostnet.NetworkError as e:
+                done.append(f"could not remove {left}: {e}")
     # Looked up again: a build that started since holds the lock, and owns its directory.
     for p in leftover_builds():
         if str(p) in holdings.template_builds:

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from uvmshim.hostnet import Endpoint
 from uvmshim.protocol.verity import Verity
+from uvmshim.uvm.hostnet import Endpoint
 
 log = logging.getLogger(__name__)
 

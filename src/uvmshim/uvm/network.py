@@ -4,7 +4,7 @@
 A container whose spec names a host network namespace (``linux.namespaces[type=network]
 .path``) gets a guest network namespace holding one NIC per interface of the host one: for
 each interface the host backend hot-adds a ``virtio-net-pci`` connected to it (a tap and tc
-redirects, :mod:`uvmshim.hostnet`) and the guest backend configures the NIC in the guest
+redirects, :mod:`uvmshim.uvm.hostnet`) and the guest backend configures the NIC in the guest
 namespace (hcsshim's order: host, then guest; undone in reverse). A second container naming the
 same host namespace (a pod's workload container naming its sandbox's) shares the guest
 namespace and its NICs; they are removed when the last container lets go.
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uvmshim.errors import ReleaseError, UvmError, UvmshimError
-from uvmshim.hostnet import Endpoint, NetworkError, read_endpoints
 from uvmshim.protocol.constants import guest_netns_path
 from uvmshim.uvm.backend import GuestBackend, HostBackend, host_then_guest
+from uvmshim.uvm.hostnet import Endpoint, NetworkError, read_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class NetworkManager:
             except UvmshimError as err:
                 errors.append(err)
         if errors:
-            raise ReleaseError(f"failed to remove network namespace {ns.ns_id}", errors)
+            raise ReleaseError("removing its NICs and the guest namespace", errors)
 
     async def remove(self, ns: _Namespace) -> None:
         if self._namespaces.get(ns.key) is not ns:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uvmshim.errors import BackendError, os_error_text
-from uvmshim.hostnet import Endpoint
 from uvmshim.protocol.verity import Verity
 from uvmshim.uvm.backend import LayerRef
+from uvmshim.uvm.hostnet import Endpoint
 from uvmshim.uvm.options import LUNS_PER_CONTROLLER, UvmOptions
 from uvmshim.uvm.utilityvm import UtilityVM
 

@@ -122,11 +122,14 @@ class UtilityVM:
             raise ReleaseError("failed to release the UVM's own resources", errors)
 
     def inventory(self) -> dict[str, list[dict[str, Any]]]:
-        """What the device managers hold now."""
-        return {
+        """What the device managers hold now (``network`` only while it holds something)."""
+        held = {
             "scsi": self.scsi.attachments(),
             "plan9": self.plan9.shares(),
             "vpmem": self.vpmem.devices(),
             "vpci": self.vpci.devices(),
-            "network": self.network.namespaces(),
         }
+        network = self.network.namespaces()
+        if network:
+            held["network"] = network
+        return held

@@ -60,5 +60,9 @@ ip link set lo up 2>/dev/null
 # Early set-up is over (protocol.constants.BOOT_DONE_MARKER): a template is saved after this.
 mkdir -p /run/uvmshim && : > /run/uvmshim/boot-done
 
-# Stay PID 1: busybox sh reaps every child, including orphans re-parented to us.
+# PID 1 from now on: a reaper that also keeps the exit status of the containers' init
+# processes (re-parented to PID 1 after `crun create`; see uvmshim/agent/reaper.py).
+PYTHONHASHSEED=0 PYTHONDONTWRITEBYTECODE=1 \
+  exec /usr/bin/python3 -S -s -P -m uvmshim.agent.reaper </dev/null >/dev/console 2>&1
+# Not reached unless the exec failed: busybox sh reaps every child, orphans included.
 while :; do wait; sleep 1; done

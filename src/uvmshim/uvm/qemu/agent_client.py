@@ -253,25 +253,32 @@ class AgentClient:
     async def container_create(self, container_id: str, bundle: str, spec: Mapping[str, Any],
                                *, sandbox_id: str = "", scratch_dir: str = "",
                                stdin: bool = False) -> ContainerProcess:
-        """Prepare container ``container_id`` in the guest: write ``<bundle>/config.json``.
+        """Create container ``container_id`` in the guest (``crun create``: its init waits).
 
         :param spec: the rewritten (guest-path) OCI spec; ``sandbox://``/``hugepages://``
             mount sources are resolved by the guest for ``sandbox_id``.
         :param stdin: give the init process a stdin (see :meth:`ContainerProcess.write_stdin`).
         :returns: the init process; its output starts after :meth:`container_start`.
+        :raises GuestError: crun refused the spec (``crun: ...``); nothing is left in the guest.
         """
         key = process_key(container_id)
         if self.connection.watching(key):
             raise BackendError(f"guest container_create: {container_id} already has an init")
         proc = ContainerProcess(self, key)
-        await self.request(ContainerCreate(
-            container_id=container_id, bundle=bundle, spec=dict(spec), sandbox_id=sandbox_id,
-            scratch_dir=scratch_dir, stdin=stdin))
+        # Routed before the request goes out: ``crun create`` makes the init, whose events
+        # may come before the response.
         self.connection.watch(key, proc)
+        try:
+            await self.request(ContainerCreate(
+                container_id=container_id, bundle=bundle, spec=dict(spec),
+                sandbox_id=sandbox_id, scratch_dir=scratch_dir, stdin=stdin))
+        except BaseException:
+            self.connection.unwatch(key)
+            raise
         return proc
 
     async def container_start(self, container_id: str) -> None:
-        """Start the container's init process (``crun run`` in the guest)."""
+        """Start the container's init process (``crun start`` in the guest)."""
         await self.request(ContainerStart(container_id=container_id))
 
     async def container_exec(self, container_id: str, exec_id: str,

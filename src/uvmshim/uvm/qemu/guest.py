@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from uvmshim.hostnet import Endpoint
 from uvmshim.protocol import (
     AddVpci,
     CombineLayers,
@@ -28,6 +27,7 @@ from uvmshim.protocol import (
 from uvmshim.protocol.requests import AddNetNS, AddNic, RemoveNetNS, RemoveNic
 from uvmshim.protocol.verity import Verity
 from uvmshim.uvm.backend import LayerRef
+from uvmshim.uvm.hostnet import Endpoint
 
 from .agent_client import AgentClient, ExecResult
 

@@ -43,9 +43,9 @@ from pathlib import Path
 
 from qemu.qmp import ExecuteError, QMPError
 
-from ... import hostnet
 from ...asyncutil import finish_despite_cancel
 from ...errors import BackendError
+from .. import hostnet
 from . import mounts
 from .cmdline import root_port_id, scsi_controller_id
 from .images import ImageFormat, ImageReference, format_of, inspect_image
@@ -743,7 +743,7 @@ class QemuHostBackend:
         ``endpoint``) on a free root port, behind netdev ``net-<nic_id>``.
 
         With ``netns``, the netdev is a tap that uvmshim creates in that namespace and
-        connects to ``endpoint``'s interface (:func:`uvmshim.hostnet.plumb`); QEMU gets the
+        connects to ``endpoint``'s interface (:func:`uvmshim.uvm.hostnet.plumb`); QEMU gets the
         tap's descriptor (``SCM_RIGHTS`` + ``getfd``), never ``/dev/net/tun``. Without it, the
         netdev is QEMU's user-mode network (``10.0.2.0/24``) with ``host_forwards``.
         Whatever fails, nothing stays: not the device, the netdev, the descriptor, the tap

@@ -512,3 +512,27 @@ async def reclaim(left: Leftover) -> None:
                 raise _netlink_error(f"removing {left}", e) from e
 
     await in_netns(left.netns or None, drop)
+
+
+def find_leftovers_sync(namespaces: Iterable[str] | None = None) -> list[Leftover]:
+    """:func:`find_leftovers` for callers without an event loop (``uvmshim leaks``)."""
+    found: list[Leftover] = []
+    for ns in namespaces if namespaces is not None else named_namespaces():
+        try:
+            found += _in_thread(ns or None, functools.partial(_look, ns=ns)).result(30)
+        except (NetworkError, OSError, concurrent.futures.TimeoutError) as e:
+            log.debug("looking at %s: %s", ns, e)
+    return found
+
+
+def reclaim_sync(left: Leftover) -> None:
+    """:func:`reclaim` for callers without an event loop."""
+    def drop(ipr: IPRoute) -> None:
+        try:
+            ipr.tc("del", "ingress", left.index, "ffff:")
+        except Exception as e:
+            if getattr(e, "code", None) not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+                raise _netlink_error(f"removing {left}", e) from e
+
+    _in_thread(left.netns or None, drop).result(30)
+

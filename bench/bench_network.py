@@ -1,0 +1,225 @@
+"""Benchmark: container networking, uvmshim vs crun on the same podman network, same run.
+
+1. **Set-up time** added to ``create`` by one interface: on a running UVM, connecting a network
+   namespace of our own (a veth with IPv4 and IPv6 addresses and a default route) — reading it
+   over netlink, the tap and tc redirects, the ``virtio-net-pci`` hot-add, the guest's
+   namespace and configuration — and releasing it again (:func:`connect_network`).
+2. **TCP throughput host → container**: a bounded transfer (``--mb``, default 200 MB) from the
+   host to ``127.0.0.1:<published port>``, where the container's ``nc -l`` discards it; the time
+   runs until the container closed the connection (it read everything).
+3. **HTTP GET round trip**: the median of ``--gets`` GETs (a new connection each, as busybox
+   ``httpd`` closes them) to the container's ``httpd`` through the published port.
+
+Both runtimes use a podman network the script creates (its own subnet) and are measured
+alternately. Only loopback and addresses in the namespaces and network made here are contacted.
+
+    python bench/bench_network.py [--mb 200] [--gets 50] [--repeat 3] [--setups 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SUBNET = "10.89.78.0/24"
+APPLETS = ("sh", "nc", "httpd", "sleep", "cat", "ip")
+
+
+def make_rootfs(path: Path) -> Path:
+    for d in ("bin", "proc", "sys", "dev", "etc", "tmp", "www"):
+        (path / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy("/bin/busybox", path / "bin" / "busybox")
+    for applet in APPLETS:
+        os.symlink("busybox", path / "bin" / applet)
+    (path / "www" / "index.html").write_text("x" * 100 + "\n")
+    return path
+
+
+def uvmshim_binary() -> str:
+    here = Path(sys.executable).parent / "uvmshim"
+    return str(here) if here.exists() else shutil.which("uvmshim") or "uvmshim"
+
+
+def med(xs: list[float]) -> str:
+    return f"{statistics.median(xs) * 1000:7.1f} ms (n={len(xs)}, min {min(xs) * 1000:.1f})"
+
+
+# Section: set-up time
+
+
+def ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True)
+
+
+async def setup_times(n: int) -> tuple[list[float], list[float]]:
+    from uvmshim.runtime.vm import start_uvm
+    from uvmshim.uvm.network import connect_network
+
+    tag = f"b{os.getpid() % 100000}"
+    c, s = f"uvmc{tag}", f"uvms{tag}"
+    ip("netns", "add", c)
+    ip("netns", "add", s)
+    try:
+        ip("link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "s0", "netns", s)
+        ip("-n", c, "addr", "add", "10.97.0.2/24", "dev", "eth0")
+        ip("-n", c, "-6", "addr", "add", "fd97::2/64", "dev", "eth0", "nodad")
+        ip("-n", c, "link", "set", "eth0", "up")
+        ip("-n", c, "route", "add", "default", "via", "10.97.0.1")
+        linux = {"namespaces": [{"type": "network", "path": f"/run/netns/{c}"}]}
+        add: list[float] = []
+        remove: list[float] = []
+        async with start_uvm() as uvm:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                ns = await connect_network(uvm.vm.network, linux)
+                t1 = time.perf_counter()
+                assert ns is not None
+                await ns.release()
+                t2 = time.perf_counter()
+                add.append(t1 - t0)
+                remove.append(t2 - t1)
+        return add, remove
+    finally:
+        subprocess.run(["ip", "netns", "del", c], check=False)
+        subprocess.run(["ip", "netns", "del", s], check=False)
+
+
+# Section: podman
+
+
+@contextmanager
+def podman_env(tmp: Path) -> Iterator[dict[str, str]]:
+    """The host fixes of docs/oci-runtime.md (crun needs the hugetlb mount), undone after."""
+    mounted = False
+    unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    hugetlb = Path("/sys/fs/cgroup/hugetlb")
+    if unified.exists() and "hugetlb" in unified.read_text().split():
+        hugetlb.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(hugetlb)],
+                       check=True)
+        mounted = True
+    conf = tmp / "containers.conf"
+    conf.write_text('[containers]\ndefault_ulimits = ["nofile=20000:20000", '
+                    '"nproc=32768:32768"]\n')
+    try:
+        yield {**os.environ, "CONTAINERS_CONF": str(conf)}
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(hugetlb)], check=False)
+
+
+def podman(env: dict[str, str], *argv: str) -> str:
+    res = subprocess.run(["podman", *argv], env=env, capture_output=True, text=True,
+                         timeout=600)
+    if res.returncode != 0:
+        raise SystemExit(f"podman {' '.join(argv)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            get(port)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def get(port: int) -> float:
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as k:
+        k.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := k.recv(65536):
+            data += chunk
+    if b"200 OK" not in data:
+        raise OSError("bad answer")
+    return time.perf_counter() - t0
+
+
+def send(port: int, total: int) -> float:
+    block = b"\0" * (1 << 20)
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as k:
+        sent = 0
+        while sent < total:
+            k.sendall(block)
+            sent += len(block)
+        k.shutdown(socket.SHUT_WR)
+        while k.recv(65536):  # until the container's nc closed: it read everything
+            pass
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--gets", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--setups", type=int, default=10)
+    args = ap.parse_args()
+    add, remove = asyncio.run(setup_times(args.setups))
+    print("network set-up of one interface on a running UVM")
+    print(f"  connect  {med(add)}")
+    print(f"  release  {med(remove)}")
+    if shutil.which("podman") is None:
+        print("podman is not installed: no throughput/RTT comparison")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="uvmshim-bench-net-"))
+    rootfs = make_rootfs(tmp / "rootfs")
+    net = f"uvmshim-bench-{os.getpid()}"
+    runtimes = {"crun": "crun", "uvmshim": uvmshim_binary()}
+    ports = {"crun": (18181, 18182), "uvmshim": (18281, 18282)}
+    script = ("httpd -p 8080 -h /www; trap 'exit 0' TERM; "
+              "while :; do nc -l -p 9000 > /dev/null; done")
+    tput: dict[str, list[float]] = {k: [] for k in runtimes}
+    rtt: dict[str, list[float]] = {k: [] for k in runtimes}
+    with podman_env(tmp) as env:
+        podman(env, "network", "create", "--subnet", SUBNET, net)
+        names = {k: f"uvmshim-bench-{k}-{os.getpid()}" for k in runtimes}
+        try:
+            for k, rt in runtimes.items():
+                http, sink = ports[k]
+                podman(env, "--runtime", rt, "run", "-d", "--name", names[k], "--network", net,
+                       "-p", f"127.0.0.1:{http}:8080", "-p", f"127.0.0.1:{sink}:9000",
+                       "--rootfs", str(rootfs), "sh", "-c", script)
+                wait_port(http)
+            total = args.mb << 20
+            for _ in range(args.repeat):
+                for k in runtimes:
+                    tput[k].append(total / send(ports[k][1], total))
+                    time.sleep(0.5)  # nc restarts
+                    rtt[k] += [get(ports[k][0]) for _ in range(args.gets)]
+        finally:
+            for k, rt in runtimes.items():
+                subprocess.run(["podman", "--runtime", rt, "rm", "-f", "-t", "1", names[k]],
+                               env=env, capture_output=True, check=False)
+            subprocess.run(["podman", "network", "rm", "-f", net], env=env,
+                           capture_output=True, check=False)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"host -> container through a published port, {args.mb} MB x {args.repeat}; "
+          f"HTTP GET x {args.gets * args.repeat} (same podman network, same run)")
+    for k in runtimes:
+        print(f"  {k:8s} TCP {statistics.median(tput[k]) / 1e6:8.1f} MB/s   "
+              f"GET median {statistics.median(rtt[k]) * 1000:6.2f} ms")
+    print(f"  ratio uvmshim/crun: throughput "
+          f"{statistics.median(tput['uvmshim']) / statistics.median(tput['crun']):.3f}, "
+          f"GET time {statistics.median(rtt['uvmshim']) / statistics.median(rtt['crun']):.2f}")
+
+
+if __name__ == "__main__":
+    main()
