@@ -62,9 +62,12 @@ def ip(*argv: str) -> None:
     subprocess.run(["ip", *argv], check=True, capture_output=True)
 
 
-async def setup_times(n: int) -> tuple[list[float], list[float]]:
+async def setup_times(n: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Connect and release times of one interface, per kind: ``tap`` (a namespace of our own
+    with a veth, the engines' case) and ``user`` (``--network=nat``: QEMU's user-mode
+    network with one published port), alternately on one UVM."""
     from uvmshim.runtime.vm import start_uvm
-    from uvmshim.uvm.network import connect_network
+    from uvmshim.uvm.network import connect_network, network_annotations
 
     tag = f"b{os.getpid() % 100000}"
     c, s = f"uvmc{tag}", f"uvms{tag}"
@@ -76,20 +79,24 @@ async def setup_times(n: int) -> tuple[list[float], list[float]]:
         ip("-n", c, "-6", "addr", "add", "fd97::2/64", "dev", "eth0", "nodad")
         ip("-n", c, "link", "set", "eth0", "up")
         ip("-n", c, "route", "add", "default", "via", "10.97.0.1")
-        linux = {"namespaces": [{"type": "network", "path": f"/run/netns/{c}"}]}
-        add: list[float] = []
-        remove: list[float] = []
+        kinds = {
+            "tap": ({"namespaces": [{"type": "network", "path": f"/run/netns/{c}"}]}, {}),
+            "user": ({"namespaces": [{"type": "network"}]},
+                     network_annotations("nat", ["127.0.0.1:18399:80"])),
+        }
+        times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in kinds}
         async with start_uvm() as uvm:
             for _ in range(n):
-                t0 = time.perf_counter()
-                ns = await connect_network(uvm.vm.network, linux)
-                t1 = time.perf_counter()
-                assert ns is not None
-                await ns.release()
-                t2 = time.perf_counter()
-                add.append(t1 - t0)
-                remove.append(t2 - t1)
-        return add, remove
+                for kind, (linux, annotations) in kinds.items():
+                    t0 = time.perf_counter()
+                    ns = await connect_network(uvm.vm.network, linux, annotations)
+                    t1 = time.perf_counter()
+                    assert ns is not None
+                    await ns.release()
+                    t2 = time.perf_counter()
+                    times[kind][0].append(t1 - t0)
+                    times[kind][1].append(t2 - t1)
+        return times
     finally:
         subprocess.run(["ip", "netns", "del", c], check=False)
         subprocess.run(["ip", "netns", "del", s], check=False)
@@ -171,11 +178,14 @@ def main() -> None:
     ap.add_argument("--gets", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--setups", type=int, default=10)
+    ap.add_argument("--setup-only", action="store_true", help="only the set-up times")
     args = ap.parse_args()
-    add, remove = asyncio.run(setup_times(args.setups))
     print("network set-up of one interface on a running UVM")
-    print(f"  connect  {med(add)}")
-    print(f"  release  {med(remove)}")
+    for kind, (add, remove) in asyncio.run(setup_times(args.setups)).items():
+        print(f"  {kind:4s} connect  {med(add)}")
+        print(f"  {kind:4s} release  {med(remove)}")
+    if args.setup_only:
+        return
     if shutil.which("podman") is None:
         print("podman is not installed: no throughput/RTT comparison")
         return

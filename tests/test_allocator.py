@@ -357,7 +357,8 @@ def test_guest_document(host: HostFiles) -> None:
     obj = spec_json(layers=[host.scratch()], devices=[{"id": "PCI\\A", "idType": "vpci"}],
                     annotations={"io.microsoft.virtualmachine.lcow.privileged": "true"})
     obj["windows"]["network"] = {"networkNamespace": "ns1"}
-    obj["hooks"] = {"prestart": [{"path": "/x"}]}
+    obj["hooks"] = {"prestart": [{"path": "/x"}], "createContainer": [{"path": "/bin/cc"}],
+                    "startContainer": [{"path": "/bin/sc", "args": ["sc"]}]}
     devices = [{"allow": False, "access": "rwm"},
                {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"}]
     obj["linux"] = {"cgroupsPath": "/kubepods/x", "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"},
@@ -370,11 +371,18 @@ def test_guest_document(host: HostFiles) -> None:
     assert doc["OciBundlePath"] == "/run/gcs/c/C1"
     assert doc["ScratchDirPath"] == "/run/gcs/c/C1/scratch/C1"
     oci = doc["OciSpecification"]
-    assert "hooks" not in oci
-    # The device rules stay (unlike hcsshim's createLCOWSpec): they are the container's
-    # device cgroup in the guest; the other host-only resources go.
-    assert oci["linux"] == {"cgroupsPath": "",
-                            "resources": {"devices": devices, "memory": {"limit": 9}}}
+    # The hooks that run in the container's namespaces go to the guest's crun (a
+    # createContainer path made to resolve in the container's root); the host runs the others.
+    assert oci["hooks"] == {"createContainer": [{"path": "/run/gcs/c/C1/rootfs/bin/cc"}],
+                            "startContainer": [{"path": "/bin/sc", "args": ["sc"]}]}
+    # Every resource the guest's crun can apply stays (unlike hcsshim's createLCOWSpec);
+    # network (cgroup v1's net_cls/net_prio) goes.
+    assert oci["linux"] == {"cgroupsPath": "", "resources": {
+        "devices": devices, "pids": {"limit": 1}, "blockIO": {}, "hugepageLimits": [],
+        "memory": {"limit": 9}}}
+    hcs = a.hcsshim_document["OciSpecification"]
+    assert "hooks" not in hcs
+    assert hcs["linux"] == {"cgroupsPath": "", "resources": {"memory": {"limit": 9}}}
     assert oci["windows"]["network"] == {"networkNamespace": "ns1"}
     assert oci["windows"]["devices"][0]["id"] == a.spec.windows.devices[0].id
     assert "layerFolders" not in oci["windows"]

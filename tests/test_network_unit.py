@@ -193,3 +193,83 @@ def test_not_a_namespace(tmp_path: pytest.TempPathFactory) -> None:
             await hostnet.read_endpoints("/etc/hostname")
 
     asyncio.run(go())
+
+
+# Section: uvmshim's own user-mode network (--network=nat, -p)
+
+
+def test_publish_rules_and_annotations() -> None:
+    from uvmshim.uvm.network import (
+        ANNOTATION_NETWORK,
+        ANNOTATION_PUBLISH,
+        network_annotations,
+        publish_rule,
+        user_network_forwards,
+    )
+
+    assert publish_rule("8080:80") == "tcp:0.0.0.0:8080-:80"  # podman's default: every address
+    assert publish_rule("127.0.0.1:8080:80/udp") == "udp:127.0.0.1:8080-:80"
+    for bad in ("80", "a:80", "8080:0", "8080:70000", "::1:80:80", "host:1:2", "1:2/sctp"):
+        with pytest.raises(NetworkError):
+            publish_rule(bad)
+    assert network_annotations("none", []) == {}
+    ann = network_annotations("nat", ["127.0.0.1:8080:80", "8080:80/udp"])
+    assert ann == {ANNOTATION_NETWORK: "nat",
+                   ANNOTATION_PUBLISH: "tcp:127.0.0.1:8080-:80,udp:0.0.0.0:8080-:80"}
+    assert user_network_forwards(ann) == ["tcp:127.0.0.1:8080-:80", "udp:0.0.0.0:8080-:80"]
+    assert user_network_forwards({}) is None
+    for mode, publish in (("none", ["1:2"]), ("bridge", []), ("nat", ["1:2", "127.0.0.1:1:3"])):
+        with pytest.raises(NetworkError):
+            network_annotations(mode, publish)
+    for bad_ann in ({ANNOTATION_NETWORK: "x"}, {ANNOTATION_PUBLISH: "tcp:0.0.0.0:1-:2"},
+                    {ANNOTATION_NETWORK: "nat", ANNOTATION_PUBLISH: "tcp:0.0.0.0:1-:2,hostfwd"},
+                    {ANNOTATION_NETWORK: "nat", ANNOTATION_PUBLISH: "tcp:0.0.0.0:1-:0"}):
+        with pytest.raises(NetworkError):
+            user_network_forwards(bad_ann)
+
+
+def test_user_network_on_the_simulated_uvm() -> None:
+    from uvmshim.uvm.network import connect_network, network_annotations
+
+    ann = network_annotations("nat", ["127.0.0.1:8080:80"])
+    linux = {"namespaces": [{"type": "network"}]}
+
+    async def go() -> None:
+        vm, backend = simulated_uvm()
+        first = await connect_network(vm.network, linux, ann)
+        second = await connect_network(vm.network, linux, {"io.uvmshim.network": "nat"})
+        assert first is not None and second is not None
+        assert first.guest_path == second.guest_path  # a pod's containers share it
+        adds = [o for o in backend.operations if o.op == "nic-add"]
+        assert len(adds) == 1 and adds[0].args["netns"] == ""
+        assert adds[0].args["forwards"] == ["tcp:127.0.0.1:8080-:80"]
+        [ep] = first.endpoints
+        assert ep.addresses == ("10.0.2.15/24",) and ep.routes == ("0.0.0.0/0 via 10.0.2.2",)
+        await first.release()
+        await second.release()
+        assert backend.live() == {}
+        assert await connect_network(vm.network, linux, {}) is None
+        with pytest.raises(NetworkError, match="asks for uvmshim.s user-mode network"):
+            await connect_network(vm.network, {"namespaces": [
+                {"type": "network", "path": "/run/netns/x"}]}, ann)
+        with pytest.raises(NetworkError, match="network namespace of the container's own"):
+            await connect_network(vm.network, {"namespaces": []}, ann)
+        assert backend.live() == {}
+
+    asyncio.run(go())
+
+
+def test_pod_workloads_join_the_sandbox_network() -> None:
+    from uvmshim.runtime.pod import _annotate, pause_spec
+    from uvmshim.runtime.specgen import RunOptions, build_spec
+    from uvmshim.uvm.network import ANNOTATION_NETWORK, ANNOTATION_PUBLISH
+
+    sandbox = pause_spec("/r", network="nat", publish=["127.0.0.1:9000:80"])
+    assert sandbox.annotations[ANNOTATION_PUBLISH] == "tcp:127.0.0.1:9000-:80"
+    workload = build_spec(RunOptions(args=["true"], rootfs="/r", network="nat",
+                                     publish=["9001:80"]))
+    joined = _annotate(workload, "container", "p", sandbox.annotations)
+    assert joined.annotations[ANNOTATION_NETWORK] == "nat"
+    assert ANNOTATION_PUBLISH not in joined.annotations  # the sandbox publishes the pod's
+    alone = _annotate(workload, "container", "p", pause_spec("/r").annotations)
+    assert ANNOTATION_NETWORK not in alone.annotations

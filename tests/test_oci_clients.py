@@ -9,6 +9,7 @@ hybrid cgroup layout otherwise; undone afterwards) and ulimits within the hard l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -435,3 +436,155 @@ def test_pod_member_joins_the_sandbox_uvm(tmp_path: Path, rootfs: Path) -> None:
     runc("delete", "w1")
     runc("delete", "--force", "pod1")
     assert not list((runc.root / "containers").iterdir())
+
+
+def test_podman_pod_runs_in_one_uvm(tmp_path: Path, rootfs: Path,
+                                    sandbox_fixes: dict[str, str]) -> None:
+    """``podman pod create`` + 3 members: the infra container's namespace paths make every
+    member join its UVM (one VM for the pod) and its UTS/IPC namespaces in the guest."""
+    _need("podman", "conmon", "catatonit")
+    env = sandbox_fixes
+    pod = f"uvmshim-pod-{os.getpid()}"
+    vms = set(our_vms())
+    podman(env, "pod", "create", "--name", pod, "--network=none", "--hostname", "podhost")
+    try:
+        names = [f"{pod}-m{i}" for i in range(3)]
+        for name in names:
+            podman(env, "run", "-d", "--pod", pod, "--name", name, "--rootfs", str(rootfs),
+                   "sh", "-c", f"echo {name} > /dev/shm/{name}; {LOOP}")
+        assert len(set(our_vms()) - vms) == 1  # the infra container's UVM, and only it
+        for name in names:
+            res = podman(env, "exec", name, "sh", "-c", "hostname; ls /dev/shm")
+            lines = res.stdout.split()
+            assert lines[0] == "podhost" and set(names) <= set(lines[1:]), res.stdout
+        podman(env, "stop", "-t", "10", names[0])
+        assert "Exited (0)" in podman(env, "ps", "-a", "--filter", f"name={names[0]}").stdout
+        assert podman(env, "exec", names[1], "true").returncode == 0  # the pod lives on
+    finally:
+        podman(env, "pod", "rm", "-f", "-t", "10", pod, check=False)
+
+
+def test_hooks_get_the_state_in_order(tmp_path: Path) -> None:
+    """Host hooks (prestart, createRuntime at create; poststart at start; poststop at delete)
+    get the OCI state on stdin; createContainer/startContainer run in the guest, in the
+    container (their paths in its root); a failing createRuntime fails create."""
+    rootfs = make_rootfs(tmp_path / "rootfs")  # the guest hooks write into it
+    runc = Runc(tmp_path / "root")
+    d = tmp_path / "hooks"
+    d.mkdir()
+
+    def host(name: str) -> dict[str, object]:
+        return {"path": "/bin/sh", "args": ["sh", "-c", f'cat > {d}/{name}.json; '
+                                                         f'echo "$WHO" >> {d}/order'],
+                "env": [f"WHO={name}"], "timeout": 30}
+
+    # createContainer runs before pivot_root: it finds the root through the state's bundle
+    to_root = ('s=$(cat); b=${s#*\\"bundle\\":\\"}; b=${b%%\\"*}; '
+               'echo "$s" > "$b/rootfs/cc.json"')
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", "cat /cc.json; echo; cat /sc.json"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["hooks"] = {name: [host(name)] for name in
+                     ("prestart", "createRuntime", "poststart", "poststop")}
+    spec["hooks"]["createContainer"] = [{"path": "/bin/sh", "args": ["sh", "-c", to_root]}]
+    spec["hooks"]["startContainer"] = [{"path": "/bin/sh",
+                                        "args": ["sh", "-c", "cat > /sc.json"]}]
+    spec["annotations"] = {"k": "v"}
+    (b / "config.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        runc("create", "--bundle", str(b), "--pid-file", str(tmp_path / "pid"), "h1",
+             stdin=subprocess.DEVNULL, output=f.fileno())
+    pid = int((tmp_path / "pid").read_text())
+    assert (d / "order").read_text() == "prestart\ncreateRuntime\n"
+    st = json.loads((d / "createRuntime.json").read_text())
+    assert st == {"ociVersion": st["ociVersion"], "id": "h1", "status": "creating", "pid": pid,
+                  "bundle": str(b), "annotations": {"k": "v"}}
+    runc("start", "h1")
+    assert json.loads((d / "poststart.json").read_text())["status"] == "running"
+    wait_for(lambda: runc.status("h1") == "stopped")
+    guest = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    # crun's state, in the guest (crun says "starting" for startContainer)
+    assert [g["status"] for g in guest] == ["created", "starting"]
+    assert all(g["id"] == "h1" for g in guest)
+    runc("delete", "h1")
+    assert (d / "order").read_text().split() == ["prestart", "createRuntime", "poststart",
+                                                  "poststop"]
+    assert json.loads((d / "poststop.json").read_text())["status"] == "stopped"
+
+    spec["hooks"] = {"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 7"]}]}
+    (b / "config.json").write_text(json.dumps(spec))
+    res = runc("create", "--bundle", str(b), "h2", check=False, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and "createRuntime hook #0" in res.stderr and \
+        "exit status 7" in res.stderr, res.stderr
+    assert not (runc.root / "containers" / "h2").exists()
+    spec["hooks"] = {"startContainer": [{"path": "/no/such/hook"}]}
+    (b / "config.json").write_text(json.dumps(spec))
+    res = runc("create", "--bundle", str(b), "h3", check=False, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and "/no/such/hook does not exist in the container's root" \
+        in res.stderr, res.stderr
+
+
+def test_pids_limit_applies_in_the_guest(tmp_path: Path, rootfs: Path) -> None:
+    """``linux.resources`` reach the guest's crun (hcsshim drops pids): a fork bomb stops
+    at ``pids.limit``."""
+    runc = Runc(tmp_path / "root")
+    bomb = ("i=0; while [ $i -lt 60 ]; do sleep 20 & i=$((i+1)); done; "
+            "exit 0")
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", bomb])
+    spec = json.loads((b / "config.json").read_text())
+    spec["linux"].setdefault("resources", {})["pids"] = {"limit": 16}
+    (b / "config.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        runc("create", "--bundle", str(b), "p1", stdin=subprocess.DEVNULL, output=f.fileno())
+    runc("start", "p1")
+    wait_for(lambda: runc.status("p1") == "stopped", 120)
+    runc("delete", "p1")
+    text = out.read_text()
+    assert "can't fork" in text or "Resource temporarily unavailable" in text, text
+
+
+def test_shim_and_qemu_in_the_containers_host_cgroup(tmp_path: Path, rootfs: Path) -> None:
+    """``linux.cgroupsPath`` on the host: the shim and its QEMU are in it, bounded by the
+    UVM's size (memory limit + overheads; CPU quota + the UVM's share); ``delete`` removes it."""
+    from uvmshim.runc.cgroups import hierarchies
+    from uvmshim.uvm.sizing import HOST_OVERHEAD_MB
+
+    runc = Runc(tmp_path / "root")
+    parent = f"uvmshim-test-{os.getpid()}"
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", LOOP])
+    spec = json.loads((b / "config.json").read_text())
+    spec["linux"]["cgroupsPath"] = f"/{parent}/c1"
+    spec["linux"]["resources"] = {"memory": {"limit": 64 << 20},
+                                  "cpu": {"quota": 50000, "period": 100000}}
+    (b / "config.json").write_text(json.dumps(spec))
+    roots = hierarchies()
+    try:
+        runc("create", "--bundle", str(b), "--pid-file", str(tmp_path / "pid"), "c1",
+             stdin=subprocess.DEVNULL, output=subprocess.DEVNULL)
+        shim = int((tmp_path / "pid").read_text())
+        for root in roots:
+            procs = [int(p) for p in (root / parent / "c1" / "cgroup.procs").read_text().split()]
+            assert shim in procs
+            assert any(b"qemu" in Path(f"/proc/{p}/cmdline").read_bytes() for p in procs
+                       if p != shim)
+        mem = roots[0] / parent / "c1"
+        if (mem / "memory.limit_in_bytes").exists():  # v1
+            limit = int((mem / "memory.limit_in_bytes").read_text())
+            assert int((roots[0].parent / "cpu" / parent / "c1" / "cpu.cfs_quota_us")
+                       .read_text()) == 100000
+        else:
+            limit = int((mem / "memory.max").read_text())
+            assert (mem / "cpu.max").read_text().split() == ["100000", "100000"]
+        assert limit == (512 + HOST_OVERHEAD_MB) << 20  # 64 MiB + guest overhead → 512 class
+        runc("start", "c1")
+        assert runc("exec", "c1", "true").returncode == 0
+        runc("kill", "c1", "KILL")
+        wait_for(lambda: runc.status("c1") == "stopped")
+        runc("delete", "c1")
+        assert not any((root / parent / "c1").exists() for root in roots)
+    finally:
+        runc("delete", "--force", "c1", check=False)
+        for root in roots:
+            with contextlib.suppress(OSError):
+                (root / parent).rmdir()

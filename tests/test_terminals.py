@@ -44,15 +44,19 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def shell_checks(p: PtyProcess, rows: int, cols: int) -> None:
-    """At a shell prompt: a pty, the outer size, a resize, a full-screen program, Ctrl-C."""
+    """At a shell prompt: a pty, the outer size, a resize, a full-screen program, Ctrl-C.
+
+    (``\r+\n``: ctr leaves output processing on in the outer terminal, which turns the
+    container's ``\r\n`` into ``\r\r\n``, with runc and crun as with uvmshim.)
+    """
     p.expect(PROMPT)
     p.write("tty; stty size\r")
-    p.expect(rf"\r\n(/dev/pts/\d+)\r\n{rows} {cols}\r\n")
+    p.expect(rf"\r+\n(/dev/pts/\d+)\r+\n{rows} {cols}\r+\n")
     p.resize(rows + 7, cols + 13)
     deadline = time.monotonic() + 30
     while True:  # the new size reaches the guest asynchronously
         p.write("stty size\r")
-        m = p.expect(r"\r\n(\d+ \d+)\r\n")
+        m = p.expect(r"\r+\n(\d+ \d+)\r+\n")
         if m.group(1) == f"{rows + 7} {cols + 13}".encode():
             break
         assert time.monotonic() < deadline, f"size still {m.group(1)!r}"
@@ -68,7 +72,7 @@ def shell_checks(p: PtyProcess, rows: int, cols: int) -> None:
     p.write("\x03")  # Ctrl-C: SIGINT to the foreground process group of the guest's pty
     p.expect(r"\^C")
     p.write("echo after-$((6*7))\r")
-    p.expect(r"\r\nafter-42\r\n", timeout=30)
+    p.expect(r"\r+\nafter-42\r+\n", timeout=30)
 
 
 def cmdline(pid: int) -> bytes:

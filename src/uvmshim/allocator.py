@@ -29,6 +29,7 @@ from uvmshim import guestpath
 from uvmshim.devices import add_spec_guest_drivers, handle_assigned_devices
 from uvmshim.errors import (
     AllocationError,
+    BatchError,
     ReleaseError,
     UvmshimError,
     error_context,
@@ -36,8 +37,9 @@ from uvmshim.errors import (
 )
 from uvmshim.layers import mount_lcow_layers
 from uvmshim.resources import ContainerResources
-from uvmshim.spec import Root, Spec
+from uvmshim.spec import Mount, Root, Spec
 from uvmshim.uvm.network import connect_network, rewrite_netns
+from uvmshim.uvm.plan9 import Plan9Request
 from uvmshim.uvm.utilityvm import UtilityVM
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,18 @@ class Allocation:
             rewrite_netns(doc["OciSpecification"], self.resources.guest_network_namespace)
         return doc
 
+    @property
+    def hcsshim_document(self) -> dict[str, Any] | None:
+        """The guest document as hcsshim's ``createLCOWSpec`` makes it (``uvmshim plan`` shows
+        it next to :attr:`guest_document`, which this runtime sends)."""
+        if not self.in_uvm:
+            return None
+        doc = linux_container_document(self.spec, self.resources.container_root_in_uvm,
+                                       self.resources.lcow_scratch_path, hcsshim=True)
+        if self.resources.guest_network_namespace:
+            rewrite_netns(doc["OciSpecification"], self.resources.guest_network_namespace)
+        return doc
+
     def __repr__(self) -> str:
         # Short on purpose: asyncio formats the result of a task in some paths, and the full
         # dataclass repr of a 10,000-mount spec costs more than allocating it.
@@ -164,6 +178,9 @@ async def allocate_linux_resources(
                                    "windows.layerFolders to layers plus a scratch folder")
 
     mounts = list(spec.mounts)
+    # A run of bind mounts becomes one batch of Plan9 shares (one host round, one guest
+    # request); it is added before anything else is, so resources keep the spec's order.
+    binds: list[tuple[int, Mount, Plan9Request]] = []
     for i, mount in enumerate(spec.mounts):
         if mount.type not in (MOUNT_TYPE_BIND, MOUNT_TYPE_PHYSICAL_DISK, MOUNT_TYPE_VIRTUAL_DISK):
             continue  # other types (tmpfs, proc, ...) pass through untouched
@@ -182,6 +199,7 @@ async def allocate_linux_resources(
         read_only = mount.read_only
         try:
             if mount.type in (MOUNT_TYPE_PHYSICAL_DISK, MOUNT_TYPE_VIRTUAL_DISK):
+                await _add_binds(vm, r, binds)
                 physical = mount.type == MOUNT_TYPE_PHYSICAL_DISK
                 # The counter is used up even when the disk turns out to be attached already.
                 disk_path = guestpath.global_mount_path(vm.mount_counter())
@@ -214,14 +232,14 @@ async def allocate_linux_resources(
                 allowed.append(file_name)
                 restrict = True
                 file_path = guestpath.join(share_path, file_name)
-            with error_context(f"adding plan9 mount {mount.go_repr()}"):
-                share = await vm.add_plan9(host_path, share_path, read_only=read_only,
-                                           restrict=restrict, allowed_names=allowed)
-            r.add(share)
+            binds.append((i, mount, Plan9Request(host_path, share_path, read_only, restrict,
+                                                 tuple(allowed))))
             mounts[i] = replace(mount, source=file_path)
         except UvmshimError as err:
             err.where = err.where or f"mounts[{i}]"
             raise
+    if vm is not None:
+        await _add_binds(vm, r, binds)
 
     if vm is None:
         return spec  # process isolation: validated, and left exactly as given
@@ -232,6 +250,30 @@ async def allocate_linux_resources(
         r.add(*closers)
         new_spec = replace(new_spec, windows=replace(spec.windows, devices=devices))
     return new_spec
+
+
+async def _add_binds(vm: UtilityVM, r: ContainerResources,
+                     binds: list[tuple[int, Mount, Plan9Request]]) -> None:
+    """Add the pending bind mounts as one batch of Plan9 shares (and empty ``binds``)."""
+    if not binds:
+        return
+    batch = list(binds)
+    binds.clear()
+    try:
+        shares = await vm.add_plan9_batch([req for _, _, req in batch])
+    except UvmshimError as err:
+        # The host names the bind that failed; a guest failure is about the batch.
+        k = err.index if isinstance(err, BatchError) and 0 <= err.index < len(batch) else 0
+        i, mount, _ = batch[k]
+        what = (f"adding plan9 mount {mount.go_repr()}" if isinstance(err, BatchError)
+                or len(batch) == 1 else
+                f"adding {len(batch)} plan9 mounts from {mount.go_repr()}")
+        err.wrap(what)
+        if err.where is None:
+            err.where = f"mounts[{i}]"
+            err.args = (str(err),)
+        raise
+    r.add(*shares)
 
 
 _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -326,8 +368,44 @@ def _check_hugepages(source: str) -> None:
                               hint=f"write it as {prefix}2M/<name>")
 
 
-def linux_container_document(spec: Spec, container_root: str, scratch_path: str) -> dict[str, Any]:
-    """The guest's document for a Linux container (hcsshim's ``createLinuxContainerDocument``)."""
+#: Hooks the guest's crun runs, in the container's namespaces (the host runs the others:
+#: :mod:`uvmshim.runc.hooks`).
+GUEST_HOOKS = ("createContainer", "startContainer")
+#: ``linux.resources`` keys that createLCOWSpec drops (its GCS owns the guest's cgroups).
+HCSSHIM_DROPPED_RESOURCES = ("devices", "pids", "blockIO", "hugepageLimits", "network")
+#: ``linux.resources`` keys that are not applied in the guest: ``network`` (``classID`` and
+#: ``priorities`` are cgroup v1's net_cls/net_prio; the guest has cgroup v2 only).
+GUEST_IGNORED_RESOURCES = ("network",)
+
+
+def guest_hooks(hooks: Any, guest_root: str) -> dict[str, Any] | None:
+    """The hooks the guest's crun runs: ``createContainer``, its path made to resolve in the
+    container's root ``guest_root`` (crun runs it before ``pivot_root``, where the host's path
+    would name the UVM's own file), and ``startContainer`` (runs after ``pivot_root``: its path
+    already resolves in the container's root); None if there are none."""
+    out: dict[str, Any] = {}
+    for name in GUEST_HOOKS:
+        entries = hooks.get(name) if isinstance(hooks, dict) else None
+        if not isinstance(entries, list) or not entries:
+            continue
+        if name == "createContainer" and guest_root:
+            entries = [{**h, "path": guest_root.rstrip("/") + "/" + h["path"].lstrip("/")}
+                       if isinstance(h, dict) and isinstance(h.get("path"), str) else h
+                       for h in entries]
+        out[name] = entries
+    return out or None
+
+
+def linux_container_document(spec: Spec, container_root: str, scratch_path: str, *,
+                             hcsshim: bool = False) -> dict[str, Any]:
+    """The guest's document for a Linux container (hcsshim's ``createLinuxContainerDocument``).
+
+    :param hcsshim: exactly as hcsshim's ``createLCOWSpec`` makes it (no hooks; no device,
+        pids, blkio, hugepage or network resources): what ``uvmshim plan`` shows next to the
+        document this runtime sends. By default the guest's crun also gets the hooks that run in
+        the container's namespaces and every resource it can apply in the guest's cgroup v2
+        hierarchy (only ``network`` is dropped: :data:`GUEST_IGNORED_RESOURCES`).
+    """
     oci = spec.to_json()  # a fresh copy: ours to change
     oci.pop("windows", None)
     add_dev_mount(oci)
@@ -339,18 +417,23 @@ def linux_container_document(spec: Spec, container_root: str, scratch_path: str)
             windows["devices"] = [d.to_json() for d in spec.windows.devices]
         if windows:
             oci["windows"] = windows
-    oci.pop("hooks", None)
+    hooks = oci.pop("hooks", None)
+    if not hcsshim:
+        root = oci.get("root")
+        kept = guest_hooks(hooks, str(root.get("path") or "") if isinstance(root, dict) else "")
+        if kept:
+            oci["hooks"] = kept
     linux = oci.get("linux")
     if isinstance(linux, dict):
         if "cgroupsPath" in linux:
+            # A cgroup of the *host*; crun uses its default one in the guest.
             linux["cgroupsPath"] = ""
         resources = linux.get("resources")
         if isinstance(resources, dict):
-            # hcsshim also drops "devices" (its GCS owns the guest's device hierarchy). We
-            # keep the device rules: they are the container's device cgroup in the guest
-            # (crun), and the agent appends to them the rules that deny the UVM's own block
-            # devices (agent/confine.py).
-            for key in ("pids", "blockIO", "hugepageLimits", "network"):
+            # The device rules stay even for the guest's crun: they are the container's device
+            # cgroup in the guest, to which the agent appends the rules that deny the UVM's own
+            # block devices (agent/confine.py).
+            for key in HCSSHIM_DROPPED_RESOURCES if hcsshim else GUEST_IGNORED_RESOURCES:
                 resources.pop(key, None)
         if spec.annotations.get(ANNOTATION_PRIVILEGED, "").strip().lower() in ("true", "1", "t"):
             linux.pop("seccomp", None)
@@ -442,7 +525,7 @@ async def _create_container_resources(
                     where="linux", hint="add \"linux\": {} to config.json")
             r.container_root_in_uvm = guestpath.container_root(effective_id)
             r.add(*await add_spec_guest_drivers(vm, spec.annotations))
-            network = await connect_network(vm.network, spec.linux)
+            network = await connect_network(vm.network, spec.linux, spec.annotations)
             if network is not None:
                 r.add(network)
                 r.guest_network_namespace = network.guest_path

@@ -107,6 +107,15 @@ class BackendError(UvmshimError):
     """A host-side (QMP, bind mount) or guest-side (agent) operation failed."""
 
 
+class BatchError(BackendError):
+    """One item of a batch (several shares added in one host round) failed; nothing of the
+    batch stayed. ``index`` is that item's position in the batch."""
+
+    def __init__(self, message: str, index: int) -> None:
+        self.index = index
+        super().__init__(message)
+
+
 class GuestError(BackendError):
     """The guest agent answered a request with a failure: ``guest <op>: <guest's reason>``.
 

@@ -32,6 +32,9 @@ class PlanResult:
             "container_id": self.allocation.container_id,
             "spec": self.allocation.spec.to_json(),
             "guest_document": self.allocation.guest_document,
+            # hcsshim drops hooks and most resources from the guest's document; uvmshim's
+            # guest applies them (docs/oci-runtime.md): both, to compare
+            "hcsshim_document": self.allocation.hcsshim_document,
             "resources": self.resources,
             "operations": [op.to_json() for op in self.operations],
             "release_operations": [op.to_json() for op in self.release_operations],

@@ -11,7 +11,7 @@ A handle whose release failed stays tracked, so releasing again retries exactly 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from uvmshim.errors import ReleaseError
@@ -29,17 +29,58 @@ class Resource(Protocol):
         """A JSON-able description: ``kind`` plus kind-specific fields (for ``uvmshim plan``)."""
 
 
+class Batch(Protocol):
+    """What made several resources at once (a resource's ``batch`` attribute, if not None):
+    releases a run of them together."""
+
+    async def release_members(self, members: Sequence[Any]) -> Sequence[tuple[Any, Exception]]:
+        """Release ``members`` (newest first); return those that failed, with why."""
+
+
+def _batch(resource: Resource) -> Batch | None:
+    batch = getattr(resource, "batch", None)
+    return batch if batch is not None and hasattr(batch, "release_members") else None
+
+
 async def release_newest_first(
     resources: list[Resource],
 ) -> tuple[list[Resource], list[BaseException]]:
     """Release ``resources`` newest first, attempting every one.
+
+    Neighbours made by the same batch (e.g. the Plan9 shares of one container's binds) are
+    released together, still newest first, by their batch: one guest request and one host
+    round instead of one each.
 
     :returns: the resources whose release failed (in their original order, to retry later)
         and the failures.
     """
     errors: list[BaseException] = []
     kept: list[Resource] = []
-    for resource in reversed(resources):
+    todo = list(reversed(resources))
+    i = 0
+    while i < len(todo):
+        resource = todo[i]
+        batch = _batch(resource)
+        if batch is not None:
+            j = i + 1
+            while j < len(todo) and _batch(todo[j]) is batch:
+                j += 1
+            members = todo[i:j]
+            i = j
+            try:
+                failures = await batch.release_members(members)
+            except Exception as err:
+                log.warning("failed to release resources: %s", err)
+                errors.append(err)
+                kept.extend(members)
+                continue
+            failed_ids = {id(m) for m, _ in failures}
+            for _member, why in failures:
+                log.warning("failed to release resource: %s", why)
+                errors.append(why)
+            kept.extend(m for m in members if id(m) in failed_ids)
+            continue
+        i += 1
         try:
             await resource.release()
         except Exception as err:  # keep going: every handle gets its chance

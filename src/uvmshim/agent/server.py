@@ -70,6 +70,9 @@ OUTPUT_CHUNK = 32 * 1024
 #: How long to sleep after EOF (no host connected) before reading again.
 EOF_POLL_INTERVAL = 0.005
 
+#: How long the port must stay closed before a partial frame is dropped (see ``serve``).
+STALE_PARTIAL_FRAME = 1.0
+
 #: ``ioctl``s of the random device (linux/random.h): ``_IOW('R', 3, int[2])``, ``_IO('R', 7)``.
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
@@ -116,6 +119,8 @@ class Server:
             Op.UNMOUNT_SCSI: storage.unmount_scsi,
             Op.MOUNT_PLAN9: storage.mount_plan9,
             Op.UNMOUNT_PLAN9: storage.unmount_plan9,
+            Op.MOUNT_PLAN9_BATCH: storage.mount_plan9_batch,
+            Op.UNMOUNT_PLAN9_BATCH: storage.unmount_plan9_batch,
             Op.MOUNT_VPMEM: storage.mount_vpmem,
             Op.UNMOUNT_VPMEM: storage.unmount_vpmem,
             Op.VERITY_STATUS: storage.verity_status,
@@ -152,22 +157,43 @@ class Server:
                 n = os.write(self._fd, view)
                 view = view[n:]
 
+    def _read(self) -> bytes:
+        """One read of the port (b"" when no host is connected at this instant)."""
+        return os.read(self._fd, 65536)
+
     def serve(self) -> None:
-        """Read and dispatch requests until EOF (if ``eof_is_final``) or forever."""
+        """Read and dispatch requests until EOF (if ``eof_is_final``) or forever.
+
+        A read of the port returns EOF whenever the guest believes no host is connected at
+        that instant and nothing is queued. That is also the case for a moment after a host
+        connects: its data arrives on the port's data queue, the "host connected" message on
+        the control queue, handled later by a kernel worker; a frame longer than one port
+        buffer (4 KiB) or written in pieces then reads as head, EOF, tail. A partial frame is
+        therefore kept across EOF and dropped only when the port stays closed for
+        :data:`STALE_PARTIAL_FRAME` seconds (its host is gone; the VM dies with its owner, so
+        no other host comes in the meantime). Dropping it at the first EOF lost the head of
+        such a frame: the request was never answered and the stream out of step.
+        """
         decoder = FrameDecoder()
+        eof_since: float | None = None
         while True:
             try:
-                data = os.read(self._fd, 65536)
+                data = self._read()
             except InterruptedError:
                 continue
             if not data:
                 if self._eof_is_final:
                     return
-                # No host client right now. Whatever partial frame the last client left is
-                # garbage for the next one.
-                decoder.reset()
+                now = time.monotonic()
+                if eof_since is None:
+                    eof_since = now
+                elif decoder.pending and now - eof_since >= STALE_PARTIAL_FRAME:
+                    print(f"uvmshim-agent: dropping {decoder.pending} bytes of a partial frame "
+                          "(the host went away)", file=sys.stderr)
+                    decoder.reset()
                 time.sleep(EOF_POLL_INTERVAL)
                 continue
+            eof_since = None
             try:
                 frames = decoder.feed(data)
             except ProtocolError as err:
@@ -175,7 +201,20 @@ class Server:
                 decoder.reset()
                 continue
             for frame in frames:
-                self._dispatch(frame)
+                try:
+                    self._dispatch(frame)
+                except Exception as err:  # the reader must live on: the host waits on it
+                    print(f"uvmshim-agent: dispatching a request: {err!r}", file=sys.stderr)
+                    rid = frame.get("id")
+                    if isinstance(rid, int):
+                        self._send_quietly(Response.failure(
+                            rid, ErrorKind.INTERNAL, f"internal error: {err!r}").to_json())
+
+    def _send_quietly(self, obj: dict[str, Any]) -> None:
+        try:
+            self.send(obj)
+        except (OSError, ProtocolError) as err:
+            print(f"uvmshim-agent: cannot send an answer: {err!r}", file=sys.stderr)
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         try:
@@ -196,8 +235,11 @@ class Server:
         try:
             self.send(reply.to_json())
         except ProtocolError as err:
-            self.send(Response.failure(req.id, ErrorKind.INTERNAL,
-                                       f"reply not sendable: {err}").to_json())
+            self._send_quietly(Response.failure(req.id, ErrorKind.INTERNAL,
+                                                f"reply not sendable: {err}").to_json())
+        except OSError as err:  # the port refused the write: say so where it can be seen
+            print(f"uvmshim-agent: cannot answer request {req.id} ({req.op}): {err!r}",
+                  file=sys.stderr)
         if req.op == Op.SHUTDOWN and reply.ok:
             self._poweroff()
 

@@ -17,6 +17,7 @@ import glob
 import os
 import shutil
 import struct
+import sys
 import threading
 import time
 
@@ -340,7 +341,7 @@ class Storage:
         if len(names) != len(guest_paths):
             raise AgentError(f"mount_plan9_batch: {len(names)} names for {len(guest_paths)} "
                              "guest paths", ErrorKind.INVALID)
-        for name, guest_path in zip(names, guest_paths):
+        for name, guest_path in zip(names, guest_paths, strict=True):
             try:
                 check_share_name(name)
             except ValueError as err:
@@ -358,7 +359,7 @@ class Storage:
         made: set[str] = set()
         done: list[str] = []
         try:
-            for name, guest_path in zip(names, guest_paths):
+            for name, guest_path in zip(names, guest_paths, strict=True):
                 if name not in present:
                     raise AgentError(f"share {name} not found in the 9p export "
                                      f"({plan9_share_guest_path(name)})", ErrorKind.NOT_FOUND)
@@ -383,14 +384,14 @@ class Storage:
             for guest_path in reversed(done):
                 try:
                     os.unlink(guest_path)
-                except OSError:
-                    pass
+                except OSError as err:  # the link stays; say so
+                    print(f"uvmshim-agent: undo {guest_path}: {err}", file=sys.stderr)
             raise
 
     def unmount_plan9_batch(self, req: UnmountPlan9Batch) -> dict[str, dict[str, str]]:
         """Take each share away from its guest path, in order, attempting every one."""
         failed: dict[str, str] = {}
-        for name, guest_path in zip(req.names, req.guest_paths):
+        for name, guest_path in zip(req.names, req.guest_paths, strict=False):
             try:
                 if os.path.islink(guest_path):  # mount_plan9_batch's: no mount to look for
                     os.unlink(guest_path)

@@ -67,7 +67,7 @@ def _store(ctx: click.Context) -> ImageStore:
                    "/var/lib/uvmshim/images as root).")
 @click.pass_context
 def image_group(ctx: click.Context, root: str | None) -> None:
-    """Import local OCI images as LCOW layer disks; list and remove them."""
+    """Pull or import OCI images as LCOW layer disks; list and remove them."""
     ctx.obj = {"root": root}
 
 

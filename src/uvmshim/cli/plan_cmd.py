@@ -97,6 +97,35 @@ def show(result: PlanResult) -> None:
         ops.add_row(str(op.seq), op.side, op.op,
                     " ".join(f"{k}={v}" for k, v in op.args.items()))
     console.print(ops)
+    differences = guest_differences(alloc.guest_document, alloc.hcsshim_document)
+    if differences:
+        diff = Table(title="Guest document: applied by uvmshim, dropped by hcsshim")
+        for col in ("field", "applied in the guest"):
+            diff.add_column(col)
+        for name, value in differences:
+            diff.add_row(name, value)
+        console.print(diff)
     if result.release_operations:
         left = "nothing left" if not result.leftovers else f"LEFT: {result.leftovers}"
         console.print(f"released in {len(result.release_operations)} operations; {left}")
+
+
+def guest_differences(applied: dict[str, Any] | None,
+                      hcsshim: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The hooks and ``linux.resources`` fields of the guest document that hcsshim's
+    ``createLCOWSpec`` would have dropped, each with its value (JSON)."""
+    if not applied or not hcsshim:
+        return []
+    import json
+
+    out: list[tuple[str, str]] = []
+    a, h = applied["OciSpecification"], hcsshim["OciSpecification"]
+    for name, value in (a.get("hooks") or {}).items():
+        if name not in (h.get("hooks") or {}):
+            out.append((f"hooks.{name}", json.dumps(value)))
+    ares = (a.get("linux") or {}).get("resources") or {}
+    hres = (h.get("linux") or {}).get("resources") or {}
+    for name, value in ares.items():
+        if name not in hres:
+            out.append((f"linux.resources.{name}", json.dumps(value)))
+    return out

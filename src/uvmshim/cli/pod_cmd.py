@@ -24,6 +24,7 @@ from uvmshim.hostpath import RUN_DIR, pod_dir, pods_dir
 from uvmshim.protocol.framing import read_frame, write_frame
 from uvmshim.runtime import terminal
 from uvmshim.runtime.specgen import RunOptions, build_spec
+from uvmshim.uvm.network import network_annotations
 
 CREATE_TIMEOUT = 180.0
 
@@ -83,8 +84,15 @@ def _claim(name: str, directory: Path) -> None:
               help="Root filesystem (with /bin/sh) for the sandbox and, by default, workloads.")
 @click.option("--memory", "memory_mb", type=click.IntRange(64), default=512, show_default=True)
 @click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
-def create_command(name: str, rootfs: str, memory_mb: int, cpus: int) -> None:
+@click.option("--network", type=click.Choice(["none", "nat"]), default="none",
+              show_default=True, help="nat: one outbound network for the pod's containers "
+              "(QEMU user-mode NAT), shared like localhost.")
+@click.option("-p", "--publish", multiple=True, metavar="[IP:]HOST:CTR[/tcp|udp]",
+              help="Publish a port of the pod on the host (with --network=nat; repeatable).")
+def create_command(name: str, rootfs: str, memory_mb: int, cpus: int, network: str,
+                   publish: tuple[str, ...]) -> None:
     """Boot a UVM for pod NAME and start its sandbox; return once it is ready."""
+    network_annotations(network, publish)  # refused here, not in the daemon's log
     directory = pod_dir(name)
     collect_garbage()
     _claim(name, directory)
@@ -92,7 +100,8 @@ def create_command(name: str, rootfs: str, memory_mb: int, cpus: int) -> None:
     with open(directory / "pod.log", "wb") as logf:
         proc = tools.start(
             [sys.executable, "-m", "uvmshim.runtime.podd", name, "--rootfs",
-             os.path.abspath(rootfs), "--memory", str(memory_mb), "--cpus", str(cpus)],
+             os.path.abspath(rootfs), "--memory", str(memory_mb), "--cpus", str(cpus),
+             "--network", network, *(f"--publish={p}" for p in publish)],
             stdout=logf, stderr=logf, new_session=True)
     deadline = time.monotonic() + CREATE_TIMEOUT
     while not (directory / "ready").exists():

@@ -71,6 +71,12 @@ def _parse_user(value: str) -> tuple[int, int]:
               help="Pass a host block device through over SCSI (repeatable).")
 @click.option("--hugepages", multiple=True, metavar="NAME:CTR",
               help="Mount a 2M hugetlbfs directory (repeatable).")
+@click.option("--network", type=click.Choice(["none", "nat"]), default="none",
+              show_default=True, help="nat: an outbound network (QEMU user-mode NAT; the "
+              "host's loopback is 10.0.2.2, DNS 10.0.2.3).")
+@click.option("-p", "--publish", multiple=True, metavar="[IP:]HOST:CTR[/tcp|udp]",
+              help="Publish a container port on the host (with --network=nat; IP defaults "
+                   "to 0.0.0.0; repeatable).")
 @click.option("-e", "--env", multiple=True, metavar="NAME=VALUE")
 @click.option("-w", "--workdir", default=None, help="Working directory in the container.")
 @click.option("-u", "--user", default=None, metavar="UID[:GID]")
@@ -88,7 +94,8 @@ def _parse_user(value: str) -> tuple[int, int]:
 def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
                 bundle: str | None, volumes: tuple[str, ...], disks: tuple[str, ...],
                 physical_disks: tuple[str, ...], hugepages: tuple[str, ...],
-                env: tuple[str, ...], workdir: str | None, user: str | None, read_only: bool,
+                network: str, publish: tuple[str, ...], env: tuple[str, ...],
+                workdir: str | None, user: str | None, read_only: bool,
                 interactive: bool, tty: bool, container_id: str, memory_mb: int, cpus: int,
                 no_template: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in a container in a fresh utility VM, then tear everything down.
@@ -100,6 +107,7 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
       uvmshim run -it --rootfs ./rootfs -- sh
       uvmshim run --rootfs ./rootfs -v ./data:/data -- ls /data
       uvmshim run --image busybox --disk data.img:/data:ro -- cat /data/x
+      uvmshim run --network=nat -p 127.0.0.1:8080:80 --rootfs ./rootfs -- httpd -f -p 80
       uvmshim run --bundle ./mybundle
     """
     roots = [x for x in (rootfs, layers, image_name, bundle) if x]
@@ -112,16 +120,19 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
     cid = container_id or uuid.uuid4().hex[:12]
     with contextlib.ExitStack() as stack:
         if bundle:
-            if command or volumes or disks or physical_disks or hugepages:
-                raise UvmshimError("--bundle runs the bundle as it is; put mounts and the "
-                                   "command in its config.json")
+            if command or volumes or disks or physical_disks or hugepages or \
+                    network != "none" or publish:
+                raise UvmshimError("--bundle runs the bundle as it is; put mounts, the "
+                                   "command and the network (annotations "
+                                   "io.uvmshim.network*) in its config.json")
             spec = _bundle_spec(bundle)
         else:
             opts = RunOptions(
                 args=list(command), volumes=volumes, disks=disks,
                 physical_disks=physical_disks, hugepages=hugepages, env=list(env),
                 cwd=workdir or "/", read_only_root=read_only, terminal=tty,
-                user=_parse_user(user) if user else (0, 0),
+                user=_parse_user(user) if user else (0, 0), network=network,
+                publish=publish,
             )
             if image_name:
                 opts = stack.enter_context(_image_options(image_name, cid, opts, workdir,

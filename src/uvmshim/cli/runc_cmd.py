@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log", default=None)
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--debug", action="store_true")
-    p.add_argument("--systemd-cgroup", action="store_true", help="accepted; the UVM's "
-                   "cgroups are the guest's")
+    p.add_argument("--systemd-cgroup", action="store_true", help="linux.cgroupsPath is "
+                   "systemd's slice:prefix:name (the shim and its QEMU go there)")
     p.add_argument("--rootless", default="auto")
     p.add_argument("--criu", default=None, help=argparse.SUPPRESS)
     p.add_argument("-v", "--version", action="store_true")
@@ -163,11 +163,13 @@ def _exec_process(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _features() -> dict[str, Any]:
+    from uvmshim.runc.hooks import ALL_HOOKS
+
     return {
         "ociVersionMin": "1.0.0", "ociVersionMax": OCI_SPEC_VERSION,
-        "hooks": [], "mountOptions": ["ro", "rw", "bind", "rbind"],
+        "hooks": list(ALL_HOOKS), "mountOptions": ["ro", "rw", "bind", "rbind"],
         "linux": {"namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
-                  "cgroup": {"v1": True, "v2": True, "systemd": False}},
+                  "cgroup": {"v1": True, "v2": True, "systemd": True}},
         "annotations": {"io.github.uvmshim.runtime": "uvmshim", "io.uvmshim.version":
                         __version__},
     }
@@ -197,7 +199,7 @@ def dispatch(args: argparse.Namespace) -> int:
         foreground = cmd == "run" and not args.detach
         pid = create(args.root, args.id, args.bundle, pid_file=args.pid_file,
                      console_socket=args.console_socket, log_path=args.log, debug=args.debug,
-                     wait=foreground)
+                     wait=foreground, systemd_cgroup=args.systemd_cgroup)
         if cmd == "create":
             return 0
         ops.start(args.root, args.id)

@@ -264,16 +264,9 @@ class Ext4Writer:
 
     Regular file data goes through :meth:`add_data` as it arrives; :meth:`finish` lays out
     everything else and returns the filesystem size.
-
-    :param on_flush: called with ``(first block, data)`` for each run of whole data blocks as
-        it is written (the view is reused afterwards: copy what you keep). The dm-verity hasher
-        hashes file data this way while the tar is still being read. Blocks below
-        :attr:`data_start`, from the end of the data on, and the :attr:`freed` ones are (re)written
-        by :meth:`finish`.
     """
 
-    def __init__(self, fd: int, *, fs_uuid: uuid.UUID, buffer_bytes: int = 8 << 20,
-                 on_flush: Callable[[int, memoryview], None] | None = None) -> None:
+    def __init__(self, fd: int, *, fs_uuid: uuid.UUID, buffer_bytes: int = 8 << 20) -> None:
         self.fd = fd
         self.uuid = fs_uuid
         self.root = new_dir()
@@ -286,18 +279,12 @@ class Ext4Writer:
         self._fill = 0
         #: Regular files whose data was written, to find the ones no longer in the tree.
         self._files: list[Node] = []
-        self._on_flush = on_flush
-        #: ``(first block, count)`` of the data of replaced files, zeroed by :meth:`finish`.
-        self.freed: list[tuple[int, int]] = []
 
     # Data ---------------------------------------------------------------------------------
 
     def _flush(self) -> None:
         if self._fill:
-            view = self._buf_view[:self._fill]
-            os.pwrite(self.fd, view, self._buf_block * BLOCK)
-            if self._on_flush is not None:
-                self._on_flush(self._buf_block, view)
+            os.pwrite(self.fd, self._buf_view[:self._fill], self._buf_block * BLOCK)
             self._buf_block += self._fill // BLOCK
             self._fill = 0
 
@@ -358,8 +345,8 @@ class Ext4Writer:
             node.ino = FIRST_INO + i
         max_ino = FIRST_INO + len(nodes) - 2
         used_files = {id(n) for n in nodes if stat.S_ISREG(n.mode)}
-        freed = self.freed = [(n.start, -(-n.size // BLOCK)) for n in self._files
-                              if id(n) not in used_files and n.size]
+        freed = [(n.start, -(-n.size // BLOCK)) for n in self._files
+                 if id(n) not in used_files and n.size]
         for start, count in freed:
             _punch(self.fd, start * BLOCK, count * BLOCK)
 

@@ -17,8 +17,8 @@ A layer appears by ``rename(2)`` of a finished directory from ``tmp/``, and ``im
 a half-written index. Layers are shared by every image that lists their diff id; an import
 reuses layers already present, only hashing their blobs against the manifest (a blob digest
 not yet noted in ``layer.json`` is also unpacked to check its diff id), so importing the same
-image twice converts nothing. A layer left unreferenced by a crash between the two renames is harmless (a later import
-reuses it).
+image twice converts nothing. A layer left unreferenced by a crash between the two renames is
+harmless (a later import reuses it).
 """
 
 from __future__ import annotations

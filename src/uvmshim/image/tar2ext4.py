@@ -38,7 +38,7 @@ from uvmshim.image import vhd
 from uvmshim.image.ext4 import BLOCK, Ext4Error, Ext4Writer
 from uvmshim.image.layout import ImageError
 from uvmshim.image.unpack import Stopped, UnpackResult, unpack_layer
-from uvmshim.image.verity import LeafHasher, VerityStopped, append_hash_tree, salt_for
+from uvmshim.image.verity import VerityStopped, append_hash_tree, salt_for
 from uvmshim.protocol.verity import VERITY_FILE, Verity
 from uvmshim.tools import run_tool as _run_tool
 
@@ -86,23 +86,19 @@ def write_layer(blob: IO[bytes], image: Path, *, diff_id: str, digest: str | Non
     :return: what was read, the disk size in bytes (CHS-exact) and the verity parameters.
     """
     fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    # With verity, file data is hashed as it is written, in a thread of its own.
-    hasher = LeafHasher(salt_for(diff_id)) if verity else None
     try:
-        writer = Ext4Writer(fd, fs_uuid=_uuid_for(diff_id),
-                            on_flush=hasher.add if hasher is not None else None)
+        writer = Ext4Writer(fd, fs_uuid=_uuid_for(diff_id))
         res = unpack_layer(blob, writer, where=where, diff_id=diff_id, digest=digest,
                            size=size, stop=stop, on_bytes=on_bytes)
         info: Verity | None = None
         try:
-            if hasher is None:
+            if not verity:
                 disk = writer.finish(lambda n: vhd.round_to_geometry(max(n, MIN_FS_BYTES)))
                 return res, disk, None
             # The filesystem takes whole blocks; the hash area starts right after them.
             fs_bytes = writer.finish(lambda n: -(-max(n, MIN_FS_BYTES) // BLOCK) * BLOCK)
             info, end = append_hash_tree(fd, fs_bytes, salt=salt_for(diff_id),
-                                         uuid=_uuid_for(diff_id).bytes, known=hasher.close(),
-                                         stale=writer.freed, stop=stop)
+                                         uuid=_uuid_for(diff_id).bytes, stop=stop)
             disk = vhd.round_to_geometry(end)
             os.ftruncate(fd, disk)
             return res, disk, info
@@ -116,8 +112,6 @@ def write_layer(blob: IO[bytes], image: Path, *, diff_id: str, digest: str | Non
                                  hint=f"free disk space under {image.parent}") from None
             raise
     finally:
-        if hasher is not None:
-            hasher.close()
         os.close(fd)
 
 

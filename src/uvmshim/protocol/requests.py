@@ -368,8 +368,8 @@ class AddNic(RequestBody):
 
 
 class RemoveNic(RequestBody):
-    """Take NIC ``nic_id`` down and move it back to the UVM's own namespace (before its
-    hot-unplug)."""
+    """Forget NIC ``nic_id`` before its hot-unplug (which takes the device away with its
+    addresses and routes)."""
 
     OP = Op.REMOVE_NIC
     ns_id: str

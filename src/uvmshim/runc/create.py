@@ -46,12 +46,15 @@ def bundle_spec(bundle: str) -> Spec:
     process = spec.raw.get("process")
     if not isinstance(process, dict) or not process.get("args"):
         raise UvmshimError("process.args must not be empty", where="config.json")
+    from uvmshim.runc.hooks import check
+
+    check(spec.hooks, spec.root.path if spec.root is not None else "")
     return spec
 
 
 def create(root: str, container_id: str, bundle: str, *, pid_file: str | None,
            console_socket: str | None, log_path: str | None, debug: bool,
-           wait: bool = False) -> int:
+           wait: bool = False, systemd_cgroup: bool = False) -> int:
     """Create the container; return the shim's pid (runc's ``create``).
 
     :param wait: ``run`` in the foreground: do not detach; the caller waits for the shim.
@@ -84,6 +87,8 @@ def create(root: str, container_id: str, bundle: str, *, pid_file: str | None,
 
             state = new_state(container_id, bundle, spec.root.path if spec.root else "",
                               dict(spec.annotations))
+            if spec.hooks and spec.hooks.get("poststop"):
+                state["poststop"] = spec.hooks["poststop"]  # for ``delete``
             sandbox = pod_sandbox(root, spec)
             if sandbox is None:  # namespace paths of another container: join its UVM
                 sandbox, spec = namespace_sandbox(root, spec)
@@ -92,9 +97,16 @@ def create(root: str, container_id: str, bundle: str, *, pid_file: str | None,
                 cdir.write(state)
                 pid = _join_pod(cdir, sandbox, spec, terminal, console_socket)
             else:
+                from uvmshim.runc.cgroups import cgroup_path
+                from uvmshim.uvm.sizing import uvm_size
+
+                size = uvm_size(spec.linux, spec.annotations)  # errors before any VM
+                cgroup = cgroup_path(str((spec.linux or {}).get("cgroupsPath") or ""),
+                                     systemd_cgroup)
                 state["vm_id"] = f"oci-{uuid.uuid4().hex[:12]}"
                 cdir.write(state)
-                pid = _fork_shim(cdir, spec, terminal, console_socket, log_path, debug)
+                pid = _fork_shim(cdir, spec, terminal, console_socket, log_path, debug,
+                                 memory_mb=size.memory_mb, cpus=size.cpus, cgroup=cgroup)
             if pid_file:
                 _write_pid_file(pid_file, pid)
     except BaseException:
@@ -197,7 +209,8 @@ def _join_pod(cdir: ContainerDir, sandbox: ContainerDir, spec: Spec, terminal: b
 
 
 def _fork_shim(cdir: ContainerDir, spec: Spec, terminal: bool, console_socket: str | None,
-               log_path: str | None, debug: bool) -> int:
+               log_path: str | None, debug: bool, *, memory_mb: int, cpus: int,
+               cgroup: str) -> int:
     stdio, slave = _console(terminal, console_socket)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
@@ -213,7 +226,7 @@ def _fork_shim(cdir: ContainerDir, spec: Spec, terminal: bool, console_socket: s
             from uvmshim.runc.shim import ShimConfig, run_shim
 
             cfg = ShimConfig(cdir=cdir, spec=spec, stdin=fds[0], stdout=fds[1], stderr=fds[2],
-                             ready_fd=ready_w)
+                             ready_fd=ready_w, memory_mb=memory_mb, cpus=cpus, cgroup=cgroup)
             code = run_shim(cfg, log_path, debug)
         finally:
             os._exit(code)
@@ -302,13 +315,19 @@ def cleanup(cdir: ContainerDir) -> list[str]:
     """Reclaim whatever a dead shim left (its VM directory, QEMU, mounts), remove the state dir."""
     problems: list[str] = []
     vm_id = None
+    cgroups: Any = None
     with contextlib.suppress(UvmshimError):
-        vm_id = cdir.read().get("vm_id")
+        st = cdir.read()
+        vm_id, cgroups = st.get("vm_id"), st.get("cgroups")
     if isinstance(vm_id, str) and vm_id:
         from uvmshim.uvm.qemu.machine import list_leftovers, reclaim
 
         for left in list_leftovers(hostpath.vm_dir()):
             if left.state_dir.name == vm_id:
                 problems += reclaim(left)
+    if isinstance(cgroups, list) and cgroups:  # after QEMU and the shim are gone
+        from uvmshim.runc.cgroups import remove
+
+        problems += [f"cgroup {d} is still in use" for d in remove([str(c) for c in cgroups])]
     shutil.rmtree(cdir.path, ignore_errors=True)
     return problems

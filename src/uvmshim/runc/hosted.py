@@ -59,6 +59,9 @@ class Hosted:
         self._out: asyncio.Task[Any] | None = None
         self._in: asyncio.Task[Any] | None = None
         self._terminal = contextlib.ExitStack()  # the slave's raw mode, the size watcher
+        #: The ``poststart`` hooks (set by the owner): run once the init runs; a failure fails
+        #: ``start`` and kills the container, as runc does.
+        self.poststart: Callable[[], Coroutine[Any, Any, None]] | None = None
 
     def _set(self, status: str) -> None:
         self.status = status
@@ -129,6 +132,13 @@ class Hosted:
                             terminal.console_size_of(c.spec.raw.get("process")))
         self._set("running")
         self.running.set()
+        if self.poststart is not None:
+            try:
+                await self.poststart()
+            except UvmshimError:
+                with contextlib.suppress(UvmshimError):
+                    await self.signal(signal.SIGKILL, True)
+                raise
         return {}
 
     async def kill(self, request: dict[str, Any]) -> dict[str, Any]:

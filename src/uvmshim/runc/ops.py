@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,11 @@ def delete(root: str, container_id: str, force: bool) -> None:
                     os.kill(int(st["pid"]), signal.SIGKILL)
                 _wait_gone(st, 10)
         problems = cleanup(cdir)
+    if st.get("poststop"):  # after the container and its UVM are gone; failures only warned
+        from uvmshim.runc.hooks import run_hooks_sync
+
+        for warning in run_hooks_sync({"poststop": st["poststop"]}, "poststop", st, "stopped"):
+            print(f"uvmshim: warning: {warning}", file=sys.stderr)
     if problems:
         raise UvmshimError(f"delete {container_id}: " + "; ".join(problems))
 

@@ -57,6 +57,9 @@ class ShimConfig:
     ready_fd: int
     memory_mb: int = 512
     cpus: int = 2
+    #: ``linux.cgroupsPath`` below the hierarchies' roots ("" if none): the shim and its QEMU
+    #: go there (:mod:`uvmshim.runc.cgroups`).
+    cgroup: str = ""
 
 
 class Shim:
@@ -85,6 +88,8 @@ class Shim:
         try:
             options = UvmOptions.from_annotations(self.cfg.spec.annotations)
             vm_id = self.cfg.cdir.read().get("vm_id")
+            if self.cfg.cgroup:  # before QEMU starts: it inherits the cgroup
+                self._join_cgroup()
             async with start_uvm(options, memory_mb=self.cfg.memory_mb, cpus=self.cfg.cpus,
                                  vm_id=vm_id) as uvm:
                 self.uvm = uvm
@@ -123,6 +128,16 @@ class Shim:
                     os.close(fd)
         return code
 
+    def _join_cgroup(self) -> None:
+        from uvmshim.runc import cgroups
+
+        resources = (self.cfg.spec.linux or {}).get("resources")
+        limits = cgroups.bounds(resources if isinstance(resources, dict) else None,
+                                self.cfg.memory_mb)
+        dirs = cgroups.place(os.getpid(), self.cfg.cgroup, limits)
+        self.cfg.cdir.update(cgroups=dirs)  # ``delete`` removes them
+        log.info("cgroup %s, bounds %s", self.cfg.cgroup, limits)
+
     async def _serve(self, main: Hosted) -> int:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         listener.bind(os.fspath(self.cfg.cdir.socket))
@@ -131,6 +146,8 @@ class Shim:
         accept = asyncio.create_task(self._accept_loop(listener))
         try:
             pid = os.getpid()
+            await self._create_hooks(self.cfg.spec, pid)
+            main.poststart = lambda: self._poststart(self.cfg.spec, self.id, pid)
             self.cfg.cdir.update(status="created", pid=pid, shim_start=procscan.start_time(pid))
             if not self._ready({"ok": True, "pid": pid}):
                 return 255  # create's caller is gone: nobody will ever start this container
@@ -258,6 +275,12 @@ class Shim:
             hosted = Hosted(container, self.uvm, (fds[0], fds[1], fds[2]), self._spawn,
                             lambda st: member_dir.update(status=st))
             self.members[member_id] = hosted
+            member_spec = Spec.from_json(request.get("spec"))
+            # The member's own pid exists once it is created: its hooks get the sandbox's shim
+            # (the process that holds the UVM and the container)
+            await self._create_hooks(member_spec, os.getpid(), member_dir)
+            hosted.poststart = lambda: self._poststart(member_spec, member_id, os.getpid(),
+                                                       member_dir)
             task = asyncio.current_task()
             if task is not None:  # always, in a coroutine run by a task
                 self._member_tasks.add(task)
@@ -277,6 +300,27 @@ class Shim:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._member_tasks.discard(asyncio.current_task())
+
+    async def _create_hooks(self, spec: Spec, pid: int, cdir: ContainerDir | None = None
+                            ) -> None:
+        """``prestart`` then ``createRuntime`` hooks (:mod:`uvmshim.runc.hooks`): the container
+        exists in the guest and waits; a failure fails ``create``."""
+        if not spec.hooks:
+            return
+        from uvmshim.runc.hooks import run_hooks
+
+        state = {**(cdir or self.cfg.cdir).read(), "pid": pid}
+        for name in ("prestart", "createRuntime"):
+            await run_hooks(spec.hooks, name, state, "creating")
+
+    async def _poststart(self, spec: Spec, container_id: str, pid: int,
+                         cdir: ContainerDir | None = None) -> None:
+        if not spec.hooks or not spec.hooks.get("poststart"):
+            return
+        from uvmshim.runc.hooks import run_hooks
+
+        state = {**(cdir or self.cfg.cdir).read(), "id": container_id, "pid": pid}
+        await run_hooks(spec.hooks, "poststart", state, "running")
 
     async def _guest_exec(self, request: dict[str, Any]) -> dict[str, Any]:
         """Run a command in the UVM itself (diagnostics)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 
 from uvmshim.allocator import ANNOTATION_CONTAINER_TYPE, ANNOTATION_SANDBOX_ID
@@ -19,6 +19,7 @@ from uvmshim.runtime.container import Container
 from uvmshim.runtime.specgen import RunOptions, build_spec
 from uvmshim.runtime.vm import QemuUvm, start_uvm
 from uvmshim.spec import Spec
+from uvmshim.uvm.network import ANNOTATION_NETWORK, ANNOTATION_PUBLISH
 from uvmshim.uvm.options import UvmOptions
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,25 @@ log = logging.getLogger(__name__)
 PAUSE_ARGS = ("sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done")
 
 
-def pause_spec(rootfs: str) -> Spec:
-    """A sandbox spec that runs :data:`PAUSE_ARGS` from a rootfs directory holding a shell."""
-    return build_spec(RunOptions(args=PAUSE_ARGS, rootfs=rootfs, hostname="pod"))
+def pause_spec(rootfs: str, *, network: str = "none", publish: Sequence[str] = ()) -> Spec:
+    """A sandbox spec that runs :data:`PAUSE_ARGS` from a rootfs directory holding a shell,
+    on ``network`` (``none`` or ``nat``) with the ports ``publish`` (``-p`` values)."""
+    return build_spec(RunOptions(args=PAUSE_ARGS, rootfs=rootfs, hostname="pod",
+                                 network=network, publish=publish))
 
 
-def _annotate(spec: Spec, kind: str, sandbox_id: str) -> Spec:
-    annotations = {**spec.annotations, ANNOTATION_CONTAINER_TYPE: kind,
-                   ANNOTATION_SANDBOX_ID: sandbox_id}
+def _annotate(spec: Spec, kind: str, sandbox_id: str,
+              sandbox: Mapping[str, str] | None = None) -> Spec:
+    """``spec`` as a CRI ``kind`` of pod ``sandbox_id``; a workload is on the sandbox's
+    user-mode network (its annotations ``sandbox``: one network namespace per pod, whose
+    ports the sandbox published) and on no other."""
+    annotations = dict(spec.annotations)
+    if sandbox is not None:
+        annotations.pop(ANNOTATION_NETWORK, None)
+        annotations.pop(ANNOTATION_PUBLISH, None)
+        if ANNOTATION_NETWORK in sandbox:
+            annotations[ANNOTATION_NETWORK] = sandbox[ANNOTATION_NETWORK]
+    annotations.update({ANNOTATION_CONTAINER_TYPE: kind, ANNOTATION_SANDBOX_ID: sandbox_id})
     return replace(spec, annotations=annotations)
 
 
@@ -70,7 +82,8 @@ class Pod:
         if container_id in self.containers or container_id == self.id:
             raise UvmshimError(f"pod {self.id} already has a container {container_id}")
         container = Container(self.uvm.vm, self.uvm.agent, container_id,
-                              _annotate(spec, "container", self.id))
+                              _annotate(spec, "container", self.id,
+                                        self.sandbox.spec.annotations))
         await container.create(stdin=stdin)
         self.containers[container_id] = container
         return container

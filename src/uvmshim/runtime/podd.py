@@ -32,7 +32,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from uvmshim import owners
@@ -174,14 +174,16 @@ async def _client_input(reader: asyncio.StreamReader, proc: Container | Containe
         task.cancel()
 
 
-async def serve(name: str, rootfs: str, memory_mb: int, cpus: int) -> None:
+async def serve(name: str, rootfs: str, memory_mb: int, cpus: int, *, network: str = "none",
+                publish: Sequence[str] = ()) -> None:
     directory = pod_dir(name)
     sock = directory / "pod.sock"
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
-    async with run_pod(name, pause_spec(rootfs), memory_mb=memory_mb, cpus=cpus) as pod:
+    sandbox = pause_spec(rootfs, network=network, publish=publish)
+    async with run_pod(name, sandbox, memory_mb=memory_mb, cpus=cpus) as pod:
         server_state = PodServer(pod, stopped)
         server = await asyncio.start_unix_server(server_state.handle, path=str(sock))
         (directory / "ready").write_text(str(os.getpid()))
@@ -201,6 +203,8 @@ def main() -> None:
     parser.add_argument("--rootfs", required=True)
     parser.add_argument("--memory", type=int, default=512)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--network", default="none")
+    parser.add_argument("--publish", action="append", default=[])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     directory = pod_dir(args.name)
@@ -208,7 +212,8 @@ def main() -> None:
     # exits once the pod is ready): a killed daemon's pod is reclaimed by the next command.
     owners.acquire(owners.DIR, directory)
     try:
-        asyncio.run(serve(args.name, args.rootfs, args.memory, args.cpus))
+        asyncio.run(serve(args.name, args.rootfs, args.memory, args.cpus,
+                          network=args.network, publish=args.publish))
     except UvmshimError as err:
         print(f"error: {err}", file=sys.stderr)
         (directory / "failed").write_text(str(err))

@@ -20,6 +20,7 @@ from typing import Any
 from uvmshim.errors import UvmshimError
 from uvmshim.runtime.seccomp import default_profile
 from uvmshim.spec import Spec
+from uvmshim.uvm.network import network_annotations
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: podman's default capability set.
@@ -91,6 +92,8 @@ class RunOptions:
     read_only_root: bool = False
     terminal: bool = False
     annotations: dict[str, str] = field(default_factory=dict)
+    network: str = "none"  # or "nat": QEMU's user-mode network (uvmshim.uvm.network)
+    publish: Sequence[str] = ()  # [IP:]HOST:CTR[/tcp|udp]
 
 
 def _split(value: str, flag: str, *, ro_allowed: bool = True) -> tuple[str, str, bool]:
@@ -162,8 +165,9 @@ def build_spec(opts: RunOptions) -> Spec:
             "seccomp": default_profile(DEFAULT_CAPS),
         },
     }
-    if opts.annotations:
-        spec["annotations"] = dict(opts.annotations)
+    annotations = {**opts.annotations, **network_annotations(opts.network, opts.publish)}
+    if annotations:
+        spec["annotations"] = annotations
     if opts.layers:
         spec["windows"] = {"layerFolders": [os.path.abspath(p) for p in opts.layers]}
     elif opts.rootfs:

@@ -30,6 +30,16 @@ class LayerRef:
     path: str
 
 
+@dataclass(frozen=True)
+class Plan9Add:
+    """One share of :meth:`HostBackend.plan9_add_batch` (the arguments of ``plan9_add``)."""
+
+    name: str
+    host_path: str
+    read_only: bool
+    allowed_files: tuple[str, ...] = ()
+
+
 class HostBackend(Protocol):
     """Virtual hardware changes: the HCS half of hcsshim's ``modify``."""
 
@@ -48,6 +58,16 @@ class HostBackend(Protocol):
 
     async def plan9_remove(self, name: str) -> None:
         """Stop sharing ``name``."""
+
+    async def plan9_add_batch(self, shares: Sequence[Plan9Add]) -> None:
+        """Share each of ``shares`` in one host round, all or none.
+
+        :raises BatchError: naming the item that failed (the others are undone too).
+        """
+
+    async def plan9_remove_batch(self, names: Sequence[str]) -> dict[str, str]:
+        """Stop sharing each of ``names``, in order, attempting every one; return why, per
+        name, for those still shared."""
 
     async def vpmem_add(self, device: int, host_path: str) -> None:
         """Expose ``host_path`` read-only as vPMEM device ``device``."""
@@ -90,6 +110,15 @@ class GuestBackend(Protocol):
 
     async def unmount_plan9(self, name: str, guest_path: str) -> None:
         """Unmount share ``name`` from ``guest_path`` and remove the directory."""
+
+    async def mount_plan9_batch(self, shares: Sequence[tuple[str, str, bool]]) -> None:
+        """Make each share ``(name, guest_path, read_only)`` appear at its guest path, all or
+        none (one request; the guest path may be a link into the export rather than a mount:
+        the host makes a read-only share read-only)."""
+
+    async def unmount_plan9_batch(self, shares: Sequence[tuple[str, str]]) -> dict[str, str]:
+        """Take each share ``(name, guest_path)`` away, in order, attempting every one;
+        return why, per name, for those that stay."""
 
     async def mount_vpmem(self, device: int, guest_path: str, *,
                           verity: Verity | None = None) -> None:

@@ -12,15 +12,17 @@ namespace and its NICs; they are removed when the last container lets go.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from uvmshim.errors import ReleaseError, UvmError, UvmshimError
-from uvmshim.protocol.constants import guest_netns_path
+from uvmshim.protocol.constants import CONTAINER_NS_PREFIX, guest_netns_path
+from uvmshim.protocol.requests import format_route
 from uvmshim.uvm.backend import GuestBackend, HostBackend, host_then_guest
 from uvmshim.uvm.hostnet import Endpoint, NetworkError, read_endpoints
 
@@ -217,13 +219,35 @@ def host_netns_key(path: str) -> str:
     return f"netns:{st.st_dev}:{st.st_ino}"
 
 
-async def connect_network(manager: NetworkManager, linux: dict[str, Any] | None
+async def connect_network(manager: NetworkManager, linux: dict[str, Any] | None,
+                          annotations: Mapping[str, str] | None = None
                           ) -> NetworkNamespace | None:
     """The guest network namespace for a container whose spec's ``linux`` section is
-    ``linux``: None if it names no host namespace; else the UVM's namespace for it, made
-    (and its endpoints connected) on first use."""
+    ``linux``: the UVM's namespace for the host namespace it names, or the user-mode network
+    its ``annotations`` ask for (:data:`ANNOTATION_NETWORK`), made (and its endpoints
+    connected) on first use; None if neither.
+
+    :raises NetworkError: both, or a user-mode network without a network namespace entry.
+    """
     path = spec_netns_path(linux)
-    if not path:
+    forwards = user_network_forwards(annotations or {})
+    if forwards is not None:
+        if path:
+            raise NetworkError(
+                f"the spec names the network namespace {path} and asks for uvmshim's "
+                f"user-mode network ({ANNOTATION_NETWORK}={NETWORK_NAT})",
+                where=f"annotations[{ANNOTATION_NETWORK!r}]", hint="choose one")
+        if not _has_netns_entry(linux):
+            raise NetworkError(
+                "a user-mode network needs a network namespace of the container's own",
+                where="linux.namespaces", hint='add {"type": "network"}')
+        found = manager.find(USER_NETWORK_KEY)
+        if found is not None:  # a pod's workload joins its sandbox's
+            return found
+        return await manager.add(USER_NETWORK_KEY, [user_endpoint()], host_forwards=forwards)
+    if not path or path.startswith(CONTAINER_NS_PREFIX):
+        # none, or another container's namespace in the same UVM: the agent joins that
+        # one (uvmshim.runc.namespaces); its NIC, if any, was connected for that container
         return None
     key = host_netns_key(path)
     found = manager.find(key)
@@ -231,6 +255,143 @@ async def connect_network(manager: NetworkManager, linux: dict[str, Any] | None
         return found
     endpoints = await read_endpoints(path)
     return await manager.add(key, endpoints, host_path=path)
+
+
+def _has_netns_entry(linux: dict[str, Any] | None) -> bool:
+    return any(isinstance(ns, dict) and ns.get("type") == "network"
+               for ns in (linux or {}).get("namespaces") or [])
+
+
+# Section: uvmshim's own user-mode network (``uvmshim run --network=nat -p ...``)
+
+#: The network a spec asks for besides a host namespace: :data:`NETWORK_NAT` (QEMU's
+#: user-mode network, libslirp) or ``none`` (the default: no NIC).
+ANNOTATION_NETWORK = "io.uvmshim.network"
+#: The ports published from the host into the user-mode network: QEMU ``hostfwd`` rules
+#: (:func:`publish_rule`), separated by commas. Only with :data:`ANNOTATION_NETWORK`.
+ANNOTATION_PUBLISH = "io.uvmshim.network.publish"
+NETWORK_NAT = "nat"
+NETWORK_MODES = ("none", NETWORK_NAT)
+#: The manager's key of the user-mode network (one per UVM; a pod's containers share it).
+USER_NETWORK_KEY = "user"
+#: libslirp's defaults: the guest's address, the gateway (which is also the host's
+#: loopback: a connection to it reaches the host's 127.0.0.1) and the DNS forwarder.
+USER_NET = "10.0.2.0/24"
+USER_ADDRESS = "10.0.2.15/24"
+USER_GATEWAY = "10.0.2.2"
+USER_DNS = "10.0.2.3"
+USER_MAC = "52:54:00:75:76:01"
+USER_MTU = 1500
+
+_PROTOCOLS = ("tcp", "udp")
+
+
+def user_endpoint() -> Endpoint:
+    """The guest's NIC on the user-mode network (configured statically: there is no DHCP
+    client in the UVM, and none is needed)."""
+    return Endpoint("eth0", 0, USER_MAC, USER_MTU, (USER_ADDRESS,),
+                    (format_route("0.0.0.0/0", USER_GATEWAY),))
+
+
+def _port(text: str, what: str, value: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise NetworkError(f"{what} must be a number from 1 to 65535, got {text!r} in "
+                           f"{value!r}", where="-p")
+    return int(text)
+
+
+def publish_rule(value: str) -> str:
+    """``[IP:]HOST:CTR[/tcp|udp]`` (``-p``, as podman's) → a QEMU ``hostfwd`` rule.
+
+    As with podman, without ``IP`` the port is published on every address of the host
+    (``0.0.0.0``); ``127.0.0.1:`` publishes it on loopback only. IPv4 only.
+
+    :raises NetworkError: anything else.
+    """
+    spec, _, proto = value.partition("/")
+    proto = proto or "tcp"
+    if proto not in _PROTOCOLS:
+        raise NetworkError(f"unknown protocol {proto!r} in {value!r}", where="-p",
+                           hint="use /tcp or /udp")
+    parts = spec.split(":")
+    if len(parts) == 2:
+        parts.insert(0, "0.0.0.0")
+    if len(parts) != 3:
+        raise NetworkError(f"expected [IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp], got {value!r}",
+                           where="-p", hint="e.g. -p 127.0.0.1:8080:80")
+    try:
+        address = ipaddress.IPv4Address(parts[0])
+    except ValueError:
+        raise NetworkError(f"{parts[0]!r} is not an IPv4 address of this host (in {value!r})",
+                           where="-p", hint="the user-mode network publishes on IPv4 "
+                                            "only; e.g. 127.0.0.1 or 0.0.0.0") from None
+    host = _port(parts[1], "the host port", value)
+    ctr = _port(parts[2], "the container port", value)
+    return f"{proto}:{address}:{host}-:{ctr}"
+
+
+def network_annotations(mode: str, publish: Sequence[str]) -> dict[str, str]:
+    """The annotations that ask for ``mode`` (``none`` or ``nat``) with ``publish`` (``-p``
+    values) on a spec.
+
+    :raises NetworkError: an unknown mode, ``-p`` without ``nat``, a bad or twice-published
+    port.
+    """
+    if mode not in NETWORK_MODES:
+        raise NetworkError(f"unknown network {mode!r}", where="--network",
+                           hint=f"use one of {', '.join(NETWORK_MODES)}")
+    if mode != NETWORK_NAT:
+        if publish:
+            raise NetworkError("publishing a port needs a network", where="-p",
+                               hint=f"add --network={NETWORK_NAT}")
+        return {}
+    rules = [publish_rule(p) for p in publish]
+    seen: set[str] = set()
+    for rule, value in zip(rules, publish, strict=True):
+        proto, _, rest = rule.partition(":")
+        host_port = f"{proto}:{rest.split('-')[0].rsplit(':', 1)[1]}"
+        if host_port in seen:
+            raise NetworkError(f"host port {host_port} is published twice ({value!r})",
+                               where="-p")
+        seen.add(host_port)
+    out = {ANNOTATION_NETWORK: NETWORK_NAT}
+    if rules:
+        out[ANNOTATION_PUBLISH] = ",".join(rules)
+    return out
+
+
+def user_network_forwards(annotations: Mapping[str, str]) -> list[str] | None:
+    """The ``hostfwd`` rules of a spec asking for the user-mode network; None if it does not.
+
+    :raises NetworkError: a bad annotation (they are checked again: a spec may come from
+        anywhere).
+    """
+    mode = annotations.get(ANNOTATION_NETWORK, "none")
+    publish = annotations.get(ANNOTATION_PUBLISH, "")
+    if mode not in NETWORK_MODES:
+        raise NetworkError(f"unknown network {mode!r}",
+                           where=f"annotations[{ANNOTATION_NETWORK!r}]",
+                           hint=f"use one of {', '.join(NETWORK_MODES)}")
+    if mode != NETWORK_NAT:
+        if publish:
+            raise NetworkError(f"{ANNOTATION_PUBLISH} needs {ANNOTATION_NETWORK}={NETWORK_NAT}",
+                               where=f"annotations[{ANNOTATION_PUBLISH!r}]")
+        return None
+    rules = [r for r in publish.split(",") if r]
+    for rule in rules:
+        proto, _, rest = rule.partition(":")
+        addr, _, ports = rest.partition(":")
+        host, _, guest = ports.partition("-:")
+        try:
+            ok = (proto in _PROTOCOLS and ipaddress.IPv4Address(addr) is not None
+                  and host.isdigit() and guest.isdigit()
+                  and 0 < int(host) < 65536 and 0 < int(guest) < 65536)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise NetworkError(f"bad published port {rule!r}: expected PROTO:IP:HOST-:CTR",
+                               where=f"annotations[{ANNOTATION_PUBLISH!r}]")
+    return rules
 
 
 def rewrite_netns(oci: dict[str, Any], guest_path: str) -> None:

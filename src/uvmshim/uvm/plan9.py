@@ -3,16 +3,25 @@
 Each call makes a new share, named from a per-UVM counter that starts at ``"0"``; names are
 never reused and there is no de-duplication (hcsshim behaves the same). A restricted share
 exposes only ``allowed_names`` inside the shared directory: the single-file bind mount.
+
+Batches: :meth:`Plan9Manager.add_batch` makes N shares with one host round and one guest
+request (all or none), with the same names, guest paths and handles as N calls of
+:meth:`Plan9Manager.add` would give. Releasing such shares newest first, together
+(:func:`uvmshim.resources.release_newest_first` hands a run of them to their
+:class:`Plan9Batch`), is again one guest request and one host round. hcsshim makes one share
+per mount (a guest mount each); this is Kata's model instead: the guest mounts the export once
+and each batched share's guest path is a link into it (measured in ``bench/bench_binds.py``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from uvmshim.errors import UvmError, UvmshimError
-from uvmshim.uvm.backend import GuestBackend, HostBackend, host_then_guest
+from uvmshim.errors import BatchError, UvmError, UvmshimError
+from uvmshim.uvm.backend import GuestBackend, HostBackend, Plan9Add, host_then_guest
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,8 @@ class Plan9Share:
         self.guest_path = guest_path
         self.read_only = read_only
         self.allowed_names = allowed_names
+        #: The batch this share was made in (released together with its neighbours).
+        self.batch: Plan9Batch | None = None
         self._guest_released = False
         self._released = False
 
@@ -69,6 +80,31 @@ class Plan9Share:
             "allowed_files": list(self.allowed_names), "flags": self.flags,
             "port": PLAN9_PORT,
         }
+
+
+@dataclass(frozen=True)
+class Plan9Request:
+    """One share of :meth:`Plan9Manager.add_batch` (the arguments of ``add``)."""
+
+    host_path: str
+    guest_path: str
+    read_only: bool
+    restrict: bool = False
+    allowed_names: tuple[str, ...] = ()
+
+
+class Plan9Batch:
+    """The shares made by one :meth:`Plan9Manager.add_batch`."""
+
+    def __init__(self, manager: Plan9Manager) -> None:
+        self._manager = manager
+
+    async def release_members(
+        self, shares: Sequence[Plan9Share]
+    ) -> list[tuple[Plan9Share, UvmshimError]]:
+        """Release ``shares`` (some of this batch, newest first) in one guest request and one
+        host round; return the ones that failed with why (they stay tracked)."""
+        return await self._manager.remove_batch(shares)
 
 
 class Plan9Manager:
@@ -110,6 +146,93 @@ class Plan9Manager:
         share = Plan9Share(self, name, host_path, guest_path, read_only, allowed)
         self._shares[name] = share
         return share
+
+    async def add_batch(self, requests: Sequence[Plan9Request]) -> list[Plan9Share]:
+        """:meth:`add` for each of ``requests``, in one host round and one guest request, all
+        or none. Names come from the counter in order, as from successive :meth:`add` calls.
+
+        :raises BatchError: (a :class:`UvmError` context is added by the caller) naming the
+            request that failed on the host; a guest failure is raised as the guest said.
+        """
+        for k, req in enumerate(requests):
+            if not req.guest_path:
+                raise BatchError("uvmPath must be passed to AddPlan9", k)
+            if not req.read_only and self._no_writable_file_shares:
+                err = BatchError("adding writable shares is denied: operation denied", k)
+                err.hint = "mount it read-only (option \"ro\")"
+                raise err
+        if not requests:
+            return []
+        first = self._counter
+        self._counter += len(requests)
+        names = [str(first + k) for k in range(len(requests))]
+        adds = [Plan9Add(name, req.host_path, req.read_only,
+                         tuple(req.allowed_names or ()) if req.restrict else ())
+                for name, req in zip(names, requests, strict=True)]
+        host, guest = self._host, self._guest
+
+        async def undo() -> None:
+            failed = await host.plan9_remove_batch(list(reversed(names)))
+            if failed:
+                raise UvmError("; ".join(failed.values()))
+
+        await host_then_guest(
+            lambda: host.plan9_add_batch(adds),
+            lambda: guest.mount_plan9_batch(
+                [(a.name, r.guest_path, r.read_only)
+                 for a, r in zip(adds, requests, strict=True)]),
+            undo,
+        )
+        batch = Plan9Batch(self)
+        shares = []
+        for a, req in zip(adds, requests, strict=True):
+            share = Plan9Share(self, a.name, a.host_path, req.guest_path, req.read_only,
+                               a.allowed_files)
+            share.batch = batch
+            self._shares[a.name] = share
+            shares.append(share)
+        return shares
+
+    async def remove_batch(
+        self, shares: Sequence[Plan9Share]
+    ) -> list[tuple[Plan9Share, UvmshimError]]:
+        """Release ``shares`` in the order given (newest first): the guest step of all in one
+        request, then the host step of those the guest let go, in one round. Returns the shares
+        that failed, with why; they stay tracked (a retry releases exactly those)."""
+        failures: dict[str, UvmshimError] = {}
+        pending = [s for s in shares if not s._released]
+        in_guest = [s for s in pending if not s._guest_released]
+        if in_guest:
+            try:
+                failed = await self._guest.unmount_plan9_batch(
+                    [(s.name, s.guest_path) for s in in_guest])
+            except UvmshimError as err:
+                failed = {s.name: str(err) for s in in_guest}
+            for s in in_guest:
+                if s.name in failed:
+                    failures[s.name] = UvmError(failed[s.name])
+                else:
+                    s._guest_released = True
+        on_host = [s for s in pending if s._guest_released]
+        if on_host:
+            try:
+                failed = await self._host.plan9_remove_batch([s.name for s in on_host])
+            except UvmshimError as err:
+                failed = {s.name: str(err) for s in on_host}
+            for s in on_host:
+                if s.name in failed:
+                    failures[s.name] = UvmError(failed[s.name])
+                else:
+                    s._released = True
+                    del self._shares[s.name]
+        out: list[tuple[Plan9Share, UvmshimError]] = []
+        for s in pending:
+            why = failures.get(s.name)
+            if why is not None:
+                why.wrap(f"failed to remove plan9 share: failed to remove plan9 share {s.name} "
+                         f"from {self._vm_id}")
+                out.append((s, why))
+        return out
 
     async def remove(self, share: Plan9Share) -> None:
         try:

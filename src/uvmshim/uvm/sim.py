@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from uvmshim.errors import BackendError, os_error_text
+from uvmshim.errors import BackendError, BatchError, os_error_text
 from uvmshim.protocol.verity import Verity
-from uvmshim.uvm.backend import LayerRef
+from uvmshim.uvm.backend import LayerRef, Plan9Add
 from uvmshim.uvm.hostnet import Endpoint
 from uvmshim.uvm.options import LUNS_PER_CONTROLLER, UvmOptions
 from uvmshim.uvm.utilityvm import UtilityVM
@@ -136,6 +136,31 @@ class SimulatedBackend:
             raise BackendError(f"plan9 share {name} is still mounted in the guest")
         del self.shares[name]
 
+    async def plan9_add_batch(self, shares: Sequence[Plan9Add]) -> None:
+        # One host round in a real UVM; recorded as its per-share operations, in order.
+        added: list[str] = []
+        try:
+            for k, sh in enumerate(shares):
+                try:
+                    await self.plan9_add(sh.name, sh.host_path, read_only=sh.read_only,
+                                         allowed_files=sh.allowed_files)
+                except BackendError as err:
+                    raise BatchError(err.message, k) from None
+                added.append(sh.name)
+        except BaseException:
+            for name in reversed(added):
+                await self.plan9_remove(name)
+            raise
+
+    async def plan9_remove_batch(self, names: Sequence[str]) -> dict[str, str]:
+        failed: dict[str, str] = {}
+        for name in names:
+            try:
+                await self.plan9_remove(name)
+            except BackendError as err:
+                failed[name] = err.message
+        return failed
+
     async def vpmem_add(self, device: int, host_path: str) -> None:
         self._record("host", "vpmem-add", device=device, path=host_path)
         if not 0 <= device < self.options.effective_vpmem_count:
@@ -250,6 +275,27 @@ class SimulatedBackend:
     async def unmount_plan9(self, name: str, guest_path: str) -> None:
         self._record("guest", "unmount-plan9", name=name, path=guest_path)
         self._unmount(guest_path, "plan9")
+
+    async def mount_plan9_batch(self, shares: Sequence[tuple[str, str, bool]]) -> None:
+        # One agent request in a real UVM; recorded as its per-share mounts, in order.
+        done: list[tuple[str, str]] = []
+        try:
+            for name, guest_path, read_only in shares:
+                await self.mount_plan9(name, guest_path, read_only=read_only)
+                done.append((name, guest_path))
+        except BaseException:
+            for name, guest_path in reversed(done):
+                await self.unmount_plan9(name, guest_path)
+            raise
+
+    async def unmount_plan9_batch(self, shares: Sequence[tuple[str, str]]) -> dict[str, str]:
+        failed: dict[str, str] = {}
+        for name, guest_path in shares:
+            try:
+                await self.unmount_plan9(name, guest_path)
+            except BackendError as err:
+                failed[name] = err.message
+        return failed
 
     async def mount_vpmem(self, device: int, guest_path: str, *,
                           verity: Verity | None = None) -> None:

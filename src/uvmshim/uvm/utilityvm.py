@@ -19,7 +19,7 @@ from uvmshim.resources import Resource, release_newest_first
 from uvmshim.uvm.backend import GuestBackend, HostBackend, LayerRef
 from uvmshim.uvm.network import NetworkManager
 from uvmshim.uvm.options import UvmOptions
-from uvmshim.uvm.plan9 import Plan9Manager, Plan9Share
+from uvmshim.uvm.plan9 import Plan9Manager, Plan9Request, Plan9Share
 from uvmshim.uvm.scsi import ScsiManager, ScsiMount, VMAccess
 from uvmshim.uvm.vpci import VPCIDevice, VPCIManager
 from uvmshim.uvm.vpmem import VPMemManager, VPMemMount
@@ -88,6 +88,10 @@ class UtilityVM:
                         allowed_names: Sequence[str] | None = None) -> Plan9Share:
         return await self.plan9.add(host_path, guest_path, read_only=read_only,
                                     restrict=restrict, allowed_names=allowed_names)
+
+    async def add_plan9_batch(self, requests: Sequence[Plan9Request]) -> list[Plan9Share]:
+        """Many shares in one host round and one guest request (see :mod:`uvmshim.uvm.plan9`)."""
+        return await self.plan9.add_batch(requests)
 
     async def add_vpmem(self, host_path: str, *, verity: Verity | None = None) -> VPMemMount:
         return await self.vpmem.add(host_path, verity=verity)

@@ -322,6 +322,11 @@ class AgentConnection:
                     self._on_event(msg)
         except (ProtocolError, OSError, ConnectionError) as err:
             self._fail(AgentConnectionError(f"agent connection lost: {err}"))
+        except Exception as err:
+            # A bug here must not leave the connection RUNNING with nobody reading: every
+            # request would then wait out its timeout.
+            log.exception("agent connection reader failed")
+            self._fail(AgentConnectionError(f"agent connection lost: internal error: {err!r}"))
 
     def _on_response(self, msg: Response) -> None:
         sink = self._routes.pop(msg.id, None)

@@ -44,8 +44,9 @@ from pathlib import Path
 from qemu.qmp import ExecuteError, QMPError
 
 from ...asyncutil import finish_despite_cancel
-from ...errors import BackendError
+from ...errors import BackendError, BatchError
 from .. import hostnet
+from ..backend import Plan9Add
 from . import mounts
 from .cmdline import root_port_id, scsi_controller_id
 from .images import ImageFormat, ImageReference, format_of, inspect_image
@@ -518,37 +519,77 @@ class QemuHostBackend:
         for f in allowed_files:
             _check_name("allowed file", f)
         async with self._lock:
-            if name in self._shares:
-                raise BackendError(f"share {name!r} already exists")
-            if not os.path.isdir(host_path):
-                raise BackendError(f"share {name!r}: {host_path} is not a directory")
-            paths = self.machine.paths
-            share = _Share(name, [], [])
+            self._add_share(name, host_path, read_only=read_only, allowed_files=allowed_files)
+
+    async def plan9_add_batch(self, shares: Sequence[Plan9Add]) -> None:
+        """:meth:`plan9_add` for each of ``shares`` in one round (one lock, no QMP), all or
+        none: on a failure the shares already made are undone, newest first.
+
+        :raises BatchError: naming the share that failed.
+        """
+        for k, sh in enumerate(shares):
             try:
-                export = paths.exports_dir / name
-                export.mkdir(mode=0o755)
-                share.created.append(export)
-                if not allowed_files:
-                    target = paths.share_dir / name
-                    mounts.bind_mount(host_path, target, read_only=read_only)
-                    share.targets.append(target)
-                for f in dict.fromkeys(allowed_files):
-                    # Resolve on the host now: the bind pins this exact file.
-                    source = os.path.realpath(os.path.join(host_path, f))
-                    if not os.path.isfile(source):
-                        raise BackendError(
-                            f"share {name!r}: allowed file {f} is not a file in {host_path}"
-                        )
-                    placeholder = export / f
-                    placeholder.touch(mode=0o644, exist_ok=False)
-                    share.created.append(placeholder)
-                    target = paths.share_dir / name / f
-                    mounts.bind_mount(source, target, read_only=read_only)
-                    share.targets.append(target)
+                _check_name("share name", sh.name)
+                for f in sh.allowed_files:
+                    _check_name("allowed file", f)
+            except BackendError as e:
+                raise BatchError(e.message, k) from None
+        async with self._lock:
+            added: list[str] = []
+            try:
+                for k, sh in enumerate(shares):
+                    try:
+                        self._add_share(sh.name, sh.host_path, read_only=sh.read_only,
+                                        allowed_files=sh.allowed_files)
+                    except BackendError as e:
+                        raise BatchError(e.message, k) from None
+                    added.append(sh.name)
             except BaseException:
-                self._undo_share(share)
+                for name in reversed(added):
+                    errors = self._undo_share(self._shares[name])
+                    if errors:
+                        log.warning("rolling back share %s: %s", name, "; ".join(errors))
+                    else:
+                        del self._shares[name]
                 raise
-            self._shares[name] = share
+
+    def _add_share(self, name: str, host_path: str, *, read_only: bool,
+                   allowed_files: Sequence[str]) -> None:
+        """The host part of a share, under the lock (see :meth:`plan9_add`)."""
+        if name in self._shares:
+            raise BackendError(f"share {name!r} already exists")
+        if not os.path.isdir(host_path):
+            raise BackendError(f"share {name!r}: {host_path} is not a directory")
+        paths = self.machine.paths
+        share = _Share(name, [], [])
+        try:
+            export = paths.exports_dir / name
+            export.mkdir(mode=0o755)
+            share.created.append(export)
+            if not allowed_files:
+                target = paths.share_dir / name
+                mounts.bind_mount(host_path, target, read_only=read_only)
+                share.targets.append(target)
+            for f in dict.fromkeys(allowed_files):
+                # Resolve on the host now: the bind pins this exact file.
+                source = os.path.realpath(os.path.join(host_path, f))
+                if not os.path.isfile(source):
+                    raise BackendError(
+                        f"share {name!r}: allowed file {f} is not a file in {host_path}"
+                    )
+                placeholder = export / f
+                placeholder.touch(mode=0o644, exist_ok=False)
+                share.created.append(placeholder)
+                target = paths.share_dir / name / f
+                mounts.bind_mount(source, target, read_only=read_only)
+                share.targets.append(target)
+        except OSError as e:
+            self._undo_share(share)
+            raise BackendError(f"share {name!r}: {e.strerror or e}") from e
+        except BaseException:
+            self._undo_share(share)
+            raise
+        self._shares[name] = share
 
     async def plan9_remove(self, name: str) -> None:
         """Stop sharing ``name``: unmount its binds (lazily if busy) and remove its directory."""
@@ -560,6 +601,23 @@ class QemuHostBackend:
             if errors:
                 raise BackendError(f"removing share {name!r}: " + "; ".join(errors))
             del self._shares[name]
+
+    async def plan9_remove_batch(self, names: Sequence[str]) -> dict[str, str]:
+        """:meth:`plan9_remove` for each of ``names``, in order, in one round, attempting every
+        one; return why, per name, for the shares still there."""
+        failed: dict[str, str] = {}
+        async with self._lock:
+            for name in names:
+                share = self._shares.get(name)
+                if share is None:
+                    failed[name] = f"no share named {name!r}"
+                    continue
+                errors = self._undo_share(share)
+                if errors:
+                    failed[name] = f"removing share {name!r}: " + "; ".join(errors)
+                else:
+                    del self._shares[name]
+        return failed
 
     def _undo_share(self, share: _Share) -> list[str]:
         errors: list[str] = []
@@ -789,7 +847,9 @@ class QemuHostBackend:
                     await self._execute("closefd", {"fdname": fdname}, what)
                 raise
         else:
-            netdev.update({"type": "user", "net": "10.0.2.0/24",
+            # IPv4 only: the guest is configured statically, and without router
+            # advertisements on fec0::/64 the container has exactly the address it is given.
+            netdev.update({"type": "user", "net": "10.0.2.0/24", "ipv6": False,
                            "hostfwd": [{"str": f} for f in host_forwards or ()]})
             await self._execute("netdev_add", netdev, what)
         await self._execute(
