@@ -15,7 +15,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     qemu-system-x86 qemu-utils busybox-static crun e2fsprogs zstd \
-    cryptsetup-bin skopeo docker-registry debootstrap \
+    cryptsetup-bin skopeo docker-registry debootstrap linux-libc-dev \
     podman conmon containerd runc uidmap fuse-overlayfs catatonit \
     ca-certificates >/dev/null
 python3 -m pip install -q -e '.[test]'
