@@ -185,9 +185,8 @@ def cold_runs(rootfs: Path, data: Path, runs: int, every: int, work: Path,
 
 def growth(samples: list[Sample], field_name: str) -> int:
     """How much ``field_name`` grew from the second sample (after warm-up) to the last."""
-    if len(samples) < 3:
-        return getattr(samples[-1], field_name) - getattr(samples[0], field_name)
-    return getattr(samples[-1], field_name) - getattr(samples[1], field_name)
+    first = samples[0] if len(samples) < 3 else samples[1]
+    return int(getattr(samples[-1], field_name)) - int(getattr(first, field_name))
 
 
 def main() -> int:

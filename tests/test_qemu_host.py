@@ -383,6 +383,35 @@ def test_share_errors_leave_nothing_behind(machine: QemuMachine, trees: Path) ->
 
 
 @needs_root
+def test_share_batch_is_all_or_nothing(machine: QemuMachine, trees: Path) -> None:
+    """Issue 15, point 9: many shares in one host round; a bad one undoes the whole batch."""
+    from uvmshim.errors import BatchError
+    from uvmshim.uvm.backend import Plan9Add
+
+    share = machine.paths.share_dir
+    host = QemuHostBackend(machine)
+    good = [Plan9Add(f"b{i}", str(trees / "dir"), read_only=True) for i in range(20)]
+
+    async def main() -> None:
+        bad = [*good[:5], Plan9Add("x", str(trees / "missing"), read_only=True), *good[5:]]
+        with pytest.raises(BatchError, match="not a directory") as info:
+            await host.plan9_add_batch(bad)
+        assert info.value.index == 5
+        assert [m.mount_point for m in mounts_under(share)] == [os.fspath(share)]
+        assert os.listdir(machine.paths.exports_dir) == []
+        files = Plan9Add("f", str(trees / "files"), read_only=False,
+                         allowed_files=("allowed.conf",))
+        await host.plan9_add_batch([*good, files])
+        assert len(mounts_under(share)) == 22
+        assert await host.plan9_remove_batch(["f", "nope", *reversed([g.name for g in good])]) \
+            == {"nope": "no share named 'nope'"}
+        assert [m.mount_point for m in mounts_under(share)] == [os.fspath(share)]
+        assert os.listdir(machine.paths.exports_dir) == []
+
+    _run(main())
+
+
+@needs_root
 def test_busy_share_is_lazily_unmounted(machine: QemuMachine, trees: Path) -> None:
     share = machine.paths.share_dir
     host = QemuHostBackend(machine)
