@@ -30,6 +30,7 @@ from typing import Any
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.vm import QemuUvm, start_uvm
 from uvmshim.spec import Spec
+from uvmshim.uvm.qemu import mounts
 
 #: The container each cycle runs: it writes through its bind mount.
 SCRIPT = "rm -f /d/out && echo ok > /d/out"
@@ -47,12 +48,13 @@ class Sample:
     qemu_fds: int = 0
     guest_mounts: int = 0
     guest_free_kb: int = 0
+    #: Phase 2: the runs' VM directories still there (each run's QEMU is gone with it).
     qemu_processes: int = 0
 
     def line(self) -> str:
         guest = (f"  qemu rss {self.qemu_rss_kb / 1024:6.1f} MiB fds {self.qemu_fds:3d}  "
                  f"guest mounts {self.guest_mounts:3d} free {self.guest_free_kb / 1024:6.1f} MiB"
-                 if self.qemu_rss_kb else f"  qemu processes {self.qemu_processes}")
+                 if self.qemu_rss_kb else f"  VM directories left {self.qemu_processes}")
         return (f"{self.at:5d}: host rss {self.host_rss_kb / 1024:6.1f} MiB fds "
                 f"{self.host_fds:3d} mounts {self.host_mounts:4d}{guest}")
 
@@ -75,30 +77,17 @@ def _fds(pid: int | str = "self") -> int:
         return 0
 
 
-def _host_mounts() -> int:
-    with open("/proc/self/mountinfo") as f:
-        return sum(1 for _ in f)
+def _host_mounts(under: Path) -> int:
+    """Host mounts at or below ``under`` (ours only: other VMs on the host come and go)."""
+    return len(mounts.mounts_under(under))
 
 
-def _qemu_processes() -> int:
-    n = 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/comm") as f:
-                    if f.read().startswith("qemu-system"):
-                        n += 1
-            except OSError:
-                pass
-    return n
-
-
-def host_sample(at: int) -> Sample:
-    return Sample(at, _rss_kb(), _fds(), _host_mounts(), qemu_processes=_qemu_processes())
+def host_sample(at: int, mounts_under: Path) -> Sample:
+    return Sample(at, _rss_kb(), _fds(), _host_mounts(mounts_under))
 
 
 async def uvm_sample(uvm: QemuUvm, at: int) -> Sample:
-    s = host_sample(at)
+    s = host_sample(at, uvm.machine.state_dir)
     pid = uvm.machine.pid
     if pid is not None:
         s.qemu_rss_kb, s.qemu_fds = _rss_kb(pid), _fds(pid)
@@ -164,21 +153,25 @@ def cold_runs(rootfs: Path, data: Path, runs: int, every: int, work: Path,
               report: Any = print) -> list[Sample]:
     """``runs`` runs of ``uvmshim run`` (runc's CLI), each a UVM of its own."""
     root = work / "runc-root"
+    vm_dir = work / "vms"  # the runs' VM directories: ours alone, to count what stays
+    vm_dir.mkdir()
     bundle = work / "bundle"
     bundle.mkdir()
     spec = soak_spec(rootfs, data).to_json()
     (bundle / "config.json").write_text(json.dumps(spec))
-    samples = [host_sample(0)]
+    env = dict(os.environ, UVMSHIM_VM_DIR=str(vm_dir))
+    samples = [host_sample(0, vm_dir)]
     report(samples[-1].line())
     for i in range(1, runs + 1):
         res = subprocess.run(
             [sys.executable, "-c", "from uvmshim.cli.runc_cmd import main; main()",
              "--root", str(root), "run", "--bundle", str(bundle), f"cold{i}"],
-            capture_output=True, text=True, timeout=300, check=False)
+            capture_output=True, text=True, timeout=300, check=False, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"run {i}: exit {res.returncode}: {res.stderr.strip()}")
         if i % every == 0:
-            samples.append(host_sample(i))
+            samples.append(host_sample(i, vm_dir))
+            samples[-1].qemu_processes = len(os.listdir(vm_dir))  # VM directories left
             report(samples[-1].line())
     return samples
 

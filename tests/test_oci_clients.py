@@ -588,3 +588,63 @@ def test_shim_and_qemu_in_the_containers_host_cgroup(tmp_path: Path, rootfs: Pat
         for root in roots:
             with contextlib.suppress(OSError):
                 (root / parent).rmdir()
+
+
+def test_state_agrees_with_crun_and_exec_flags_apply(tmp_path: Path, rootfs: Path) -> None:
+    """``state`` of a created container gives the OCI state crun gives for the same bundle;
+    ``exec`` with runc's flags (cwd, env, user, groups, caps, no-new-privs) runs as asked;
+    ``update`` (flags or ``-r``) changes the container's cgroup in the guest."""
+    crun = shutil.which("crun")
+    if crun is None:
+        pytest.skip("crun is not installed")
+    runc = Runc(tmp_path / "root")
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", LOOP])
+    spec = json.loads((b / "config.json").read_text())
+    spec["annotations"] = {"org.example.k": "v"}
+    (b / "config.json").write_text(json.dumps(spec))
+    croot = tmp_path / "crun-root"
+    cargv = [crun, "--root", str(croot), "--cgroup-manager=disabled"]
+    try:
+        subprocess.run([*cargv, "create", "--bundle", str(b), "s1"], check=True, timeout=60,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        theirs = json.loads(subprocess.run([*cargv, "state", "s1"], check=True,
+                                           capture_output=True, text=True).stdout)
+    finally:
+        subprocess.run([*cargv, "delete", "--force", "s1"], capture_output=True, check=False)
+    runc("create", "--bundle", str(b), "--pid-file", str(tmp_path / "pid"), "s1",
+         stdin=subprocess.DEVNULL, output=subprocess.DEVNULL)
+    try:
+        ours = json.loads(runc("state", "s1").stdout)
+        assert set(ours) >= set(theirs) - {"systemd-scope"}, (ours, theirs)
+        # ociVersion differs by design: crun writes its own state version (1.0.0), runc and
+        # uvmshim the spec version they implement
+        for key in ("id", "status", "bundle", "rootfs", "annotations"):
+            assert ours.get(key) == theirs.get(key), (key, ours, theirs)
+        assert ours["pid"] == int((tmp_path / "pid").read_text()) and theirs["pid"] > 0
+        runc("start", "s1")
+        res = runc("exec", "--cwd", "/tmp", "-e", "X=yes", "-u", "5:6", "-g", "7",
+                   "--cap", "CAP_NET_ADMIN", "--no-new-privs", "s1", "sh", "-c",
+                   "echo $X; pwd; cat /proc/self/status")
+        lines = res.stdout.splitlines()
+        assert lines[:2] == ["yes", "/tmp"], res.stdout
+        status = dict(line.split(":", 1) for line in lines[2:] if ":" in line)
+        assert status["Uid"].split()[0] == "5" and status["Gid"].split()[0] == "6"
+        assert status["Groups"].split() == ["7"]
+        assert status["NoNewPrivs"].strip() == "1"
+        assert int(status["CapBnd"], 16) & (1 << 12)  # CAP_NET_ADMIN
+        res = runc("exec", "s1", "sh", "-c", "cat /proc/self/status")
+        assert "NoNewPrivs:\t0" in res.stdout or "NoNewPrivs:\t1" in res.stdout
+        assert not int(dict(line.split(":", 1) for line in res.stdout.splitlines()
+                            if ":" in line)["CapBnd"], 16) & (1 << 12)
+        # update: the guest's crun writes the container's cgroup
+        runc("update", "--pids-limit", "20", "--memory", "64m", "s1")
+        res = runc("exec", "s1", "cat", "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/memory.max")
+        assert res.stdout.split() == ["20", str(64 << 20)], res.stdout
+        (tmp_path / "r.json").write_text(json.dumps({"pids": {"limit": 30}}))
+        runc("update", "-r", str(tmp_path / "r.json"), "s1")
+        res = runc("exec", "s1", "cat", "/sys/fs/cgroup/pids.max")
+        assert res.stdout.split() == ["30"], res.stdout
+        res = runc("update", "--memory", "lots", "s1", check=False)
+        assert res.returncode == 1 and "--memory" in res.stderr
+    finally:
+        runc("delete", "--force", "s1", check=False)

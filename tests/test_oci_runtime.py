@@ -210,3 +210,28 @@ def test_namespace_paths_of_a_container_join_it(tmp_path: Path) -> None:
     assert target == "infra"
     assert [n.get("path") for n in (joined.linux or {})["namespaces"]] == [
         "container://infra", "container://infra", "container://infra", None]
+
+
+def test_exec_flags_build_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``exec ID CMD`` with runc's flags: the process object the guest's crun gets."""
+    from uvmshim.cli import runc_cmd
+
+    base = {"args": ["sh"], "cwd": "/", "env": ["A=1"], "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": ["CAP_CHOWN"], "effective": ["CAP_CHOWN"],
+                             "permitted": ["CAP_CHOWN"]}}
+    monkeypatch.setattr(ops, "container_process", lambda root, cid: json.loads(json.dumps(base)))
+    args = runc_cmd._parser().parse_args([
+        "exec", "--cwd", "/tmp", "-e", "B=2", "-u", "5:6", "-g", "7,8", "--cap", "net_admin",
+        "-c", "CAP_CHOWN", "--no-new-privs", "--process-label", "lbl", "--apparmor", "prof",
+        "c1", "id", "-u"])
+    p = runc_cmd._exec_process(args)
+    assert p["args"] == ["id", "-u"] and p["cwd"] == "/tmp" and p["env"] == ["A=1", "B=2"]
+    assert p["user"] == {"uid": 5, "gid": 6, "additionalGids": [7, 8]}
+    for name in ("bounding", "effective", "permitted"):
+        assert p["capabilities"][name] == ["CAP_CHOWN", "CAP_NET_ADMIN"]
+    assert "ambient" not in p["capabilities"]  # no inheritable set: as runc
+    assert p["noNewPrivileges"] is True
+    assert (p["selinuxLabel"], p["apparmorProfile"]) == ("lbl", "prof")
+    args = runc_cmd._parser().parse_args(["exec", "-g", "x", "c1", "true"])
+    with pytest.raises(UvmshimError, match="additional-gids"):
+        runc_cmd._exec_process(args)

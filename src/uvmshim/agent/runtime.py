@@ -53,6 +53,7 @@ from uvmshim.protocol.requests import (
     ContainerExec,
     ContainerSignal,
     ContainerStart,
+    ContainerUpdate,
     HugepagesDir,
     ProcessResize,
     ProcessStdin,
@@ -418,6 +419,21 @@ class Runtime:
         except AgentError as err:
             raise AgentError(f"signal container {container_id}: {err}", ErrorKind.CRUN) from None
 
+    def update(self, req: ContainerUpdate) -> None:
+        """``crun update --resources FILE <id>``: new limits for the container's cgroup."""
+        container_id = req.container_id
+        with self._lock:
+            c = self._containers.get(container_id)
+        if c is None:
+            raise AgentError(f"container {container_id} does not exist", ErrorKind.NOT_FOUND)
+        path = os.path.join(c.bundle, "resources.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(req.resources, f)
+        try:
+            run(self._crun("update", "--resources", path, container_id))
+        except AgentError as err:
+            raise AgentError(f"update container {container_id}: {err}", ErrorKind.CRUN) from None
+
     def delete(self, req: ContainerDelete) -> None:
         """Kill (if running) and delete the container; forget it."""
         container_id = req.container_id
@@ -437,7 +453,8 @@ class Runtime:
         # What create wrote into the bundle; the bundle directory itself is a mount point (the
         # scratch disk) or the parent of one (the rootfs), which the host removes.
         for name in os.listdir(c.bundle) if os.path.isdir(c.bundle) else []:
-            if name in ("config.json", "crun.log", "crun-start.log", "init.pid") or (
+            if name in ("config.json", "crun.log", "crun-start.log", "init.pid",
+                        "resources.json") or (
                     name.startswith("exec-") and name.endswith((".json", ".log"))):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(c.bundle, name))

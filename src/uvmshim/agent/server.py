@@ -138,6 +138,7 @@ class Server:
             Op.CONTAINER_EXEC: rt.exec,
             Op.CONTAINER_SIGNAL: rt.signal,
             Op.CONTAINER_DELETE: rt.delete,
+            Op.CONTAINER_UPDATE: rt.update,
             Op.PROCESS_STDIN: self._process_stdin,
             Op.PROCESS_RESIZE: rt.resize,
             Op.ADD_NETNS: net.add_netns,

@@ -124,7 +124,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("-b", "--bundle", default=".")
     sp.add_argument("--rootless", action="store_true")
     sub.add_parser("features")
-    for name in ("events", "update", "checkpoint", "restore"):
+    u = sub.add_parser("update")
+    u.add_argument("-r", "--resources", help="a JSON file of linux.resources ('-': stdin)")
+    for flag in ("--memory", "--memory-reservation", "--memory-swap", "--kernel-memory",
+                 "--kernel-memory-tcp", "--cpu-period", "--cpu-quota", "--cpu-rt-period",
+                 "--cpu-rt-runtime", "--cpu-share", "--cpuset-cpus", "--cpuset-mems",
+                 "--pids-limit", "--blkio-weight", "--l3-cache-schema", "--mem-bw-schema"):
+        u.add_argument(flag)
+    u.add_argument("id")
+    for name in ("events", "checkpoint", "restore"):
         sub.add_parser(name).add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
@@ -159,7 +167,87 @@ def _exec_process(args: argparse.Namespace) -> dict[str, Any]:
         if not uid.isdigit() or (gid and not gid.isdigit()):
             raise UvmshimError("--user takes UID[:GID] as numbers", where="--user")
         process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+    if args.additional_gids:
+        gids = [g for v in args.additional_gids for g in v.split(",") if g]
+        if not all(g.isdigit() for g in gids):
+            raise UvmshimError("--additional-gids takes numbers", where="--additional-gids")
+        user = dict(process.get("user") or {"uid": 0, "gid": 0})
+        user["additionalGids"] = [int(g) for g in gids]
+        process["user"] = user
+    if args.cap:
+        # As runc: each --cap joins the bounding, effective and permitted sets, and the
+        # ambient one only if the process has inheritable capabilities.
+        caps = dict(process.get("capabilities") or {})
+        added = [c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper()
+                 for c in args.cap]
+        sets = ["bounding", "effective", "permitted"]
+        if caps.get("inheritable"):
+            sets.append("ambient")
+        for name in sets:
+            have = list(caps.get(name) or [])
+            caps[name] = have + [c for c in added if c not in have]
+        process["capabilities"] = caps
+    if args.no_new_privs:
+        process["noNewPrivileges"] = True
+    if args.process_label:
+        process["selinuxLabel"] = args.process_label
+    if args.apparmor:
+        process["apparmorProfile"] = args.apparmor
     return process
+
+
+#: ``update`` flags: (section of linux.resources, field, kind) as runc maps them.
+UPDATE_FLAGS = {
+    "memory": ("memory", "limit", "size"), "memory_reservation": ("memory", "reservation", "size"),
+    "memory_swap": ("memory", "swap", "size"), "cpu_period": ("cpu", "period", "int"),
+    "cpu_quota": ("cpu", "quota", "int"), "cpu_rt_period": ("cpu", "realtimePeriod", "int"),
+    "cpu_rt_runtime": ("cpu", "realtimeRuntime", "int"), "cpu_share": ("cpu", "shares", "int"),
+    "cpuset_cpus": ("cpu", "cpus", "str"), "cpuset_mems": ("cpu", "mems", "str"),
+    "pids_limit": ("pids", "limit", "int"), "blkio_weight": ("blockIO", "weight", "int"),
+}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "g": 1 << 30, "gb": 1 << 30}
+
+
+def _number(flag: str, value: str, kind: str) -> int | str:
+    if kind == "str":
+        return value
+    text = value.strip().lower()
+    if kind == "size" and text != "-1":
+        digits = text.rstrip("kmgb")
+        unit = _SIZE_UNITS.get(text[len(digits):])
+        if digits.isdigit() and unit is not None:
+            return int(digits) * unit
+    elif text.lstrip("-").isdigit():
+        return int(text)
+    raise UvmshimError(f"invalid value for --{flag.replace('_', '-')}: {value!r}")
+
+
+def _update_resources(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``linux.resources`` object of ``update``: ``-r`` file, then the flags on top."""
+    resources: dict[str, Any] = {}
+    if args.resources:
+        try:
+            if args.resources == "-":
+                resources = json.load(sys.stdin)
+            else:
+                with open(args.resources, encoding="utf-8") as f:
+                    resources = json.load(f)
+        except (OSError, ValueError) as err:
+            raise UvmshimError(f"{args.resources}: {err}", where="--resources") from None
+        if not isinstance(resources, dict):
+            raise UvmshimError("the resources file must hold a JSON object",
+                               where="--resources")
+    for name, (section, field, kind) in UPDATE_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None:
+            resources.setdefault(section, {})[field] = _number(name, value, kind)
+    if args.kernel_memory or args.kernel_memory_tcp or args.l3_cache_schema or \
+            args.mem_bw_schema:
+        raise UvmshimError("kernel memory and Intel RDT limits are not supported by uvmshim")
+    if not resources:
+        raise UvmshimError("update needs --resources or a limit flag")
+    return resources
 
 
 def _features() -> dict[str, Any]:
@@ -224,6 +312,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return ops.exec_process(args.root, args.id, _exec_process(args),
                                 console_socket=args.console_socket, detach=args.detach,
                                 pid_file=args.pid_file) & 0xFF
+    elif cmd == "update":
+        ops.update(args.root, args.id, _update_resources(args))
     elif cmd == "ps":
         pids = ops.ps(args.root, args.id)
         if args.format == "json":

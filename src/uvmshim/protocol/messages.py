@@ -71,6 +71,7 @@ class Op(StrEnum):
     CONTAINER_EXEC = "container_exec"
     CONTAINER_SIGNAL = "container_signal"
     CONTAINER_DELETE = "container_delete"
+    CONTAINER_UPDATE = "container_update"
     PROCESS_STDIN = "process_stdin"
     PROCESS_RESIZE = "process_resize"
     ADD_NETNS = "add_netns"

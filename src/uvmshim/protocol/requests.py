@@ -310,6 +310,15 @@ class ContainerDelete(RequestBody):
     container_id: str
 
 
+class ContainerUpdate(RequestBody):
+    """``crun update`` of the running container's cgroup with ``resources`` (an OCI
+    ``linux.resources`` object: memory, cpu, pids, blockIO...)."""
+
+    OP = Op.CONTAINER_UPDATE
+    container_id: str
+    resources: JSONObject
+
+
 class ProcessStdin(RequestBody):
     """Write ``data`` to the stdin of the process with key ``process``; then close it if
     ``eof`` (a process on a pty instead reads end-of-file: the terminal's EOF character is
@@ -421,7 +430,8 @@ REQUEST_TYPES: dict[str, type[RequestBody]] = {
         UnmountVpmem, VerityStatus, AddVpci, CombineLayers, RemoveCombinedLayers, SandboxDir,
         HugepagesDir,
         InstallDrivers, Exec, ContainerCreate, ContainerStart, ContainerExec, ContainerSignal,
-        ContainerDelete, ProcessStdin, ProcessResize, AddNetNS, RemoveNetNS, AddNic, RemoveNic,
+        ContainerDelete, ContainerUpdate, ProcessStdin, ProcessResize, AddNetNS, RemoveNetNS,
+        AddNic, RemoveNic,
     )
 }
 

@@ -98,7 +98,7 @@ class Hosted:
     async def handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         handler = {"start": self.start, "kill": self.kill, "ps": self.ps, "pause": self.pause,
                    "resume": self.resume, "shutdown": self.shutdown,
-                   "state": self.state}.get(op)
+                   "state": self.state, "update": self.update}.get(op)
         if handler is None:
             raise UvmshimError(f"unknown request {op!r}")
         return await handler(request)
@@ -185,6 +185,16 @@ class Hosted:
             raise UvmshimError("container not paused")
         await self.guest_crun("resume", self.id)
         self._set("running")
+        return {}
+
+    async def update(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``update``: the guest's crun applies the new limits to the container's cgroup."""
+        resources = request.get("resources")
+        if not isinstance(resources, dict):
+            raise UvmshimError("update needs resources")
+        if self.status not in ("created", "running", "paused"):
+            raise UvmshimError("container not running")
+        await self.container.update(resources)
         return {}
 
     async def shutdown(self, _request: dict[str, Any]) -> dict[str, Any]:

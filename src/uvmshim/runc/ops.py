@@ -155,6 +155,11 @@ def resume(root: str, container_id: str) -> None:
     _ask(root, container_id, {"op": "resume"})
 
 
+def update(root: str, container_id: str, resources: dict[str, Any]) -> None:
+    """New limits (OCI ``linux.resources``) for the container's cgroup in the guest."""
+    _ask(root, container_id, {"op": "update", "resources": resources})
+
+
 def ps(root: str, container_id: str) -> list[int]:
     """Pids of the container's processes (guest pids: they live in the UVM)."""
     cdir = _existing(root, container_id)

@@ -170,6 +170,10 @@ class Container:
         """Send ``signal`` to the init process (or every process of the container)."""
         await self.agent.container_signal(self.id, signal, all_processes=all_processes)
 
+    async def update(self, resources: Mapping[str, Any]) -> None:
+        """New cgroup limits (OCI ``linux.resources``) for the container, in the guest."""
+        await self.agent.container_update(self.id, resources)
+
     async def exec(self, process: Mapping[str, Any], *, stdin: bool = False) -> ContainerProcess:
         """Run another process (an OCI ``process`` object) in the running container."""
         if self.state is not ContainerState.RUNNING:

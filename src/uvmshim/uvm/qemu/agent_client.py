@@ -32,6 +32,7 @@ from uvmshim.protocol import (
     ContainerExec,
     ContainerSignal,
     ContainerStart,
+    ContainerUpdate,
     EventBody,
     Exec,
     ExecStatus,
@@ -304,6 +305,10 @@ class AgentClient:
         """Send ``signal`` to the container's init (or all its processes)."""
         await self.request(ContainerSignal(container_id=container_id, signal=signal,
                                            all_processes=all_processes))
+
+    async def container_update(self, container_id: str, resources: Mapping[str, Any]) -> None:
+        """New cgroup limits (OCI ``linux.resources``) for the running container."""
+        await self.request(ContainerUpdate(container_id=container_id, resources=dict(resources)))
 
     async def container_delete(self, container_id: str) -> None:
         """Kill (if needed) and delete the container in the guest.
