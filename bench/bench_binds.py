@@ -7,10 +7,11 @@ its resources are released (newest first). Both phases are timed; the total for 
 be at most 10 s, and the scaling (time for the largest N over time for the smallest, divided
 by the ratio of the counts) should stay near 1 (linear).
 
-    python bench/bench_binds.py [--counts 100 1000] [--one-by-one]
+    python bench/bench_binds.py [--counts 100 1000] [--one-by-one | --compare N]
 
 ``--one-by-one`` adds the binds one share at a time (``UtilityVM.add_plan9`` per bind, one
-host round and one agent request each): the pre-batching behaviour, for a same-run baseline.
+host round and one agent request, i.e. a guest mount, each): the pre-batching behaviour.
+``--compare N`` also does N binds that way in the same UVM afterwards: a same-run baseline.
 
 Needs root and qemu-system-x86_64.
 """
@@ -70,7 +71,7 @@ async def one_count(uvm: QemuUvm, work: Path, n: int, one_by_one: bool) -> dict[
     return {"n": n, "mount": t1 - t0, "release": t2 - t1, "total": t2 - t0}
 
 
-async def main(counts: list[int], one_by_one: bool) -> int:
+async def main(counts: list[int], one_by_one: bool, compare: int = 0) -> int:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-binds-") as tmp:
         async with start_uvm() as uvm:
@@ -84,6 +85,14 @@ async def main(counts: list[int], one_by_one: bool) -> int:
                 print(f"{n:6d} binds: mount {res['mount']:7.2f} s  release "
                       f"{res['release']:7.2f} s  total {res['total']:7.2f} s  "
                       f"({res['total'] / n * 1e3:.1f} ms/bind)", flush=True)
+            if compare:
+                work = Path(tmp) / "compare"
+                work.mkdir()
+                res = await one_count(uvm, work, compare, True)
+                print(f"{compare:6d} binds one share at a time (baseline): mount "
+                      f"{res['mount']:7.2f} s  release {res['release']:7.2f} s  total "
+                      f"{res['total']:7.2f} s  ({res['total'] / compare * 1e3:.1f} ms/bind)",
+                      flush=True)
     first, last = results[0], results[-1]
     if last["n"] > first["n"]:
         scaling = (last["total"] / first["total"]) / (last["n"] / first["n"])
@@ -104,6 +113,8 @@ if __name__ == "__main__":
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--one-by-one", action="store_true",
                         help="one share per add_plan9 call (the pre-batching baseline)")
+    parser.add_argument("--compare", type=int, default=0, metavar="N",
+                        help="then N binds one share at a time, in the same UVM")
     args = parser.parse_args()
     require_root()
-    sys.exit(asyncio.run(main(args.counts, args.one_by_one)))
+    sys.exit(asyncio.run(main(args.counts, args.one_by_one, args.compare)))

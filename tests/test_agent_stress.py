@@ -161,3 +161,41 @@ def test_a_partial_frame_of_a_host_gone_for_good_is_dropped(monkeypatch: pytest.
     dead = _ping(1, 6000)[:4096]
     agent = _ScriptedServer([dead, *[b""] * 10, _ping(2, 10)])
     assert [a["id"] for a in agent.answers()] == [2]
+
+
+def test_a_bug_in_the_host_reader_fails_requests_at_once() -> None:
+    """Anything the reader trips over closes the connection: no request waits out its
+    timeout for an answer that nobody reads any more."""
+    from uvmshim.protocol import Response
+    from uvmshim.protocol.requests import Ping
+    from uvmshim.uvm.qemu.agent_connection import AgentConnection, RunState
+
+    async def main() -> None:
+        conn = AgentConnection("/nonexistent")
+        conn._state = RunState.RUNNING
+        reader = asyncio.StreamReader()
+
+        class Sink:
+            def write(self, data: bytes) -> None:
+                pass
+
+            async def drain(self) -> None:
+                pass
+
+        conn._writer = Sink()  # type: ignore[assignment]
+
+        def broken(msg: Response) -> None:
+            raise ValueError("a bug")
+
+        conn._on_response = broken  # type: ignore[method-assign]
+        task = asyncio.create_task(conn._read_loop(reader))
+        pending = await conn.send(Ping())
+        other = await conn.send(Ping())
+        reader.feed_data(encode_frame(Response(pending.id, True, {}).to_json()))
+        t0 = time.monotonic()
+        with pytest.raises(AgentConnectionError, match="internal error"):
+            await other.result(timeout=30)
+        assert time.monotonic() - t0 < 1 and conn.state is RunState.CLOSED
+        await task
+
+    asyncio.run(main())

@@ -111,8 +111,11 @@ def compute_key(inputs: BuildInputs) -> str:
 def source_files() -> list[tuple[str, Path]]:
     """The files hashed into the key: agent, protocol, /init and the builder itself."""
     out: list[tuple[str, Path]] = []
-    for sub in ("agent", "protocol", "uvm/guest"):
-        for p in sorted((_PKG_DIR / sub).glob("*.py")):
+    for sub in ("agent", "protocol", "uvm/initrd"):
+        files = sorted((_PKG_DIR / sub).glob("*.py"))
+        if not files:  # a moved package must not silently drop out of the key
+            raise UvmshimError(f"no sources in {_PKG_DIR / sub}: the boot-file key is incomplete")
+        for p in files:
             out.append((f"{sub}/{p.name}", p))
     out.append(("uvm/initrd/init.sh", _INIT_SCRIPT))
     out.append(("uvm/bootfiles.py", Path(__file__).resolve()))
