@@ -1,10 +1,14 @@
-"""Release in the simulated UVM is O(1) per resource (issue 15, point 9): planning 10,000
-binds (allocate and release) costs about 10x planning 1,000, not 24x-90x as with a list scan
-per unmount."""
+"""Release in the simulated UVM is O(1) per resource: planning 10,000 binds (allocate and
+release) does about 10x the work of planning 1,000, not 24x-90x as with a list scan per unmount.
+
+Work is counted, not timed (speed itself is measured in ``bench/bench_plan.py``): the number of
+Python function calls, which is exact and the same on a loaded machine. A scan per unmount shows
+up as calls too (one comparison helper or generator step per element)."""
 
 from __future__ import annotations
 
-import time
+import cProfile
+import pstats
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +28,16 @@ def _spec(root: Path, n: int) -> Spec:
     return Spec.from_json(obj)
 
 
-def _best(spec: Spec) -> float:
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        result = run(plan(spec, container_id="c"))
-        best = min(best, time.perf_counter() - t0)
-        assert result.leftovers == {}
-    return best
+def _calls(spec: Spec) -> int:
+    profile = cProfile.Profile()
+    profile.enable()
+    result = run(plan(spec, container_id="c"))
+    profile.disable()
+    assert result.leftovers == {}
+    return int(pstats.Stats(profile).total_calls)  # type: ignore[attr-defined]
 
 
 def test_plan_of_many_binds_grows_linearly(tmp_path: Path) -> None:
-    small, large = _best(_spec(tmp_path, 1000)), _best(_spec(tmp_path, 10000))
-    print(f"plan 1,000 binds {small * 1e3:.0f} ms, 10,000 {large * 1e3:.0f} ms: "
-          f"{large / small:.1f}x")
-    assert large / small < 16  # ~11x measured; generous for a loaded machine
+    small, large = _calls(_spec(tmp_path, 1000)), _calls(_spec(tmp_path, 10000))
+    print(f"plan 1,000 binds: {small} calls, 10,000: {large} calls: {large / small:.2f}x")
+    assert large / small <= 11
