@@ -28,27 +28,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+# The shared test helpers live with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from helpers import busybox_rootfs, podman_host_fixes, uvmshim_binary
 
 SUBNET = "10.89.78.0/24"
 APPLETS = ("sh", "nc", "httpd", "sleep", "cat", "ip")
 
 
 def make_rootfs(path: Path) -> Path:
-    for d in ("bin", "proc", "sys", "dev", "etc", "tmp", "www"):
-        (path / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy("/bin/busybox", path / "bin" / "busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", path / "bin" / applet)
-    (path / "www" / "index.html").write_text("x" * 100 + "\n")
-    return path
-
-
-def uvmshim_binary() -> str:
-    here = Path(sys.executable).parent / "uvmshim"
-    return str(here) if here.exists() else shutil.which("uvmshim") or "uvmshim"
+    return busybox_rootfs(path, dirs=("bin", "proc", "sys", "dev", "etc", "tmp", "www"),
+                          applets=APPLETS, files={"www/index.html": "x" * 100 + "\n"})
 
 
 def med(xs: list[float]) -> str:
@@ -103,27 +96,6 @@ async def setup_times(n: int) -> dict[str, tuple[list[float], list[float]]]:
 
 
 # Section: podman
-
-
-@contextmanager
-def podman_env(tmp: Path) -> Iterator[dict[str, str]]:
-    """The host fixes of docs/oci-runtime.md (crun needs the hugetlb mount), undone after."""
-    mounted = False
-    unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
-    hugetlb = Path("/sys/fs/cgroup/hugetlb")
-    if unified.exists() and "hugetlb" in unified.read_text().split():
-        hugetlb.mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(hugetlb)],
-                       check=True)
-        mounted = True
-    conf = tmp / "containers.conf"
-    conf.write_text('[containers]\ndefault_ulimits = ["nofile=20000:20000", '
-                    '"nproc=32768:32768"]\n')
-    try:
-        yield {**os.environ, "CONTAINERS_CONF": str(conf)}
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(hugetlb)], check=False)
 
 
 def podman(env: dict[str, str], *argv: str) -> str:
@@ -198,7 +170,7 @@ def main() -> None:
               "while :; do nc -l -p 9000 > /dev/null; done")
     tput: dict[str, list[float]] = {k: [] for k in runtimes}
     rtt: dict[str, list[float]] = {k: [] for k in runtimes}
-    with podman_env(tmp) as env:
+    with podman_host_fixes(tmp) as env:
         podman(env, "network", "create", "--subnet", SUBNET, net)
         names = {k: f"uvmshim-bench-{k}-{os.getpid()}" for k in runtimes}
         try:

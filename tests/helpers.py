@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
 import subprocess
-from collections.abc import Coroutine
+import sys
+import time
+import urllib.request
+from collections.abc import Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -101,3 +107,61 @@ def ext4(tmp: Path, name: str, files: dict[str, str]) -> str:
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(img), "16M"], check=True,
                    stdout=subprocess.DEVNULL)
     return str(img)
+
+
+def uvmshim_binary() -> str:
+    """The console script next to this interpreter (not a pyenv shim: start-up time)."""
+    here = Path(sys.executable).parent / "uvmshim"
+    return str(here) if here.exists() else shutil.which("uvmshim") or "uvmshim"
+
+
+def busybox_rootfs(path: Path, *, dirs: Iterable[str], applets: Iterable[str],
+                   files: dict[str, str]) -> Path:
+    """A root filesystem at ``path``: the directories ``dirs``, the host's busybox as
+    ``/bin/busybox`` with a symlink per applet, and ``files`` (relative path: text)."""
+    for d in dirs:
+        (path / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy("/bin/busybox", path / "bin" / "busybox")
+    for applet in applets:
+        os.symlink("busybox", path / "bin" / applet)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+@contextlib.contextmanager
+def podman_host_fixes(conf_dir: Path) -> Iterator[dict[str, str]]:
+    """The host fixes of docs/oci-runtime.md for podman (crun needs the hugetlb mount), undone
+    afterwards where we made them; yields the environment to run podman in (its
+    ``containers.conf`` written in ``conf_dir``)."""
+    mounted = False
+    unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    hugetlb = Path("/sys/fs/cgroup/hugetlb")
+    if unified.exists() and "hugetlb" in unified.read_text().split():
+        hugetlb.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(hugetlb)],
+                       check=True)
+        mounted = True
+    conf = conf_dir / "containers.conf"
+    conf.write_text('[containers]\ndefault_ulimits = ["nofile=20000:20000", '
+                    '"nproc=32768:32768"]\n')
+    try:
+        yield {**os.environ, "CONTAINERS_CONF": str(conf)}
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(hugetlb)], check=False)
+
+
+def http_get(url: str, proc: subprocess.Popen[str] | None = None, *, timeout: float = 60,
+             interval: float = 0.5) -> str:
+    """GET ``url`` (a loopback address), retrying every ``interval`` seconds while the server
+    comes up (until ``timeout``, or until ``proc``, if given, has exited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return str(r.read().decode())
+        except OSError:
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise
+            time.sleep(interval)

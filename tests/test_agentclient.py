@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,25 @@ class _FakeGuest:
         self.thread.join(5)
 
 
+def _with_fake_guest(tmp_path: Path, script: Callable[[socket.socket, dict[str, Any]], None],
+                     check: Callable[[AgentClient], Awaitable[None]]) -> None:
+    """Run ``check`` with a client connected to a :class:`_FakeGuest` answering by ``script``;
+    close both afterwards."""
+    guest = _FakeGuest(tmp_path / "fake.sock", script)
+
+    async def main() -> None:
+        client = await AgentClient.connect(tmp_path / "fake.sock", timeout=5)
+        try:
+            await check(client)
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        guest.close()
+
+
 def test_one_routing_table_for_requests_and_processes(tmp_path: Path) -> None:
     """Exec output is routed by request id (ended by the response), container output by process
     key (ended by the exit event); events for nobody are dropped."""
@@ -258,34 +277,25 @@ def test_one_routing_table_for_requests_and_processes(tmp_path: Path) -> None:
         else:
             send({"id": rid, "ok": False, "error": {"kind": "busy", "message": "in use"}})
 
-    guest = _FakeGuest(tmp_path / "fake.sock", script)
+    async def check(client: AgentClient) -> None:
+        res = await client.exec(["x"])
+        assert (res.exit_code, res.stdout) == (3, b"by id")
+        proc = await client.container_exec("c", "e1", {"args": ["x"]})
+        assert [c async for c in proc.output()] == [("stderr", b"by key")]
+        assert await proc.wait() == 9
+        assert not client.connection.watching("c/e1")
+        with pytest.raises(GuestError, match="^guest container_start: in use$") as err:
+            await client.container_start("c")
+        assert err.value.kind is ErrorKind.BUSY
+        # An init that never started is forgotten when its container is deleted.
+        init = await client.container_create("c", "/b", {})
+        with pytest.raises(BackendError, match="already has an init"):
+            await client.container_create("c", "/b", {})
+        await client.container_delete("c")
+        with pytest.raises(BackendError, match="deleted before c exited"):
+            await init.wait()
 
-    async def main() -> None:
-        client = await AgentClient.connect(tmp_path / "fake.sock", timeout=5)
-        try:
-            res = await client.exec(["x"])
-            assert (res.exit_code, res.stdout) == (3, b"by id")
-            proc = await client.container_exec("c", "e1", {"args": ["x"]})
-            assert [c async for c in proc.output()] == [("stderr", b"by key")]
-            assert await proc.wait() == 9
-            assert not client.connection.watching("c/e1")
-            with pytest.raises(GuestError, match="^guest container_start: in use$") as err:
-                await client.container_start("c")
-            assert err.value.kind is ErrorKind.BUSY
-            # An init that never started is forgotten when its container is deleted.
-            init = await client.container_create("c", "/b", {})
-            with pytest.raises(BackendError, match="already has an init"):
-                await client.container_create("c", "/b", {})
-            await client.container_delete("c")
-            with pytest.raises(BackendError, match="deleted before c exited"):
-                await init.wait()
-        finally:
-            await client.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    _with_fake_guest(tmp_path, script, check)
 
 
 def test_connection_loss_ends_process_routes(tmp_path: Path) -> None:
@@ -294,21 +304,12 @@ def test_connection_loss_ends_process_routes(tmp_path: Path) -> None:
         if req["op"] == "container_start":
             conn.shutdown(socket.SHUT_RDWR)
 
-    guest = _FakeGuest(tmp_path / "fake.sock", script)
+    async def check(client: AgentClient) -> None:
+        init = await client.container_create("c", "/b", {})
+        await client.container_start("c")
+        with pytest.raises(AgentConnectionError, match="closed the connection"):
+            await init.wait()
+        assert [c async for c in init.output()] == []
+        assert client.connection.state is RunState.CLOSED
 
-    async def main() -> None:
-        client = await AgentClient.connect(tmp_path / "fake.sock", timeout=5)
-        try:
-            init = await client.container_create("c", "/b", {})
-            await client.container_start("c")
-            with pytest.raises(AgentConnectionError, match="closed the connection"):
-                await init.wait()
-            assert [c async for c in init.output()] == []
-            assert client.connection.state is RunState.CLOSED
-        finally:
-            await client.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    _with_fake_guest(tmp_path, script, check)

@@ -8,7 +8,6 @@ and single syscalls made by a tiny static x86_64 program written here (no compil
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -26,7 +25,7 @@ from uvmshim.runtime.pod import Pod, pause_spec
 from uvmshim.runtime.specgen import RunOptions, build_spec
 from uvmshim.spec import Spec
 
-from helpers import ext4, write_bundle
+from helpers import busybox_rootfs, ext4, write_bundle
 
 pytestmark = pytest.mark.vm
 
@@ -91,11 +90,8 @@ PROBES: dict[str, tuple[bytes, int, int]] = {
 
 
 def make_rootfs(path: Path) -> str:
-    for d in ("bin", "proc", "sys", "dev", "etc", "tmp"):
-        (path / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy("/bin/busybox", path / "bin" / "busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", path / "bin" / applet)
+    busybox_rootfs(path, dirs=("bin", "proc", "sys", "dev", "etc", "tmp"), applets=APPLETS,
+                   files={})
     for name, (code, _, _) in PROBES.items():
         (path / "bin" / f"probe-{name}").write_bytes(code)
         (path / "bin" / f"probe-{name}").chmod(0o755)

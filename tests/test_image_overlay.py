@@ -1,6 +1,6 @@
-"""The imported layer disks under a real kernel overlay, on the host (opt-in: it mounts).
+"""The imported layer disks under a real kernel overlay, on the host (as root: it mounts).
 
-Set ``UVMSHIM_IMAGE_MOUNT_TESTS=1`` to run. Each ``layer.vhd`` is attached read-only to a loop
+Each ``layer.vhd`` is attached read-only to a loop
 device limited to the disk's size (the VHD footer excluded), mounted ``ro,noload`` as the guest
 does, stacked with a tmpfs upper, and :data:`testimages.CONTAINER_CHECK` runs
 chrooted in it. Everything is unmounted and detached again, whatever happens.
@@ -22,9 +22,8 @@ import testimages
 from uvmshim.image import ImageStore, import_image
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("UVMSHIM_IMAGE_MOUNT_TESTS") != "1" or os.geteuid() != 0
-    or not shutil.which("losetup") or not os.path.exists(testimages.BUSYBOX),
-    reason="mounts loop devices: set UVMSHIM_IMAGE_MOUNT_TESTS=1 (root)")
+    os.geteuid() != 0 or not shutil.which("losetup") or not os.path.exists(testimages.BUSYBOX),
+    reason="mounts loop devices: needs root, losetup and busybox-static")
 
 
 def sh(*argv: str | Path) -> str:

@@ -12,15 +12,15 @@ import json
 import os
 import shutil
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from test_oci_clients import Runc, make_bundle, podman, sandbox_fixes, uvmshim_binary, wait_for
+from test_oci_clients import ETC_FILES, Runc, make_bundle, podman, sandbox_fixes, wait_for
 from uvmshim.uvm import hostnet
+
+from helpers import busybox_rootfs, http_get, uvmshim_binary
 
 pytestmark = pytest.mark.vm
 
@@ -32,15 +32,9 @@ TEST_SUBNET = "10.89.77.0/24"
 
 
 def make_rootfs(path: Path) -> Path:
-    for d in ("bin", "proc", "sys", "dev", "etc", "tmp", "www"):
-        (path / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy("/bin/busybox", path / "bin" / "busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", path / "bin" / applet)
-    (path / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (path / "etc" / "group").write_text("root:x:0:\n")
-    (path / "www" / "index.html").write_text("hello from the uvm\n")
-    return path
+    return busybox_rootfs(path, dirs=("bin", "proc", "sys", "dev", "etc", "tmp", "www"),
+                          applets=APPLETS,
+                          files={**ETC_FILES, "www/index.html": "hello from the uvm\n"})
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +96,6 @@ def netns_bundle(tmp: Path, rootfs: Path, args: list[str], netns: str,
         spec["annotations"] = annotations
     (b / "config.json").write_text(json.dumps(spec))
     return b
-
-
-def http_get(url: str, timeout: float = 60) -> str:
-    """GET ``url`` (a loopback address), retrying while the server comes up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                return str(r.read().decode())
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 GET = "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc {addr} {port}"

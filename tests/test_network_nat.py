@@ -15,8 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import pytest
 
 from uvmshim.runtime.leaks import find_holdings
 from uvmshim.uvm import hostnet
+
+import helpers
 
 pytestmark = pytest.mark.vm
 
@@ -76,17 +76,9 @@ def host_server() -> Iterator[int]:
         server.server_close()
 
 
-def http_get(url: str, proc: subprocess.Popen[str] | None = None, timeout: float = 180) -> str:
+def http_get(url: str, proc: subprocess.Popen[str] | None = None) -> str:
     """GET ``url`` (loopback), retrying while the container comes up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                return str(r.read().decode())
-        except OSError:
-            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
-                raise
-            time.sleep(0.3)
+    return helpers.http_get(url, proc, timeout=180, interval=0.3)
 
 
 def listeners(port: int) -> list[str]:

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,27 +24,19 @@ import pytest
 from uvmshim import procscan
 from uvmshim.runtime.leaks import find_holdings
 
+from helpers import busybox_rootfs, podman_host_fixes, uvmshim_binary
+
 pytestmark = pytest.mark.vm
 
 APPLETS = ["sh", "echo", "cat", "sleep", "true", "ls"]
+#: /etc/passwd and /etc/group with root alone.
+ETC_FILES = {"etc/passwd": "root:x:0:0:root:/root:/bin/sh\n", "etc/group": "root:x:0:\n"}
 LOOP = "trap 'exit 0' TERM; while :; do sleep 1; done"
 
 
-def uvmshim_binary() -> str:
-    """The console script next to this interpreter (not a pyenv shim: start-up time)."""
-    here = Path(sys.executable).parent / "uvmshim"
-    return str(here) if here.exists() else shutil.which("uvmshim") or "uvmshim"
-
-
 def make_rootfs(path: Path) -> Path:
-    for d in ("bin", "proc", "sys", "dev", "etc", "tmp"):
-        (path / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy("/bin/busybox", path / "bin" / "busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", path / "bin" / applet)
-    (path / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (path / "etc" / "group").write_text("root:x:0:\n")
-    return path
+    return busybox_rootfs(path, dirs=("bin", "proc", "sys", "dev", "etc", "tmp"),
+                          applets=APPLETS, files=ETC_FILES)
 
 
 @pytest.fixture(scope="module")
@@ -300,22 +291,8 @@ def _need(*tools: str) -> None:
 @pytest.fixture(scope="module")
 def sandbox_fixes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The two host fixes of docs/oci-runtime.md (podman), undone afterwards where we made them."""
-    mounted = False
-    unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
-    hugetlb = Path("/sys/fs/cgroup/hugetlb")
-    if unified.exists() and "hugetlb" in unified.read_text().split():
-        hugetlb.mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(hugetlb)],
-                       check=True)
-        mounted = True
-    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
-    conf.write_text('[containers]\ndefault_ulimits = ["nofile=20000:20000", '
-                    '"nproc=32768:32768"]\n')
-    try:
-        yield {**os.environ, "CONTAINERS_CONF": str(conf)}
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(hugetlb)], check=False)
+    with podman_host_fixes(tmp_path_factory.mktemp("podman")) as env:
+        yield env
 
 
 def podman(env: dict[str, str], *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:

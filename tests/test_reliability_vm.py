@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from test_oci_clients import Runc, make_bundle, make_rootfs, uvmshim_binary, wait_for
+from test_oci_clients import Runc, make_bundle, make_rootfs, wait_for
 from uvmshim.uvm.qemu import mounts
+
+from helpers import uvmshim_binary
 
 pytestmark = pytest.mark.vm
 

@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 
 from ptydriver import PtyProcess
-from test_oci_clients import _need, containerd, make_rootfs, sandbox_fixes, uvmshim_binary
+from test_oci_clients import _need, containerd, make_rootfs, sandbox_fixes
 from uvmsession import UvmSession
 from uvmshim.cli.entry import is_runc_argv
 from uvmshim.runtime import terminal
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.specgen import RunOptions, build_spec
+
+from helpers import uvmshim_binary
 
 __all__ = ["containerd", "sandbox_fixes"]  # fixtures, used by name
 

@@ -422,10 +422,7 @@ class Runtime:
     def update(self, req: ContainerUpdate) -> None:
         """``crun update --resources FILE <id>``: new limits for the container's cgroup."""
         container_id = req.container_id
-        with self._lock:
-            c = self._containers.get(container_id)
-        if c is None:
-            raise AgentError(f"container {container_id} does not exist", ErrorKind.NOT_FOUND)
+        c = self._existing(container_id)
         path = os.path.join(c.bundle, "resources.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(req.resources, f)
@@ -437,10 +434,7 @@ class Runtime:
     def delete(self, req: ContainerDelete) -> None:
         """Kill (if running) and delete the container; forget it."""
         container_id = req.container_id
-        with self._lock:
-            c = self._containers.get(container_id)
-        if c is None:
-            raise AgentError(f"container {container_id} does not exist", ErrorKind.NOT_FOUND)
+        c = self._existing(container_id)
         # A created or stopped container is still crun's until ``crun delete`` (its init, if
         # still there, is killed: PID 1 records its status, the watcher sends its exit).
         if os.path.isdir(os.path.join(CRUN_ROOT, container_id)):
@@ -501,6 +495,17 @@ class Runtime:
             raise AgentError(f"resize {req.process}: {err.strerror or err}") from None
 
     # Processes ----------------------------------------------------------------------------
+
+    def _existing(self, container_id: str) -> _Container:
+        """The container ``container_id``.
+
+        :raises AgentError: NOT_FOUND, there is no such container.
+        """
+        with self._lock:
+            c = self._containers.get(container_id)
+        if c is None:
+            raise AgentError(f"container {container_id} does not exist", ErrorKind.NOT_FOUND)
+        return c
 
     def _spawn(self, key: str, argv: list[str], *, stdin: bool, cwd: str,
                crun_log: str = "", console: _Console | None = None) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -31,6 +33,8 @@ from uvmshim.image import (
     remove_image,
 )
 from uvmshim.image.pull import PullEvent, pull_image
+
+_BarsT = TypeVar("_BarsT", bound="_Bars")
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -110,6 +114,22 @@ def check_image_name(name: str) -> None:
                               "example.org/team/app:1.0")
 
 
+def _store_with_bars(ctx: click.Context, name: str | None, bars: type[_BarsT],
+                     work: Callable[[ImageStore, _BarsT],
+                                    Coroutine[Any, Any, ImageRecord]]) -> None:
+    """Check ``--name``, run ``work`` (an import into the store) with progress bars of class
+    ``bars`` on stderr, and print the stored image's name and id."""
+    if name is not None:
+        check_image_name(name)
+    store = _store(ctx)
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        record = run_async(work(store, bars(progress, console)))
+    click.echo(f"{record.name} {record.id}")
+
+
 @image_group.command("import")
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--name", default=None,
@@ -124,17 +144,8 @@ def import_command(ctx: click.Context, path: str, name: str | None, no_verity: b
 
     Each layer disk gets a dm-verity hash tree (unless --no-verity): the guest mounts it
     through dm-verity, so a layer changed on the host after the import cannot be read."""
-    if name is not None:
-        check_image_name(name)
-    store = _store(ctx)
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=console, transient=True,
-                  disable=not console.is_terminal) as progress:
-        record = run_async(import_image(path, name=name, store=store,
-                                        progress=_Bars(progress, console),
-                                        verity=not no_verity))
-    click.echo(f"{record.name} {record.id}")
+    _store_with_bars(ctx, name, _Bars, lambda store, bars: import_image(
+        path, name=name, store=store, progress=bars, verity=not no_verity))
 
 
 class _PullBars(_Bars):
@@ -182,17 +193,9 @@ def pull_command(ctx: click.Context, ref: str, name: str | None, authfile: str |
     """Pull image REF from its registry (with skopeo) and import it, e.g.
     `uvmshim image pull docker.io/library/busybox:latest`. Layers already in the store are
     shared, not converted again; every blob is checked against its digest."""
-    if name is not None:
-        check_image_name(name)
-    store = _store(ctx)
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=console, transient=True,
-                  disable=not console.is_terminal) as progress:
-        record = run_async(pull_image(ref, name=name, store=store, authfile=authfile,
-                                      tls_verify=tls_verify, verity=not no_verity,
-                                      progress=_PullBars(progress, console)))
-    click.echo(f"{record.name} {record.id}")
+    _store_with_bars(ctx, name, _PullBars, lambda store, bars: pull_image(
+        ref, name=name, store=store, authfile=authfile, tls_verify=tls_verify,
+        verity=not no_verity, progress=bars))
 
 
 @image_group.command("ls")

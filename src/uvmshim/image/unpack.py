@@ -391,6 +391,39 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+def _decompressed(counted: io.BufferedReader[_Tap], where: str) -> IO[bytes]:
+    """``counted``'s bytes decompressed, the compression told by magic bytes (gzip, zstd or
+    none)."""
+    magic = counted.peek(4)[:4]
+    if magic.startswith(_GZIP_MAGIC):
+        return _gzip_reader(counted)
+    if magic == _ZSTD_MAGIC:
+        return io.BufferedReader(_Zstd(counted, where), _COPY_CHUNK)
+    return counted
+
+
+def _check_blob(raw: _Tap, blob_hash: hashlib._Hash | None, digest: str | None,
+                size: int | None, where: str) -> None:
+    """Raise ImageError unless the blob read through ``raw`` matches ``digest`` and ``size``
+    (each when given)."""
+    if blob_hash is not None and digest is not None:
+        got_blob = f"{digest.split(':', 1)[0]}:{blob_hash.hexdigest()}"
+        if got_blob != digest:
+            raise ImageError(f"layer blob does not match its digest (got {got_blob})",
+                             where=where)
+    if size is not None and raw.count != size:
+        raise ImageError(f"layer blob has {raw.count} bytes, its descriptor says {size}",
+                         where=where)
+
+
+def _check_diff_id(diff_hash: hashlib._Hash, diff_id: str, where: str) -> None:
+    """Raise ImageError unless the uncompressed stream hashed to ``diff_id``."""
+    got = f"{diff_id.split(':', 1)[0]}:{diff_hash.hexdigest()}"
+    if got != diff_id:
+        raise ImageError(f"uncompressed layer does not match its diff id {diff_id} "
+                         f"(got {got})", where=where)
+
+
 def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: str,
                  digest: str | None, size: int | None, stop: threading.Event,
                  on_bytes: Callable[[int], None] | None = None) -> UnpackResult:
@@ -410,14 +443,7 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
     blob_hash = new_hash(digest) if digest is not None and digest != diff_id else None
     raw = _Tap(blob, blob_hash, stop, on_bytes)
     counted = io.BufferedReader(raw, _COPY_CHUNK)
-    magic = counted.peek(4)[:4]
-    decomp: IO[bytes]
-    if magic.startswith(_GZIP_MAGIC):
-        decomp = _gzip_reader(counted)
-    elif magic == _ZSTD_MAGIC:
-        decomp = io.BufferedReader(_Zstd(counted, where), _COPY_CHUNK)
-    else:
-        decomp = counted
+    decomp = _decompressed(counted, where)
     diff_hash = new_hash(diff_id)
     tar_tap = _Tap(decomp, diff_hash, stop)
 
@@ -454,19 +480,9 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
     finally:
         stream.close()
         decomp.close()
-    if blob_hash is not None and digest is not None:
-        got_blob = f"{digest.split(':', 1)[0]}:{blob_hash.hexdigest()}"
-        if got_blob != digest:
-            raise ImageError(f"layer blob does not match its digest (got {got_blob})",
-                             where=where)
-    if size is not None and raw.count != size:
-        raise ImageError(f"layer blob has {raw.count} bytes, its descriptor says {size}",
-                         where=where)
-    got = f"{diff_id.split(':', 1)[0]}:{diff_hash.hexdigest()}"
-    if got != diff_id:
-        raise ImageError(f"uncompressed layer does not match its diff id {diff_id} "
-                         f"(got {got})", where=where)
-    return UnpackResult(diff_id=got, tar_bytes=tar_tap.count, entries=builder.entries)
+    _check_blob(raw, blob_hash, digest, size, where)
+    _check_diff_id(diff_hash, diff_id, where)
+    return UnpackResult(diff_id=diff_id, tar_bytes=tar_tap.count, entries=builder.entries)
 
 
 def verify_blob(blob: IO[bytes], *, where: str, diff_id: str, digest: str | None,
@@ -484,14 +500,7 @@ def verify_blob(blob: IO[bytes], *, where: str, diff_id: str, digest: str | None
     counted = io.BufferedReader(raw, _COPY_CHUNK)
     uncompressed = digest == diff_id
     if check_diff_id or uncompressed:
-        magic = counted.peek(4)[:4]
-        decomp: IO[bytes]
-        if magic.startswith(_GZIP_MAGIC):
-            decomp = _gzip_reader(counted)
-        elif magic == _ZSTD_MAGIC:
-            decomp = io.BufferedReader(_Zstd(counted, where), _COPY_CHUNK)
-        else:
-            decomp = counted
+        decomp = _decompressed(counted, where)
         diff_hash = new_hash(diff_id)
         tap = _Tap(decomp, diff_hash, threading.Event())
         buf = bytearray(_COPY_CHUNK)
@@ -504,18 +513,8 @@ def verify_blob(blob: IO[bytes], *, where: str, diff_id: str, digest: str | None
             raise ImageError(f"corrupt or truncated layer: {e}", where=where) from None
         finally:
             decomp.close()
-        got = f"{diff_id.split(':', 1)[0]}:{diff_hash.hexdigest()}"
-        if got != diff_id:
-            raise ImageError(f"uncompressed layer does not match its diff id {diff_id} "
-                             f"(got {got})", where=where)
+        _check_diff_id(diff_hash, diff_id, where)
     else:
         while counted.read(_COPY_CHUNK):
             pass
-    if blob_hash is not None and digest is not None:
-        got_blob = f"{digest.split(':', 1)[0]}:{blob_hash.hexdigest()}"
-        if got_blob != digest:
-            raise ImageError(f"layer blob does not match its digest (got {got_blob})",
-                             where=where)
-    if size is not None and raw.count != size:
-        raise ImageError(f"layer blob has {raw.count} bytes, its descriptor says {size}",
-                         where=where)
+    _check_blob(raw, blob_hash, digest, size, where)

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,22 +187,12 @@ def _join_pod(cdir: ContainerDir, sandbox: ContainerDir, spec: Spec, terminal: b
         conn.sock.settimeout(None)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 255
-            try:
-                os.setsid()
-                # Not the state lock (flock is per open file: it would stay held), nor the
-                # caller's pipes: only the connection.
-                detach_stdio(keep={conn.sock.fileno()})
-                try:
-                    code = int(conn.receive().get("exit", 255))
-                except UvmshimError:
-                    code = 255  # the sandbox's shim is gone
-                with contextlib.suppress(UvmshimError, OSError):
-                    cdir.update(status="stopped", exit_code=code)
-            finally:
-                os._exit(code)
+
+        def record(code: int) -> None:
+            with contextlib.suppress(UvmshimError, OSError):
+                cdir.update(status="stopped", exit_code=code)
+
+        pid = fork_exit_relay(conn, record)
         cdir.update(status="created", pid=pid, shim_start=procscan.start_time(pid))
         return pid
     finally:
@@ -240,6 +231,34 @@ def _fork_shim(cdir: ContainerDir, spec: Spec, terminal: bool, console_socket: s
     if "error" in answer:
         _reap(pid)
         raise UvmshimError(str(answer["error"]))
+    return pid
+
+
+def fork_exit_relay(conn: protocol.Connection,
+                    on_exit: Callable[[int], None] | None = None) -> int:
+    """Fork the process that stands for a container process: it waits for the exit status
+    the shim reports on ``conn``, calls ``on_exit`` with it and exits with the same status.
+
+    The child runs in a session of its own and keeps no fd but the connection's: not the
+    state lock (flock is per open file: it would stay held), nor the caller's pipes (e.g.
+    conmon's sync pipe). It exits with 255 when the shim is gone or anything fails.
+
+    :returns: the child's pid.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 255
+        try:
+            os.setsid()
+            detach_stdio(keep={conn.sock.fileno()})
+            try:
+                code = int(conn.receive().get("exit", 255))
+            except UvmshimError:
+                code = 255  # the shim is gone
+            if on_exit is not None:
+                on_exit(code)
+        finally:
+            os._exit(code)
     return pid
 
 

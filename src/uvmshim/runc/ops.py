@@ -229,23 +229,10 @@ def exec_process(root: str, container_id: str, process: dict[str, Any], *,
         conn.sock.settimeout(None)
         if not detach:
             return int(conn.receive().get("exit", 255))
-        pid = os.fork()
-        if pid == 0:
-            code = 255
-            try:
-                os.setsid()
-                from uvmshim.runc.create import detach_stdio
+        from uvmshim.runc.create import _write_pid_file, fork_exit_relay
 
-                # e.g. conmon's sync pipe: only the connection stays
-                detach_stdio(keep={conn.sock.fileno()})
-                code = int(conn.receive().get("exit", 255))
-            except BaseException:
-                code = 255
-            finally:
-                os._exit(code)
+        pid = fork_exit_relay(conn)
         if pid_file:
-            from uvmshim.runc.create import _write_pid_file
-
             _write_pid_file(pid_file, pid)
         return 0
     finally:

@@ -502,16 +502,18 @@ async def find_leftovers(namespaces: Iterable[str] | None = None) -> list[Leftov
     return found
 
 
+def _drop_redirect(ipr: IPRoute, *, left: Leftover) -> None:
+    """In ``left``'s namespace: delete its interface's ingress qdisc, if still there."""
+    try:
+        ipr.tc("del", "ingress", left.index, "ffff:")
+    except Exception as e:
+        if getattr(e, "code", None) not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+            raise _netlink_error(f"removing {left}", e) from e
+
+
 async def reclaim(left: Leftover) -> None:
     """Delete a leftover redirect (the interface's ingress qdisc)."""
-    def drop(ipr: IPRoute) -> None:
-        try:
-            ipr.tc("del", "ingress", left.index, "ffff:")
-        except Exception as e:
-            if getattr(e, "code", None) not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
-                raise _netlink_error(f"removing {left}", e) from e
-
-    await in_netns(left.netns or None, drop)
+    await in_netns(left.netns or None, functools.partial(_drop_redirect, left=left))
 
 
 def find_leftovers_sync(namespaces: Iterable[str] | None = None) -> list[Leftover]:
@@ -527,12 +529,5 @@ def find_leftovers_sync(namespaces: Iterable[str] | None = None) -> list[Leftove
 
 def reclaim_sync(left: Leftover) -> None:
     """:func:`reclaim` for callers without an event loop."""
-    def drop(ipr: IPRoute) -> None:
-        try:
-            ipr.tc("del", "ingress", left.index, "ffff:")
-        except Exception as e:
-            if getattr(e, "code", None) not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
-                raise _netlink_error(f"removing {left}", e) from e
-
-    _in_thread(left.netns or None, drop).result(30)
+    _in_thread(left.netns or None, functools.partial(_drop_redirect, left=left)).result(30)
 

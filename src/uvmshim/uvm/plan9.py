@@ -16,7 +16,7 @@ and each batched share's guest path is a link into it (measured in ``bench/bench
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,28 +203,17 @@ class Plan9Manager:
         pending = [s for s in shares if not s._released]
         in_guest = [s for s in pending if not s._guest_released]
         if in_guest:
-            try:
-                failed = await self._guest.unmount_plan9_batch(
-                    [(s.name, s.guest_path) for s in in_guest])
-            except UvmshimError as err:
-                failed = {s.name: str(err) for s in in_guest}
-            for s in in_guest:
-                if s.name in failed:
-                    failures[s.name] = UvmError(failed[s.name])
-                else:
-                    s._guest_released = True
+            unmounted = await _batch_step(in_guest, failures, lambda: (
+                self._guest.unmount_plan9_batch([(s.name, s.guest_path) for s in in_guest])))
+            for s in unmounted:
+                s._guest_released = True
         on_host = [s for s in pending if s._guest_released]
         if on_host:
-            try:
-                failed = await self._host.plan9_remove_batch([s.name for s in on_host])
-            except UvmshimError as err:
-                failed = {s.name: str(err) for s in on_host}
-            for s in on_host:
-                if s.name in failed:
-                    failures[s.name] = UvmError(failed[s.name])
-                else:
-                    s._released = True
-                    del self._shares[s.name]
+            removed = await _batch_step(on_host, failures, lambda: (
+                self._host.plan9_remove_batch([s.name for s in on_host])))
+            for s in removed:
+                s._released = True
+                del self._shares[s.name]
         out: list[tuple[Plan9Share, UvmshimError]] = []
         for s in pending:
             why = failures.get(s.name)
@@ -245,3 +234,20 @@ class Plan9Manager:
                      f"from {self._vm_id}")
             raise
         del self._shares[share.name]
+
+
+async def _batch_step(shares: list[Plan9Share], failures: dict[str, UvmshimError],
+                      step: Callable[[], Awaitable[dict[str, str]]]) -> list[Plan9Share]:
+    """Run ``step``, one batch request for ``shares`` that returns why, per name, for those it
+    failed (all of them when it raises); add those to ``failures`` and return the others."""
+    try:
+        failed = await step()
+    except UvmshimError as err:
+        failed = {s.name: str(err) for s in shares}
+    done: list[Plan9Share] = []
+    for s in shares:
+        if s.name in failed:
+            failures[s.name] = UvmError(failed[s.name])
+        else:
+            done.append(s)
+    return done
