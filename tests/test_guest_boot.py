@@ -324,7 +324,7 @@ def test_containers(boot_files: BootFiles, tmp_path: Path) -> None:
                         break
                     await asyncio.sleep(0.1)
                 proc = await client.container_exec("c2", "e1", {
-                    **base["process"], "args": ["/bin/cat", "/etc/marker"]})
+                    **base["process"], "args": ["/bin/cat", "/etc/marker"], "terminal": False})
                 chunks = [d async for _s, d in proc.output()]
                 assert (b"".join(chunks), await proc.wait()) == (b"from-lower\n", 0)
                 await client.container_signal("c2", 9)

@@ -65,24 +65,26 @@ def test_same_image_twice_is_one_attachment_and_detach_removes_the_device(
     img = ext4(tmp_path, "twice", {"a": "a"})
     _, disks_before, _ = session.sh("ls /sys/block | grep '^sd' || true")
 
-    async def attach_twice() -> list[object]:
-        a = await vm.add_scsi(img, "/run/mounts/m201", read_only=True, options=("ro",))
-        b = await vm.add_scsi(img, "/run/mounts/m202", read_only=True, options=("ro",))
-        return [a, b]
+    # QEMU gets images as file descriptors (/dev/fdset/N): the second attach of the same
+    # image must not give QEMU another descriptor of it.
+    fds = Path(f"/proc/{session.uvm.machine.pid}/fd")
 
-    a, b = session.run(attach_twice())
-    assert b.guest_path == a.guest_path == "/run/mounts/m201"  # type: ignore[attr-defined]
+    def qemu_fds_on_image() -> int:
+        return sum(1 for fd in fds.iterdir()
+                   if os.path.realpath(fd) == os.path.realpath(img))
+
+    a = session.run(vm.add_scsi(img, "/run/mounts/m201", read_only=True, options=("ro",)))
+    once = qemu_fds_on_image()
+    b = session.run(vm.add_scsi(img, "/run/mounts/m202", read_only=True, options=("ro",)))
+    assert b.guest_path == a.guest_path == "/run/mounts/m201"
     assert len(vm.scsi.attachments()) == 1
-    # QEMU gets images as file descriptors (/dev/fdset/N): count its fds open on the image.
-    pid = session.uvm.machine.pid
-    fds = Path(f"/proc/{pid}/fd")
-    assert sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == os.path.realpath(img)) == 1
+    assert qemu_fds_on_image() == once > 0
     _, disks_during, _ = session.sh("ls /sys/block | grep '^sd' || true")
     assert len(disks_during.split()) == len(disks_before.split()) + 1
-    session.run(a.release())  # type: ignore[attr-defined]
+    session.run(a.release())
     _, still, _ = session.sh("grep -c ' /run/mounts/m201 ' /proc/mounts || true")
     assert still.strip() == "1"  # b still holds it
-    session.run(b.release())  # type: ignore[attr-defined]
+    session.run(b.release())
     _, disks_after, _ = session.sh("ls /sys/block | grep '^sd' || true")
     assert disks_after.split() == disks_before.split()
 

@@ -599,8 +599,9 @@ class Runtime:
 
 def wait_exit(pid: int, status_dir: str = EXIT_STATUS_DIR,
               timeout: float = STATUS_TIMEOUT) -> int:
-    """Wait until process ``pid`` (not our child: re-parented to PID 1) has exited; return the
-    status PID 1 recorded (``os.waitstatus_to_exitcode``), 255 if none came."""
+    """Wait until process ``pid`` (not our child: re-parented to PID 1) has exited; return its
+    exit status as runc and the shells report it (128 + the signal for a process killed by one),
+    from what PID 1 recorded, or 255 if nothing came."""
     import select
     import time
 
@@ -621,9 +622,9 @@ def wait_exit(pid: int, status_dir: str = EXIT_STATUS_DIR,
     while True:
         try:
             with open(path, encoding="ascii") as f:
-                code = int(f.read().strip())
+                code = int(f.read().strip())  # os.waitstatus_to_exitcode: -N for signal N
             os.unlink(path)
-            return code
+            return 128 - code if code < 0 else code
         except (OSError, ValueError):
             if time.monotonic() > deadline:
                 return 255
