@@ -320,24 +320,9 @@ class Runtime:
         argv = self._crun_logged(log, "create", *console_args, "--pid-file", pid_file,
                                  "--bundle", c.bundle, container_id)
         with self._lock:
-            if key in self._procs:
-                if console is not None:
-                    console.close()
-                raise AgentError(f"process {key} already exists", ErrorKind.CONFLICT)
-        try:
-            proc = subprocess.Popen(
-                argv, cwd=c.bundle,
-                stdin=subprocess.PIPE if c.stdin and console is None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        except OSError as err:
-            if console is not None:
-                console.close()
-            raise AgentError(f"crun: {err.strerror or err}", ErrorKind.CRUN) from None
-        tty = None
-        if console is not None:
-            master = console.receive(proc)
-            if master >= 0:
-                tty = _Tty(master)
+            self._check_free(key, console)
+        proc = self._popen(argv, cwd=c.bundle, stdin=c.stdin, console=console)
+        tty = _tty_of(console, proc)
         try:
             rc = proc.wait(timeout=CREATE_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -507,34 +492,41 @@ class Runtime:
             raise AgentError(f"container {container_id} does not exist", ErrorKind.NOT_FOUND)
         return c
 
+    def _check_free(self, key: str, console: _Console | None) -> None:
+        """With the lock held: refuse a process key in use (closing ``console``)."""
+        if key in self._procs:
+            if console is not None:
+                console.close()
+            raise AgentError(f"process {key} already exists", ErrorKind.CONFLICT)
+
+    @staticmethod
+    def _popen(argv: list[str], *, cwd: str, stdin: bool, console: _Console | None) -> Any:
+        """Start ``argv`` with piped output (stdin piped only if asked and not a terminal);
+        a program that can't start closes ``console`` and is a crun error."""
+        import subprocess
+
+        try:
+            return subprocess.Popen(
+                argv, cwd=cwd,
+                stdin=subprocess.PIPE if stdin and console is None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as err:
+            if console is not None:
+                console.close()
+            raise AgentError(f"{argv[0]}: {err.strerror or err}", ErrorKind.CRUN) from None
+
     def _spawn(self, key: str, argv: list[str], *, stdin: bool, cwd: str,
                crun_log: str = "", console: _Console | None = None) -> None:
         """Start ``argv`` as process ``key``; with ``console``, once crun sent the pty master
         (or gave up), the master is the process's stdio."""
-        import subprocess
-
         with self._lock:
-            if key in self._procs:
-                if console is not None:
-                    console.close()
-                raise AgentError(f"process {key} already exists", ErrorKind.CONFLICT)
-            try:
-                proc = subprocess.Popen(
-                    argv, cwd=cwd,
-                    stdin=subprocess.PIPE if stdin and console is None else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-            except OSError as err:
-                if console is not None:
-                    console.close()
-                raise AgentError(f"{argv[0]}: {err.strerror or err}", ErrorKind.CRUN) from None
+            self._check_free(key, console)
+            proc = self._popen(argv, cwd=cwd, stdin=stdin, console=console)
             self._procs[key] = proc
-        tty = None
-        if console is not None:
-            master = console.receive(proc)
-            if master >= 0:
-                tty = _Tty(master)
-                with self._lock:
-                    self._ttys[key] = tty
+        tty = _tty_of(console, proc)
+        if tty is not None:
+            with self._lock:
+                self._ttys[key] = tty
         threading.Thread(target=self._watch, args=(key, proc, crun_log, tty), daemon=True,
                          name=f"proc-{key}").start()
 
@@ -595,6 +587,14 @@ class Runtime:
                 self._send_event(OutputEvent(process=key, stream="stdout", data=chunk))
         finally:
             tty.close()
+
+
+def _tty_of(console: _Console | None, proc: Any) -> _Tty | None:
+    """The pty master crun sent over ``console`` for ``proc`` (None without one)."""
+    if console is None:
+        return None
+    master = console.receive(proc)
+    return _Tty(master) if master >= 0 else None
 
 
 def wait_exit(pid: int, status_dir: str = EXIT_STATUS_DIR,
