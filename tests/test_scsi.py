@@ -181,9 +181,12 @@ def test_unreadable_file(tmp_path: Path) -> None:
         if os.geteuid() == 0:
             argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                     "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
-        src = str(Path(uvmshim.__file__).parent.parent)  # the editable install's finder is root's
+        # nobody may not reach the checkout (a clone in a 0700 temp dir): give it a copy.
+        src = shared / "src"
+        shutil.copytree(Path(uvmshim.__file__).parent, src / "uvmshim",
+                        ignore=shutil.ignore_patterns("__pycache__"))
         out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=shared,
-                             env={**os.environ, "PYTHONPATH": src})
+                             env={**os.environ, "PYTHONPATH": str(src)})
         assert "failed to grant VM access" in out.stdout, out.stdout + out.stderr
     finally:
         shutil.rmtree(shared)
