@@ -391,3 +391,35 @@ def test_reaper_records_watched_exits_only(tmp_path: Path) -> None:
     reaper.record(proc.pid, st, str(watch), str(status))
     assert wait_exit(proc.pid, str(status), timeout=1) == 137  # 128 + SIGKILL, as runc reports it
     assert wait_exit(999999, str(status), timeout=0.05) == 255  # nothing recorded
+
+
+def test_container_stats_reads_the_inits_cgroup(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``container_stats`` reads the cgroup v2 files of the cgroup the init is in; a container
+    whose init is gone is not running (kind ``conflict``)."""
+    from uvmshim.agent import runtime
+    from uvmshim.protocol import ContainerStats
+    from uvmshim.protocol.messages import ErrorKind
+
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    path = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if path is None:
+        pytest.skip("no cgroup v2 line in /proc/self/cgroup")
+    cgroup = tmp_path / path.lstrip("/")
+    cgroup.mkdir(parents=True, exist_ok=True)
+    (cgroup / "pids.current").write_text("3\n")
+    (cgroup / "memory.max").write_text("max\n")
+    monkeypatch.setattr(runtime, "CGROUP_MOUNT", str(tmp_path))
+    rt = runtime.Runtime(Storage(kmods.ModuleLoader()), lambda event: None)
+    c = runtime._Container(str(tmp_path), False, "", "c1")
+    rt._containers["c1"] = c
+    with pytest.raises(AgentError) as err:  # not created yet
+        rt.stats(ContainerStats(container_id="c1"))
+    assert err.value.kind is ErrorKind.CONFLICT and "is not running" in str(err.value)
+    c.init_pid = os.getpid()
+    got = rt.stats(ContainerStats(container_id="c1"))
+    assert got == {"cgroup": os.path.normpath(str(cgroup)),
+                   "files": {"pids.current": "3\n", "memory.max": "max\n"}}
+    with pytest.raises(AgentError) as err:
+        rt.stats(ContainerStats(container_id="nope"))
+    assert err.value.kind is ErrorKind.NOT_FOUND

@@ -567,6 +567,97 @@ def test_shim_and_qemu_in_the_containers_host_cgroup(tmp_path: Path, rootfs: Pat
                 (root / parent).rmdir()
 
 
+def _host_bounds(roots: list[Path], rel: str) -> tuple[str, str]:
+    """The memory and CPU bounds of the host cgroup ``rel`` (as v2 writes them)."""
+    d = roots[0] / rel
+    if (d / "memory.limit_in_bytes").exists():  # v1: -1 reads back as a page-rounded maximum
+        memory = (d / "memory.limit_in_bytes").read_text().strip()
+        cpu = roots[0].parent / "cpu" / rel
+        quota = (cpu / "cpu.cfs_quota_us").read_text().strip()
+        period = (cpu / "cpu.cfs_period_us").read_text().strip()
+        return ("max" if int(memory) >= 1 << 62 else memory,
+                f"{'max' if quota == '-1' else quota} {period}")
+    return (d / "memory.max").read_text().strip(), (d / "cpu.max").read_text().strip()
+
+
+def test_update_bounds_the_host_cgroup_and_events_report_stats(tmp_path: Path,
+                                                              rootfs: Path) -> None:
+    """``update`` sets the limits in the guest and the UVM's bounds in the host cgroup (memory:
+    the UVM's RAM + QEMU's overhead once there is a limit; CPU: the quota + half a period); a
+    limit the UVM cannot hold is refused. ``events --stats`` (and the stream) give runc's
+    stats from the guest's cgroup; a stopped container fails as with runc."""
+    from uvmshim.runc.cgroups import hierarchies
+    from uvmshim.uvm.sizing import HOST_OVERHEAD_MB
+
+    runc = Runc(tmp_path / "root")
+    parent = f"uvmshim-test-upd-{os.getpid()}"
+    rel = f"{parent}/u1"
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", LOOP])
+    spec = json.loads((b / "config.json").read_text())
+    spec["linux"]["cgroupsPath"] = f"/{rel}"
+    # No memory limit at create: the UVM has its default 512 MiB and no host memory bound.
+    spec["linux"]["resources"] = {"cpu": {"quota": 50000, "period": 100000}}
+    (b / "config.json").write_text(json.dumps(spec))
+    roots = hierarchies()
+    try:
+        runc("create", "--bundle", str(b), "u1", stdin=subprocess.DEVNULL,
+             output=subprocess.DEVNULL)
+        assert _host_bounds(roots, rel) == ("max", "100000 100000")
+        runc("start", "u1")
+
+        runc("update", "--memory", "128m", "--cpu-quota", "150000", "--pids-limit", "25", "u1")
+        res = runc("exec", "u1", "cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max",
+                   "/sys/fs/cgroup/pids.max")
+        assert res.stdout.split() == [str(128 << 20), "150000", "100000", "25"], res.stdout
+        assert _host_bounds(roots, rel) == (str((512 + HOST_OVERHEAD_MB) << 20),
+                                            "200000 100000")
+
+        event = json.loads(runc("events", "--stats", "u1").stdout)
+        assert (event["type"], event["id"]) == ("stats", "u1")
+        data = event["data"]
+        assert data["pids"]["current"] >= 1 and data["pids"]["limit"] == 25, data["pids"]
+        assert data["memory"]["usage"]["usage"] > 0, data["memory"]
+        assert data["memory"]["usage"]["limit"] == 128 << 20
+        assert data["memory"]["raw"]["anon"] >= 0
+        assert data["cpu"]["usage"]["total"] > 0, data["cpu"]
+
+        # More than the UVM holds (512 MiB, 256 of them the guest's own): refused, unchanged
+        res = runc("update", "--memory", "300m", "u1", check=False)
+        assert res.returncode == 1 and "does not fit the utility VM" in res.stderr, res.stderr
+        res = runc("exec", "u1", "cat", "/sys/fs/cgroup/memory.max")
+        assert res.stdout.split() == [str(128 << 20)]
+        # No limits: no bounds
+        runc("update", "--memory", "-1", "--cpu-quota", "-1", "u1")
+        res = runc("exec", "u1", "cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max")
+        assert res.stdout.split() == ["max", "max", "100000"], res.stdout
+        assert _host_bounds(roots, rel) == ("max", "max 100000")
+
+        stream = subprocess.Popen([uvmshim_binary(), "--root", str(runc.root), "events",
+                                   "--interval", "500ms", "u1"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            assert stream.stdout is not None
+            lines = [json.loads(stream.stdout.readline()) for _ in range(2)]
+            assert [e["type"] for e in lines] == ["stats", "stats"]
+            assert lines[1]["data"]["cpu"]["usage"]["total"] >= \
+                lines[0]["data"]["cpu"]["usage"]["total"]
+            runc("kill", "u1", "KILL")
+            assert stream.wait(timeout=120) == 0  # ends with the container
+        finally:
+            if stream.poll() is None:
+                stream.kill()
+                stream.wait()
+        wait_for(lambda: runc.status("u1") == "stopped")
+        res = runc("events", "--stats", "u1", check=False)
+        assert res.returncode == 1 and "container with id u1 is not running" in res.stderr
+        runc("delete", "u1")
+    finally:
+        runc("delete", "--force", "u1", check=False)
+        for root in roots:
+            with contextlib.suppress(OSError):
+                (root / parent).rmdir()
+
+
 def test_state_agrees_with_crun_and_exec_flags_apply(tmp_path: Path, rootfs: Path) -> None:
     """``state`` of a created container gives the OCI state crun gives for the same bundle;
     ``exec`` with runc's flags (cwd, env, user, groups, caps, no-new-privs) runs as asked;

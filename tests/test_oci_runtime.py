@@ -52,7 +52,8 @@ def test_signals() -> None:
 
 
 @pytest.mark.parametrize("verb", [["state"], ["start"], ["kill"], ["delete"], ["pause"],
-                                  ["resume"], ["ps"], ["exec", "--process", "/nonexistent"]])
+                                  ["resume"], ["ps"], ["exec", "--process", "/nonexistent"],
+                                  ["events", "--stats"], ["events"]])
 def test_unknown_id(tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: list[str]) -> None:
     code, out, err = runc(capsys, "--root", str(tmp_path), *verb, "nosuch")
     assert code == 1
@@ -146,6 +147,51 @@ def test_dead_shim_is_stopped_and_delete_cleans(tmp_path: Path,
     assert code == 1 and "stopped" in err
     assert runc(capsys, "--root", str(tmp_path), "delete", "dead")[0] == 0
     assert not cdir.exists()
+
+
+def test_events_of_a_stopped_container_fail_as_runc(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    cdir = ContainerDir.of(tmp_path, "gone")
+    cdir.make()
+    state = new_state("gone", "/b", "/b/rootfs", {})
+    state.update(status="stopped")
+    cdir.write(state)
+    for argv in (["--stats"], [], ["--interval", "1s"]):
+        code, out, err = runc(capsys, "--root", str(tmp_path), "events", *argv, "gone")
+        assert (code, out) == (1, "") and "container with id gone is not running" in err, err
+    for bad, message in (("0s", "duration interval must be greater than 0"),
+                         ("soon", "invalid value 'soon' for flag -interval")):
+        code, _, err = runc(capsys, "--root", str(tmp_path), "events", "--interval", bad, "gone")
+        assert code == 1 and message in err, err
+
+
+def test_stats_map_cgroup_v2_files_as_runc() -> None:
+    from uvmshim.runc.stats import MAX_UINT64, parse_interval, runc_stats
+
+    data = runc_stats({
+        "cpu.stat": "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 4\n"
+                    "nr_throttled 1\nthrottled_usec 20\n",
+        "memory.current": "4096\n", "memory.max": "67108864\n", "memory.peak": "8192\n",
+        "memory.stat": "anon 1024\nfile 2048\n", "memory.events": "low 0\nmax 2\noom_kill 1\n",
+        "memory.swap.current": "0\n", "memory.swap.max": "max\n",
+        "pids.current": "3\n", "pids.max": "max\n"})
+    assert data["cpu"] == {"usage": {"total": 1500000, "user": 1000000, "kernel": 500000},
+                           "throttling": {"periods": 4, "throttledPeriods": 1,
+                                          "throttledTime": 20000}}
+    mem = data["memory"]
+    assert mem["usage"] == {"usage": 4096, "limit": 64 << 20, "max": 8192, "failcnt": 0}
+    assert mem["swap"] == {"usage": 4096, "limit": MAX_UINT64, "failcnt": 0}
+    assert mem["kernel"] == {"limit": 0, "failcnt": 0}
+    assert (mem["cache"], mem["raw"]) == (2048, {"anon": 1024, "file": 2048})
+    assert mem["event_count"] == {"max": 2, "oom_kill": 1}
+    assert data["pids"] == {"current": 3}  # no limit: 0, left out as runc's omitempty
+    assert runc_stats({"pids.current": "1", "pids.max": "20"})["pids"] == {"current": 1,
+                                                                           "limit": 20}
+    assert [parse_interval(t) for t in ("5s", "100ms", "1m30s", "2", "1.5s")] == \
+        [5, 0.1, 90, 2, 1.5]
+    for bad in ("", "5x", "s", "1s2"):
+        with pytest.raises(ValueError):
+            parse_interval(bad)
 
 
 def test_spec_features_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from uvmshim.runc import cgroups
 from uvmshim.runc.cgroups import CgroupError, bounds, cgroup_path
 from uvmshim.uvm.sizing import (
     ANNOTATION_MEMORY_MB,
@@ -80,3 +83,75 @@ def test_bounds() -> None:
     assert bounds({"memory": {"limit": 64 * MiB}, "cpu": {"quota": 50000, "period": 100000}},
                   512) == {"memory": (512 + HOST_OVERHEAD_MB) * MiB, "cpu_period": 100000,
                            "cpu_quota": 100000}
+
+
+def test_update_bounds_follow_the_new_resources() -> None:
+    spec = {"memory": {"limit": 64 * MiB}, "cpu": {"quota": 50000, "period": 100000},
+            "pids": {"limit": 10}}
+    change = {"cpu": {"quota": 150000}, "pids": {"limit": 20}}
+    merged = cgroups.merge_resources(spec, change)
+    assert merged == {"memory": {"limit": 64 * MiB}, "cpu": {"quota": 150000, "period": 100000},
+                      "pids": {"limit": 20}}
+    assert spec["cpu"] == {"quota": 50000, "period": 100000}  # not changed in place
+    # only what the update touches; pids never on the host
+    assert cgroups.update_limits(change, merged, 512) == {"cpu_quota": 200000,
+                                                          "cpu_period": 100000}
+    change = {"memory": {"limit": 128 * MiB}, "cpu": {"period": 50000}}
+    assert cgroups.update_limits(change, cgroups.merge_resources(merged, change), 1024) == {
+        "memory": (1024 + HOST_OVERHEAD_MB) * MiB, "cpu_quota": 150000 + 25000,
+        "cpu_period": 50000}
+    change = {"memory": {"limit": -1}, "cpu": {"quota": -1}}  # no limit: no bound
+    assert cgroups.update_limits(change, cgroups.merge_resources(spec, change), 512) == {
+        "memory": -1, "cpu_quota": -1, "cpu_period": 100000}
+    assert cgroups.update_limits({"memory": {"limit": 0}}, spec, 512) == {}  # 0: unchanged
+
+
+def test_update_memory_must_fit_the_uvm() -> None:
+    cgroups.check_fits({"memory": {"limit": 256 * MiB}}, 512)  # + 256 MiB guest overhead
+    cgroups.check_fits({"memory": {"limit": -1}, "cpu": {"quota": 10**9}}, 512)
+    with pytest.raises(CgroupError, match=r"memory\.limit: a memory limit of 257 MiB does "
+                       r"not fit the utility VM: it has 512 MiB.*at most 256 MiB"):
+        cgroups.check_fits({"memory": {"limit": 257 * MiB}}, 512)
+    cgroups.check_fits({"memory": {"limit": 512 * MiB}}, 512, exact=True)  # as at create
+    with pytest.raises(CgroupError, match="at most 512 MiB"):
+        cgroups.check_fits({"memory": {"limit": 513 * MiB}}, 512, exact=True)
+
+
+@pytest.mark.parametrize("v2", [True, False])
+def test_update_writes_the_host_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       v2: bool) -> None:
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path)
+    d = tmp_path / ("c1" if v2 else "memory/c1")
+    d.mkdir(parents=True)
+    if v2:
+        (tmp_path / "cgroup.controllers").write_text("memory cpu pids\n")
+        files = {"memory.max": "max\n", "cpu.max": "max 100000\n",
+                 "memory.current": str(600 * MiB), "memory.stat": f"inactive_file {100 * MiB}\n"}
+    else:
+        files = {"memory.limit_in_bytes": "9223372036854771712\n",
+                 "cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n",
+                 "memory.usage_in_bytes": str(600 * MiB),
+                 "memory.stat": f"total_inactive_file {100 * MiB}\n"}
+    for name, text in files.items():
+        (d / name).write_text(text)
+    limits = {"memory": 896 * MiB, "cpu_quota": 200000, "cpu_period": 50000}
+    cgroups.check_room([str(d)], limits)  # 500 MiB besides reclaimable cache
+    cgroups.apply([str(d)], limits)
+    if v2:
+        assert (d / "memory.max").read_text() == str(896 * MiB)
+        assert (d / "cpu.max").read_text() == "200000 50000"
+    else:
+        assert (d / "memory.limit_in_bytes").read_text() == str(896 * MiB)
+        assert (d / "cpu.cfs_quota_us").read_text() == "200000"
+        assert (d / "cpu.cfs_period_us").read_text() == "50000"
+    cgroups.apply([str(d)], {"memory": -1, "cpu_quota": -1, "cpu_period": 100000})
+    if v2:
+        assert (d / "memory.max").read_text() == "max"
+        assert (d / "cpu.max").read_text() == "max 100000"
+    else:
+        assert (d / "memory.limit_in_bytes").read_text() == "-1"
+        assert (d / "cpu.cfs_quota_us").read_text() == "-1"
+    with pytest.raises(CgroupError, match=r"uses 500 MiB on the host .* more than the new "
+                       r"bound of 400 MiB: QEMU would be OOM-killed"):
+        cgroups.check_room([str(d)], {"memory": 400 * MiB})
+    cgroups.check_room([str(d)], {"memory": -1})

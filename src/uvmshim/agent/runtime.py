@@ -53,6 +53,7 @@ from uvmshim.protocol.requests import (
     ContainerExec,
     ContainerSignal,
     ContainerStart,
+    ContainerStats,
     ContainerUpdate,
     HugepagesDir,
     ProcessResize,
@@ -85,6 +86,12 @@ CREATE_TIMEOUT = 50.0
 
 #: How long PID 1 may take to record an exit status once the process is gone.
 STATUS_TIMEOUT = 10.0
+
+#: The cgroup v2 files ``container_stats`` reads (those that exist).
+STATS_FILES = ("cpu.stat", "cpu.max", "memory.current", "memory.max", "memory.peak",
+               "memory.stat", "memory.events", "memory.swap.current", "memory.swap.max",
+               "pids.current", "pids.max")
+CGROUP_MOUNT = "/sys/fs/cgroup"
 
 
 class _Container:
@@ -415,6 +422,32 @@ class Runtime:
             run(self._crun("update", "--resources", path, container_id))
         except AgentError as err:
             raise AgentError(f"update container {container_id}: {err}", ErrorKind.CRUN) from None
+
+    def stats(self, req: ContainerStats) -> dict[str, Any]:
+        """The container's cgroup files (:data:`STATS_FILES`), from the cgroup its init is in
+        (crun's, whatever path it chose)."""
+        container_id = req.container_id
+        c = self._existing(container_id)
+        try:
+            with open(f"/proc/{c.init_pid}/cgroup", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            lines = []
+        path = next((line[3:] for line in lines if line.startswith("0::")), None)
+        if c.init_pid <= 0 or path is None:
+            raise AgentError(f"container {container_id} is not running", ErrorKind.CONFLICT)
+        cgroup = os.path.normpath(CGROUP_MOUNT + "/" + path)
+        files: dict[str, str] = {}
+        for name in STATS_FILES:
+            try:
+                with open(os.path.join(cgroup, name), encoding="utf-8") as f:
+                    files[name] = f.read()
+            except OSError:
+                pass
+        if not files:
+            raise AgentError(f"container {container_id}: no cgroup files in {cgroup}",
+                             ErrorKind.NOT_FOUND)
+        return {"cgroup": cgroup, "files": files}
 
     def delete(self, req: ContainerDelete) -> None:
         """Kill (if running) and delete the container; forget it."""

@@ -139,6 +139,7 @@ class Server:
             Op.CONTAINER_SIGNAL: rt.signal,
             Op.CONTAINER_DELETE: rt.delete,
             Op.CONTAINER_UPDATE: rt.update,
+            Op.CONTAINER_STATS: rt.stats,
             Op.PROCESS_STDIN: self._process_stdin,
             Op.PROCESS_RESIZE: rt.resize,
             Op.ADD_NETNS: net.add_netns,

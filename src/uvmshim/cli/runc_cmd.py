@@ -132,7 +132,11 @@ def _parser() -> argparse.ArgumentParser:
                  "--pids-limit", "--blkio-weight", "--l3-cache-schema", "--mem-bw-schema"):
         u.add_argument(flag)
     u.add_argument("id")
-    for name in ("events", "checkpoint", "restore"):
+    ev = sub.add_parser("events")
+    ev.add_argument("--interval", default="5s", help="stats every INTERVAL (a Go duration)")
+    ev.add_argument("--stats", action="store_true", help="one stats event, then exit")
+    ev.add_argument("id")
+    for name in ("checkpoint", "restore"):
         sub.add_parser(name).add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
@@ -314,6 +318,8 @@ def dispatch(args: argparse.Namespace) -> int:
                                 pid_file=args.pid_file) & 0xFF
     elif cmd == "update":
         ops.update(args.root, args.id, _update_resources(args))
+    elif cmd == "events":
+        _events(args)
     elif cmd == "ps":
         pids = ops.ps(args.root, args.id)
         if args.format == "json":
@@ -329,6 +335,23 @@ def dispatch(args: argparse.Namespace) -> int:
     else:
         raise UvmshimError(f"{cmd} is not supported by uvmshim")
     return 0
+
+
+def _events(args: argparse.Namespace) -> None:
+    from uvmshim.runc import ops
+    from uvmshim.runc.stats import parse_interval
+
+    try:
+        interval = parse_interval(args.interval)
+    except ValueError:
+        raise UvmshimError(f"invalid value {args.interval!r} for flag -interval: parse error")\
+            from None
+
+    def emit(event: dict[str, Any]) -> None:  # one JSON object a line, as Go's json.Encoder
+        sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+
+    ops.events(args.root, args.id, interval=interval, once=args.stats, emit=emit)
 
 
 def _list(args: argparse.Namespace) -> None:

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 #: 3: ``mount_scsi``/``mount_vpmem`` take ``verity`` (a dm-verity layer); ``verity_status``.
 #: 4: a container process with ``process.terminal`` gets a pty in the guest; ``process_resize``.
 #: 5: networking: ``add_netns``, ``remove_netns``, ``add_nic``, ``remove_nic``.
+#: Not bumped for ``container_stats`` (a new operation; nothing else changed, and an agent
+#: without it refuses it as an unknown operation, kind ``protocol``).
 PROTOCOL_VERSION = 5
 
 
@@ -72,6 +74,7 @@ class Op(StrEnum):
     CONTAINER_SIGNAL = "container_signal"
     CONTAINER_DELETE = "container_delete"
     CONTAINER_UPDATE = "container_update"
+    CONTAINER_STATS = "container_stats"
     PROCESS_STDIN = "process_stdin"
     PROCESS_RESIZE = "process_resize"
     ADD_NETNS = "add_netns"

@@ -319,6 +319,18 @@ class ContainerUpdate(RequestBody):
     resources: JSONObject
 
 
+class ContainerStats(RequestBody):
+    """Read the container's cgroup v2 files in the guest (for ``events --stats``). Result:
+    ``{"cgroup": its path in the guest, "files": {name: text}}`` with those of
+    ``cpu.stat``, ``cpu.max``, ``memory.current``, ``memory.max``, ``memory.peak``,
+    ``memory.stat``, ``memory.events``, ``memory.swap.current``, ``memory.swap.max``,
+    ``pids.current``, ``pids.max`` that exist; fails with kind ``conflict`` once the
+    container's init is gone."""
+
+    OP = Op.CONTAINER_STATS
+    container_id: str
+
+
 class ProcessStdin(RequestBody):
     """Write ``data`` to the stdin of the process with key ``process``; then close it if
     ``eof`` (a process on a pty instead reads end-of-file: the terminal's EOF character is
@@ -430,8 +442,8 @@ REQUEST_TYPES: dict[str, type[RequestBody]] = {
         UnmountVpmem, VerityStatus, AddVpci, CombineLayers, RemoveCombinedLayers, SandboxDir,
         HugepagesDir,
         InstallDrivers, Exec, ContainerCreate, ContainerStart, ContainerExec, ContainerSignal,
-        ContainerDelete, ContainerUpdate, ProcessStdin, ProcessResize, AddNetNS, RemoveNetNS,
-        AddNic, RemoveNic,
+        ContainerDelete, ContainerUpdate, ContainerStats, ProcessStdin, ProcessResize, AddNetNS,
+        RemoveNetNS, AddNic, RemoveNic,
     )
 }
 

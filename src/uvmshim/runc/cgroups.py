@@ -23,7 +23,12 @@ is made as a plain directory: systemd is not asked to create a transient unit (D
 does not know about it (see docs/oci-runtime.md).
 
 The directories are recorded in the state (``cgroups``) and removed by ``delete``.
-Imported by ``create`` and the shim.
+``update`` recomputes the bounds from the container's new resources (:func:`update_limits`) and
+writes them there (:func:`apply`); the UVM's RAM is fixed at boot, so a memory limit the UVM
+cannot hold, or a bound below what QEMU already uses on the host, is refused
+(:func:`check_fits`, :func:`check_room`) rather than left to an OOM kill. ``pids`` stays in
+the guest: on the host the cgroup holds the shim's and QEMU's threads, not the container's
+processes. Imported by ``create`` and the shim.
 """
 
 from __future__ import annotations
@@ -148,17 +153,135 @@ def place(pid: int, rel: str, limits: Mapping[str, int]) -> list[str]:
 
 
 def _limit(root: Path, d: Path, limits: Mapping[str, int]) -> None:
+    """Write ``limits`` in ``d`` (a value of -1 is no limit: ``max`` on v2, ``-1`` on v1)."""
     if root == CGROUP_ROOT and _v2():
         if "memory" in limits and (d / "memory.max").exists():
-            _write(d / "memory.max", str(limits["memory"]))
+            _write(d / "memory.max", _v2_value(limits["memory"]))
         if "cpu_quota" in limits and (d / "cpu.max").exists():
-            _write(d / "cpu.max", f"{limits['cpu_quota']} {limits['cpu_period']}")
+            _write(d / "cpu.max", f"{_v2_value(limits['cpu_quota'])} {limits['cpu_period']}")
         return
     if "memory" in limits and (d / "memory.limit_in_bytes").exists():
         _write(d / "memory.limit_in_bytes", str(limits["memory"]))
     if "cpu_quota" in limits and (d / "cpu.cfs_quota_us").exists():
+        if limits["cpu_quota"] >= 0:  # unbounded while the period changes: the parent's
+            _write(d / "cpu.cfs_quota_us", "-1")  # bandwidth is checked at each write
         _write(d / "cpu.cfs_period_us", str(limits["cpu_period"]))
         _write(d / "cpu.cfs_quota_us", str(limits["cpu_quota"]))
+
+
+def _v2_value(value: int) -> str:
+    return "max" if value < 0 else str(value)
+
+
+def merge_resources(current: Mapping[str, Any] | None,
+                    changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``linux.resources`` after ``update``: each section's fields replaced by the new ones
+    (what the guest's crun does with the same object)."""
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v
+                           for k, v in (current or {}).items()}
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = dict(value) if isinstance(value, dict) else value
+    return out
+
+
+def update_limits(changes: Mapping[str, Any], merged: Mapping[str, Any],
+                  uvm_memory_mb: int) -> dict[str, int]:
+    """The host bounds ``update`` writes: those of :func:`bounds` for the resources after the
+    update (``merged``), for the sections the update touches (``changes``: ``memory.limit``,
+    ``cpu.quota``/``cpu.period``); a limit removed (-1, 0) is -1, no bound."""
+    new = bounds(merged, uvm_memory_mb)
+    out: dict[str, int] = {}
+    memory = changes.get("memory")
+    if isinstance(memory, dict) and memory.get("limit"):  # 0: unchanged, as runc
+        out["memory"] = new.get("memory", -1)
+    cpu = changes.get("cpu")
+    if isinstance(cpu, dict) and (cpu.get("quota") or cpu.get("period")):
+        period = (merged.get("cpu") or {}).get("period")
+        out["cpu_period"] = new.get("cpu_period", period if isinstance(period, int) and
+                                    period > 0 else 100000)
+        out["cpu_quota"] = new.get("cpu_quota", -1)
+    return out
+
+
+def check_fits(resources: Mapping[str, Any], uvm_memory_mb: int, exact: bool = False) -> None:
+    """Refuse a memory limit the UVM cannot hold: its RAM is fixed at boot, and a container
+    limited above what it holds would be killed by the guest's OOM killer below its limit.
+
+    :param exact: the UVM was sized by hcsshim's annotation, which only has to hold the limit
+        itself (as at ``create``); else it must hold the limit and the guest's own overhead.
+    :raises CgroupError: the limit does not fit.
+    """
+    from uvmshim.uvm.sizing import GUEST_OVERHEAD_MB
+
+    memory = resources.get("memory")
+    limit = memory.get("limit") if isinstance(memory, dict) else None
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    room = uvm_memory_mb if exact else uvm_memory_mb - GUEST_OVERHEAD_MB
+    if limit > room << 20:
+        own = "" if exact else f", {GUEST_OVERHEAD_MB} MiB of which are the guest's own"
+        raise CgroupError(f"a memory limit of {-(-limit >> 20)} MiB does not fit the utility "
+                          f"VM: it has {uvm_memory_mb} MiB{own} (fixed when the container was "
+                          f"created), so the limit can be at most {room} MiB",
+                          where="linux.resources.memory.limit")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def check_room(dirs: list[str], limits: Mapping[str, int]) -> None:
+    """Refuse a memory bound below what the UVM (QEMU and the shim) uses on the host now,
+    besides reclaimable page cache: the kernel would OOM-kill QEMU (v2) or refuse the write
+    with ``EBUSY`` (v1).
+
+    :raises CgroupError: the bound is too low.
+    """
+    bound = limits.get("memory", -1)
+    if bound < 0:
+        return
+    for name in dirs:
+        d = Path(name)
+        if (d / "memory.current").exists():
+            usage, cache = _read_int(d / "memory.current"), _stat_value(d / "memory.stat",
+                                                                          "inactive_file")
+        elif (d / "memory.usage_in_bytes").exists():
+            usage = _read_int(d / "memory.usage_in_bytes")
+            cache = _stat_value(d / "memory.stat", "total_inactive_file")
+        else:
+            continue
+        need = (usage or 0) - cache
+        if need > bound:
+            raise CgroupError(f"the utility VM uses {need >> 20} MiB on the host ({d}), more "
+                              f"than the new bound of {bound >> 20} MiB: QEMU would be "
+                              f"OOM-killed", where="linux.resources.memory.limit")
+
+
+def apply(dirs: list[str], limits: Mapping[str, int]) -> None:
+    """Write ``limits`` (see :func:`update_limits`) in the directories :func:`place` made.
+
+    :raises CgroupError: a file cannot be written.
+    """
+    v2 = _v2()
+    for name in dirs:
+        _limit(CGROUP_ROOT if v2 else Path(name), Path(name), limits)
 
 
 def remove(dirs: list[str], timeout: float = 5.0) -> list[str]:

@@ -98,7 +98,7 @@ class Hosted:
     async def handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         handler = {"start": self.start, "kill": self.kill, "ps": self.ps, "pause": self.pause,
                    "resume": self.resume, "shutdown": self.shutdown,
-                   "state": self.state, "update": self.update}.get(op)
+                   "state": self.state, "update": self.update, "stats": self.stats}.get(op)
         if handler is None:
             raise UvmshimError(f"unknown request {op!r}")
         return await handler(request)
@@ -196,6 +196,17 @@ class Hosted:
             raise UvmshimError("container not running")
         await self.container.update(resources)
         return {}
+
+    async def stats(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """``events``: the container's cgroup files in the guest (the caller maps them)."""
+        if self.status not in ("created", "starting", "running", "paused"):
+            raise UvmshimError(f"container with id {self.id} is not running")
+        try:
+            return {"files": await self.container.stats()}
+        except UvmshimError:
+            if self.status == "stopped":
+                raise UvmshimError(f"container with id {self.id} is not running") from None
+            raise
 
     async def shutdown(self, _request: dict[str, Any]) -> dict[str, Any]:
         """``delete --force``: kill whatever runs (the owner then removes the container)."""

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +157,55 @@ def resume(root: str, container_id: str) -> None:
 
 
 def update(root: str, container_id: str, resources: dict[str, Any]) -> None:
-    """New limits (OCI ``linux.resources``) for the container's cgroup in the guest."""
+    """New limits (OCI ``linux.resources``) for the container's cgroup in the guest, and the
+    UVM's new bounds in its host cgroup (the shim applies both)."""
     _ask(root, container_id, {"op": "update", "resources": resources})
+
+
+def stats(root: str, container_id: str) -> dict[str, str]:
+    """The container's cgroup files in the guest (``events``; runc's errors: a container that
+    does not exist, one that is not running)."""
+    cdir = _existing(root, container_id)
+    st = cdir.current()
+    not_running = f"container with id {container_id} is not running"
+    if st["status"] == "stopped":
+        raise UvmshimError(not_running)
+    try:
+        answer = protocol.call(_socket(root, cdir, st), {"op": "stats", "id": container_id})
+    except protocol.ShimGone:
+        raise UvmshimError(not_running) from None
+    files = answer.get("files")
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+
+def events(root: str, container_id: str, *, interval: float, once: bool,
+           emit: Callable[[dict[str, Any]], None]) -> None:
+    """runc's ``events``: a ``stats`` event now (``once``: then return) and every ``interval``
+    seconds, an ``oom`` event when the guest's OOM killer killed in the container, until the
+    container stops (runc would go on logging errors)."""
+    from uvmshim.runc.stats import oom_kills, runc_stats
+
+    cdir = _existing(root, container_id)
+    if interval <= 0:
+        raise UvmshimError("duration interval must be greater than 0")
+    files = stats(root, container_id)
+    ooms = oom_kills(files)
+    while True:
+        emit({"type": "stats", "id": container_id, "data": runc_stats(files)})
+        if once:
+            return
+        time.sleep(interval)
+        try:
+            files = stats(root, container_id)
+        except UvmshimError as err:
+            if str(err) == f"container with id {container_id} is not running" or \
+                    cdir.current()["status"] == "stopped":
+                return
+            print(f"uvmshim: events: {err}", file=sys.stderr)
+            continue
+        if oom_kills(files) > ooms:
+            emit({"type": "oom", "id": container_id})
+        ooms = oom_kills(files)
 
 
 def ps(root: str, container_id: str) -> list[int]:

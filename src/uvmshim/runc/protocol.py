@@ -8,7 +8,9 @@ waits on the connection can exit with the process's status.
 
 Requests (``op``, and ``id``: the container, the shim's own by default): ``start``, ``kill``
 (``signal``, ``all``), ``exec`` (``process``; fds stdin/stdout/stderr attached), ``ps``,
-``pause``, ``resume``, ``state``, ``shutdown`` (kill the container; for the shim's own container
+``pause``, ``resume``, ``state``, ``update`` (``resources``: the guest's and, for the shim's own
+container, the host cgroup's limits), ``stats`` (the container's cgroup files in the guest:
+``files``), ``shutdown`` (kill the container; for the shim's own container
 the shim then tears the UVM down and exits), ``add`` (a pod member joins this UVM: ``spec``, fds
 attached; answered once created and again with ``{"exit": N}``), ``guest-exec`` (``argv`` run in
 the UVM itself, for diagnostics).

@@ -75,6 +75,8 @@ class Shim:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready_sent = False
         self._orphaned = False
+        #: The container's ``linux.resources`` after the ``update`` requests so far.
+        self._resources: dict[str, Any] | None = None
 
     # The life of the shim -------------------------------------------------------------------
 
@@ -236,6 +238,8 @@ class Shim:
                 return
             if op == "guest-exec":
                 answer = await self._guest_exec(request)
+            elif op == "update" and target is self.main:
+                answer = await self._update(target, request)
             else:
                 answer = await target.handle(op, request)
             reply(conn, {"ok": True, **answer})
@@ -321,6 +325,41 @@ class Shim:
 
         state = {**(cdir or self.cfg.cdir).read(), "id": container_id, "pid": pid}
         await run_hooks(spec.hooks, "poststart", state, "running")
+
+    async def _update(self, main: Hosted, request: dict[str, Any]) -> dict[str, Any]:
+        """``update`` of the shim's own container: the limits in the guest, then the UVM's
+        bounds in the host cgroup the shim and QEMU were placed in (see
+        :mod:`uvmshim.runc.cgroups`). A memory limit the UVM cannot hold, or a bound below
+        what QEMU uses, is refused before anything changes."""
+        from uvmshim.runc import cgroups
+        from uvmshim.uvm.sizing import ANNOTATION_MEMORY_MB
+
+        changes = request.get("resources")
+        if not isinstance(changes, dict):
+            raise UvmshimError("update needs resources")
+        if self._resources is None:
+            spec_resources = (self.cfg.spec.linux or {}).get("resources")
+            self._resources = dict(spec_resources) if isinstance(spec_resources, dict) else {}
+        merged = cgroups.merge_resources(self._resources, changes)
+        cgroups.check_fits(changes, self.cfg.memory_mb,
+                           exact=ANNOTATION_MEMORY_MB in self.cfg.spec.annotations)
+        dirs = [str(d) for d in self.cfg.cdir.read().get("cgroups") or []]
+        limits = cgroups.update_limits(changes, merged, self.cfg.memory_mb) if dirs else {}
+        cgroups.check_room(dirs, limits)
+        cpu = changes.get("cpu")
+        if isinstance(cpu, dict) and isinstance(cpu.get("quota"), int) and cpu["quota"] < 0 \
+                and not cpu.get("period"):
+            # runc writes "max <period>"; the guest's crun writes nothing without a period
+            period = merged["cpu"].get("period")
+            cpu = {**cpu, "period": period if isinstance(period, int) and period > 0
+                   else 100000}
+            request = {**request, "resources": {**changes, "cpu": cpu}}
+        answer = await main.update(request)
+        self._resources = merged
+        if limits:
+            cgroups.apply(dirs, limits)
+            log.info("update: cgroup bounds %s", limits)
+        return answer
 
     async def _guest_exec(self, request: dict[str, Any]) -> dict[str, Any]:
         """Run a command in the UVM itself (diagnostics)."""

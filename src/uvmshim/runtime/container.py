@@ -174,6 +174,10 @@ class Container:
         """New cgroup limits (OCI ``linux.resources``) for the container, in the guest."""
         await self.agent.container_update(self.id, resources)
 
+    async def stats(self) -> dict[str, str]:
+        """The container's cgroup files in the guest (``cpu.stat``, ``memory.current`` ...)."""
+        return await self.agent.container_stats(self.id)
+
     async def exec(self, process: Mapping[str, Any], *, stdin: bool = False) -> ContainerProcess:
         """Run another process (an OCI ``process`` object) in the running container."""
         if self.state is not ContainerState.RUNNING:

@@ -32,6 +32,7 @@ from uvmshim.protocol import (
     ContainerExec,
     ContainerSignal,
     ContainerStart,
+    ContainerStats,
     ContainerUpdate,
     EventBody,
     Exec,
@@ -309,6 +310,13 @@ class AgentClient:
     async def container_update(self, container_id: str, resources: Mapping[str, Any]) -> None:
         """New cgroup limits (OCI ``linux.resources``) for the running container."""
         await self.request(ContainerUpdate(container_id=container_id, resources=dict(resources)))
+
+    async def container_stats(self, container_id: str) -> dict[str, str]:
+        """The container's cgroup files in the guest (name → text; see
+        :class:`~uvmshim.protocol.requests.ContainerStats`)."""
+        result = await self.request(ContainerStats(container_id=container_id))
+        files = result.get("files") if isinstance(result, dict) else None
+        return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
 
     async def container_delete(self, container_id: str) -> None:
         """Kill (if needed) and delete the container in the guest.
