@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import click
-from rich.console import Console
 
 from uvmshim import hostpath, owners
 from uvmshim.cli.main import collect_garbage, run_async
@@ -19,8 +18,6 @@ from uvmshim.runtime.oneshot import run_container
 from uvmshim.runtime.specgen import RunOptions, build_spec
 from uvmshim.spec import Spec, load_bundle
 
-err_console = Console(stderr=True)
-
 
 @contextlib.contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
@@ -28,7 +25,9 @@ def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
     if not enabled:
         yield lambda _m: None
         return
-    status = err_console.status("starting")
+    from rich.console import Console  # only for a terminal: rich costs start-up time
+
+    status = Console(stderr=True).status("starting")
     status.start()
 
     def say(message: str) -> None:
