@@ -3,7 +3,8 @@
 #   1. Debian packages: QEMU, qemu-img, e2fsprogs, busybox-static, crun (for the guest);
 #      cryptsetup-bin (veritysetup checks our dm-verity layers), skopeo (image pull),
 #      docker-registry (a loopback registry for the pull tests), debootstrap (the Debian
-#      image test); podman, containerd and runc (the OCI clients the runtime tests drive).
+#      image test); podman, containerd and runc (the OCI clients the runtime tests drive);
+#      runsc (gVisor: the benchmarks' other sandboxed runtime).
 #   2. uvmshim itself (pip, editable) with its test tools.
 #   3. The UVM boot files (a Debian kernel and an initrd with the guest agent), cached.
 #   4. A demo: a busybox container with a bind mount, a read-only file, a disk and a
@@ -16,7 +17,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     qemu-system-x86 qemu-utils busybox-static crun e2fsprogs zstd \
     cryptsetup-bin skopeo docker-registry debootstrap linux-libc-dev \
-    podman conmon containerd runc uidmap fuse-overlayfs catatonit \
+    podman conmon containerd runc runsc uidmap fuse-overlayfs catatonit \
     ca-certificates >/dev/null
 python3 -m pip install -q -e '.[test]'
 

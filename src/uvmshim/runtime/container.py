@@ -25,6 +25,7 @@ from uvmshim.errors import (
 from uvmshim.layers import LayersHandle
 from uvmshim.protocol.messages import ErrorKind
 from uvmshim.protocol.requests import VerityStatus
+from uvmshim.runtime.seccomp_bpf import precompile as precompile_seccomp
 from uvmshim.spec import Spec
 from uvmshim.uvm.qemu.agent_client import AgentClient, ContainerProcess
 from uvmshim.uvm.utilityvm import UtilityVM
@@ -79,6 +80,7 @@ class Container:
             doc = self.allocation.guest_document
             if doc is None:  # only an allocation made without a UVM has none
                 raise AllocationError(f"container {self.id}: no guest document to send")
+            await precompile_seccomp(doc["OciSpecification"])
             self.init = await self.agent.container_create(
                 self.id, doc["OciBundlePath"], doc["OciSpecification"],
                 sandbox_id=self.sandbox_id, scratch_dir=doc["ScratchDirPath"], stdin=stdin)
