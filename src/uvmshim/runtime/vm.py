@@ -238,13 +238,18 @@ async def _stop_failed_clone(machine: QemuMachine | None, agent: AgentClient | N
 async def _stop(machine: QemuMachine, agent: AgentClient | None, uvm: QemuUvm | None) -> None:
     # Shielded as a whole: a second Ctrl-C must not leave QEMU, mounts or sockets behind.
     async def stop() -> None:
+        clean = False
         if uvm is not None:
             try:
                 await uvm.vm.release_owned()
+                clean = _holds_nothing_to_write_back(uvm.vm)
             except ReleaseError as err:
                 log.warning("releasing the UVM's resources: %s", err)
         try:
-            await machine.shutdown(timeout=SHUTDOWN_TIMEOUT)
+            # Nothing of the host's is mounted in the guest any more (every disk and share was
+            # unmounted, so written back): QEMU may just quit. Otherwise the guest powers off,
+            # syncing what it still holds.
+            await machine.shutdown(timeout=SHUTDOWN_TIMEOUT, graceful=not clean)
         finally:
             if agent is not None:
                 await agent.close()
@@ -255,3 +260,10 @@ async def _stop(machine: QemuMachine, agent: AgentClient | None, uvm: QemuUvm | 
     except asyncio.CancelledError:
         await task
         raise
+
+
+def _holds_nothing_to_write_back(vm: UtilityVM) -> bool:
+    """Whether the guest has no disk, share or NIC of the host left (vPMEM devices are
+    read-only layers, which QEMU 7.2 cannot unplug: they do not count)."""
+    held = vm.inventory()
+    return not any(items for kind, items in held.items() if kind != "vpmem")

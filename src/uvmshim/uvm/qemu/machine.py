@@ -376,13 +376,15 @@ class QemuMachine:
             raise BackendError(f"VM {self.vm_id} was never started")
         return await self._proc.wait()
 
-    async def shutdown(self, timeout: float = 10.0) -> None:
+    async def shutdown(self, timeout: float = 10.0, *, graceful: bool = True) -> None:
         """Stop the VM and remove every trace of it.
 
         Graceful first: ``on_shutdown`` (e.g. the agent powers the guest off) or QMP ``quit``,
-        waiting up to ``timeout`` seconds for QEMU to exit; then SIGKILL. Always: close QMP, reap
-        QEMU, unmount every bind under the share (lazily if busy), remove the state directory.
-        Calling it again, or on a machine that never launched, is a no-op.
+        waiting up to ``timeout`` seconds for QEMU to exit; then SIGKILL. With ``graceful``
+        False, QMP ``quit`` at once (hcsshim terminates its UVMs so): for a guest that holds
+        nothing it must write back. Always: close QMP, reap QEMU, unmount every bind under the
+        share (lazily if busy), remove the state directory. Calling it again, or on a machine
+        that never launched, is a no-op.
 
         :raise BackendError: cleanup left something behind (the message says what).
         """
@@ -390,18 +392,18 @@ class QemuMachine:
             return
         self._runstate = Runstate.SHUTTING_DOWN
         try:
-            await self._graceful(timeout)
+            await self._graceful(timeout, graceful)
         finally:
             await finish_despite_cancel(self._cleanup(check=True))
 
-    async def _graceful(self, timeout: float) -> None:
+    async def _graceful(self, timeout: float, graceful: bool = True) -> None:
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
         # Any failure of the graceful path just means we go on to the forced kill.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
-                if self.on_shutdown is not None:
+                if graceful and self.on_shutdown is not None:
                     await self.on_shutdown()
                 elif self._qmp is not None:
                     with contextlib.suppress(Exception):
