@@ -3,7 +3,9 @@
 1. **Set-up time** added to ``create`` by one interface: on a running UVM, connecting a network
    namespace of our own (a veth with IPv4 and IPv6 addresses and a default route) — reading it
    over netlink, the tap and tc redirects, the ``virtio-net-pci`` hot-add, the guest's
-   namespace and configuration — and releasing it again (:func:`connect_network`).
+   namespace and configuration — and releasing it again (:func:`connect_network`); and the
+   first connection on each of ``--fresh`` new UVMs (what a container with a UVM of its own
+   pays: the guest's first ``virtio_net`` load and first processes included).
 2. **TCP throughput host → container**: a bounded transfer (``--mb``, default 200 MB) from the
    host to ``127.0.0.1:<published port>``, where the container's ``nc -l`` discards it; the time
    runs until the container closed the connection (it read everything).
@@ -13,7 +15,8 @@
 Both runtimes use a podman network the script creates (its own subnet) and are measured
 alternately. Only loopback and addresses in the namespaces and network made here are contacted.
 
-    python bench/bench_network.py [--mb 200] [--gets 50] [--repeat 3] [--setups 10]
+    python bench/bench_network.py [--mb 200] [--gets 50] [--repeat 3] [--setups 10] [--fresh 3]
+                                  [--setup-only]
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ def ip(*argv: str) -> None:
     subprocess.run(["ip", *argv], check=True, capture_output=True)
 
 
-async def setup_times(n: int) -> dict[str, tuple[list[float], list[float]]]:
+async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], list[float]]]:
     """Connect and release times of one interface, per kind: ``tap`` (a namespace of our own
     with a veth, the engines' case) and ``user`` (``--network=nat``: QEMU's user-mode
-    network with one published port), alternately on one UVM."""
+    network with one published port), alternately on one UVM; and ``tap first``, the first
+    ``tap`` connection on each of ``fresh`` new UVMs."""
     from uvmshim.runtime.vm import start_uvm
     from uvmshim.uvm.network import connect_network, network_annotations
 
@@ -78,6 +82,17 @@ async def setup_times(n: int) -> dict[str, tuple[list[float], list[float]]]:
                      network_annotations("nat", ["127.0.0.1:18399:80"])),
         }
         times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in kinds}
+        for _ in range(fresh):
+            async with start_uvm() as uvm:
+                linux = kinds["tap"][0]
+                t0 = time.perf_counter()
+                ns = await connect_network(uvm.vm.network, linux, {})
+                t1 = time.perf_counter()
+                assert ns is not None
+                await ns.release()
+                first = times.setdefault("tap first", ([], []))
+                first[0].append(t1 - t0)
+                first[1].append(time.perf_counter() - t1)
         async with start_uvm() as uvm:
             for _ in range(n):
                 for kind, (linux, annotations) in kinds.items():
@@ -150,12 +165,14 @@ def main() -> None:
     ap.add_argument("--gets", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--setups", type=int, default=10)
+    ap.add_argument("--fresh", type=int, default=3,
+                    help="new UVMs to time the first connection on")
     ap.add_argument("--setup-only", action="store_true", help="only the set-up times")
     args = ap.parse_args()
     print("network set-up of one interface on a running UVM")
-    for kind, (add, remove) in asyncio.run(setup_times(args.setups)).items():
-        print(f"  {kind:4s} connect  {med(add)}")
-        print(f"  {kind:4s} release  {med(remove)}")
+    for kind, (add, remove) in asyncio.run(setup_times(args.setups, args.fresh)).items():
+        print(f"  {kind:9s} connect  {med(add)}")
+        print(f"  {kind:9s} release  {med(remove)}")
     if args.setup_only:
         return
     if shutil.which("podman") is None:

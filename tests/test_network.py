@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,6 +209,45 @@ def test_pod_containers_share_localhost_and_teardown_is_clean(
     finally:
         runc("delete", "--force", "netpod", check=False)
     assert host_traces(c) == []
+
+
+def test_sigkilled_owner_leaves_a_redirect_that_leaks_reclaims(
+        tmp_path: Path, rootfs: Path, netns_pair: tuple[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runc shim (the owner of the UVM, the tap and the redirects) is SIGKILLed: QEMU
+    dies with it and takes the tap along; the veth's redirect stays, and the shim's journal
+    names the namespace: ``uvmshim leaks`` lists it, ``--reclaim`` removes it. Every uvmshim
+    directory is the test's own (``--reclaim`` touches only what it made)."""
+    from uvmshim import owners
+
+    c, _ = netns_pair
+    for var, sub in (("UVMSHIM_OWNERS_DIR", "owners"), ("UVMSHIM_VM_DIR", "vm"),
+                     ("UVMSHIM_ROOT", "root"), ("UVMSHIM_POD_DIR", "pods")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    runc = Runc(tmp_path / "root")
+    b = netns_bundle(tmp_path / "k", rootfs, ["sh", "-c", "while :; do sleep 1; done"], c)
+    runc("create", "--bundle", str(b), "--pid-file", str(tmp_path / "pid"), "netk",
+         stdin=subprocess.DEVNULL, output=subprocess.DEVNULL)
+    try:
+        assert hostnet.TAP_PREFIX in ip("-n", c, "-o", "link")
+        recorded = [(e.kind, e.path) for j in owners.read_journals(tmp_path / "owners")
+                    for e in j.entries]
+        assert (owners.NET, f"/run/netns/{c}") in recorded, recorded
+        os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)
+        # QEMU dies with its owner, and its tap with it; the veth's redirect stays.
+        wait_for(lambda: hostnet.TAP_PREFIX not in ip("-n", c, "-o", "link"))
+        assert host_traces(c) != []
+        res = subprocess.run([uvmshim_binary(), "leaks", "--json"], capture_output=True,
+                             text=True, timeout=120)
+        listed = json.loads(res.stdout)["net_redirects"]
+        assert f"/run/netns/{c}: c0: uvmshim redirect (its owner is gone)" in listed, listed
+        res = subprocess.run([uvmshim_binary(), "leaks", "--reclaim", "--json"],
+                             capture_output=True, text=True, timeout=300)
+        assert json.loads(res.stdout)["net_redirects"] == [], res.stdout + res.stderr
+        assert host_traces(c) == []
+    finally:
+        runc("delete", "--force", "netk", check=False)
+        subprocess.run([uvmshim_binary(), "gc"], capture_output=True, timeout=120)
 
 
 def test_bad_network_namespaces(tmp_path: Path, rootfs: Path,

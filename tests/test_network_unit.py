@@ -5,9 +5,14 @@ a vanishing interface), and the wire forms of routes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -183,6 +188,118 @@ def test_plumbing_faults_and_leftovers(netns: str, monkeypatch: pytest.MonkeyPat
         assert _traces(netns) == []
 
     asyncio.run(go())
+
+
+def _nsenter(path: str, *argv: str) -> str:
+    return subprocess.run(["nsenter", f"--net={path}", *argv], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_sigkilled_owner_taps_and_redirects_are_found_and_reclaimed(
+        netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owners journal records a namespace before uvmshim's first tap there: after a
+    SIGKILL of the owner, ``uvmshim leaks`` lists its tap (still held by a process that
+    outlived it, as a QEMU without its parent-death signal would) and redirect although the
+    namespace's file is not where named namespaces live, and ``--reclaim`` deletes them."""
+    from uvmshim import owners
+
+    env = {**os.environ}
+    for var, sub in {"UVMSHIM_OWNERS_DIR": "owners", "UVMSHIM_VM_DIR": "vm",
+                     "UVMSHIM_ROOT": "root", "UVMSHIM_POD_DIR": "pods"}.items():
+        env[var] = str(tmp_path / sub)
+        monkeypatch.setenv(var, env[var])
+    monkeypatch.setattr(owners, "_journal", None)
+    # The namespace's only file is ours, outside /run/netns.
+    path = tmp_path / "netns"
+    path.touch()
+    subprocess.run(["mount", "--bind", f"/run/netns/{netns}", str(path)], check=True)
+    holder_pid = 0
+    try:
+        _ip("netns", "del", netns)
+        code = textwrap.dedent(f"""
+            import asyncio, subprocess, sys
+            from uvmshim.uvm import hostnet
+            async def go():
+                [v0] = [e for e in await hostnet.read_endpoints({str(path)!r})
+                        if e.ifname == "v0"]
+                p = await hostnet.plumb({str(path)!r}, v0, "uvmtap0")
+                q = subprocess.Popen(["sleep", "600"], pass_fds=(p.fd,))
+                print(q.pid, flush=True)
+            asyncio.run(go())
+            import time; time.sleep(600)
+        """)
+        owner = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                 stdout=subprocess.PIPE)
+        assert owner.stdout is not None
+        holder_pid = int(owner.stdout.readline())
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        links = _nsenter(str(path), "ip", "-o", "link")
+        assert "uvmtap0" in links
+        assert "ingress" in _nsenter(str(path), "tc", "qdisc", "show", "dev", "v0")
+        res = subprocess.run([sys.executable, "-m", "uvmshim", "leaks", "--json"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        listed = json.loads(res.stdout)["net_redirects"]
+        assert f"{path}: uvmtap0: uvmshim tap (its owner is gone)" in listed, listed
+        assert f"{path}: v0: uvmshim redirect (its owner is gone)" in listed, listed
+        res = subprocess.run([sys.executable, "-m", "uvmshim", "leaks", "--reclaim", "--json"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert json.loads(res.stdout)["net_redirects"] == [], res.stdout + res.stderr
+        assert "uvmtap" not in _nsenter(str(path), "ip", "-o", "link")
+        assert "ingress" not in _nsenter(str(path), "tc", "qdisc", "show")
+        assert [j for j in owners.read_journals() if j.entries] == []
+    finally:
+        if holder_pid:
+            os.kill(holder_pid, signal.SIGKILL)
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_journal_records_the_namespace_while_plumbed(
+        netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from uvmshim import owners
+
+    monkeypatch.setenv("UVMSHIM_OWNERS_DIR", str(tmp_path / "owners"))
+    monkeypatch.setattr(owners, "_journal", None)
+    path = f"/run/netns/{netns}"
+
+    def recorded() -> list[tuple[str, str]]:
+        return [(e.kind, e.path) for j in owners.read_journals() for e in j.entries]
+
+    async def go() -> None:
+        [v0] = [e for e in await hostnet.read_endpoints(path) if e.ifname == "v0"]
+        monkeypatch.setattr(hostnet, "FAIL_AFTER", "veth-redirect")
+        with pytest.raises(NetworkError, match="injected failure"):
+            await hostnet.plumb(path, v0, "uvmtap0")
+        assert recorded() == []
+        monkeypatch.setattr(hostnet, "FAIL_AFTER", "")
+        p = await hostnet.plumb(path, v0, "uvmtap0")
+        assert recorded() == [(owners.NET, path)]
+        await hostnet.unplumb(p)
+        assert recorded() == [] and _traces(netns) == []
+
+    asyncio.run(go())
+
+
+def test_agent_waits_for_a_link_by_its_announcement(netns: str) -> None:
+    """The agent's wait for a hot-added NIC (run here in a namespace of our own, where a veth
+    with the MAC appears a moment later) wakes on the kernel's link announcement."""
+    code = textwrap.dedent("""
+        import sys, time
+        from uvmshim.agent.network import wait_link
+        t0 = time.monotonic()
+        print(wait_link(sys.argv[1], 0.2), flush=True)  # not there: None after the timeout
+        assert time.monotonic() - t0 >= 0.2
+        print("waiting", flush=True)
+        print(wait_link(sys.argv[1], 30)[0], flush=True)
+    """)
+    mac = "02:00:00:75:76:09"
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", code, mac],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "None\n" and proc.stdout.readline() == "waiting\n"
+    _ip("-n", netns, "link", "add", "w0", "address", mac, "type", "veth", "peer", "name", "w1")
+    assert proc.stdout.readline() == "w0\n"
+    assert proc.wait(timeout=30) == 0
 
 
 def test_not_a_namespace(tmp_path: pytest.TempPathFactory) -> None:

@@ -1,10 +1,11 @@
 """Who holds what on the host: one journal per uvmshim process that acquires something.
 
 Before a process creates anything on the host that must not outlive it (a VM state directory,
-a scratch directory, a pod or container directory being created), it appends a line naming it
-to its **journal**, ``<owners dir>/<pid>-<start time>.journal`` (see
-:func:`uvmshim.hostpath.owners_dir`), and when it has removed it again, a line saying so. The
-process holds an exclusive ``flock`` on its journal for its whole life, so:
+a scratch directory, a pod or container directory being created, taps and tc redirects in a
+network namespace), it appends a line naming it to its **journal**, ``<owners
+dir>/<pid>-<start time>.journal`` (see :func:`uvmshim.hostpath.owners_dir`), and when it has
+removed it again, a line saying so. The process holds an exclusive ``flock`` on its journal for
+its whole life, so:
 
 * a journal whose lock can be taken belongs to a dead process (killed, even with SIGKILL:
   the kernel drops the lock), and what it still lists is garbage — :func:`collect_garbage`
@@ -41,6 +42,9 @@ from uvmshim import hostpath, procscan
 #: Kinds of resources a journal records.
 VM = "vm"  #: a VM state directory (QEMU, its pid file, mounts under it)
 DIR = "dir"  #: a directory removed with everything mounted under it
+#: a network namespace file (its path) holding uvmshim's taps and tc redirects
+#: (:mod:`uvmshim.uvm.hostnet`); reclaimed by deleting those, never the namespace
+NET = "net"
 
 _SUFFIX = ".journal"
 

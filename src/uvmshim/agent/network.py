@@ -6,18 +6,23 @@ namespace, with that endpoint's MAC, and then asks for it here:
 * ``add_netns``: a network namespace of our own, kept by a bind mount at
   ``GUEST_NETNS_DIR/<ns_id>`` (busybox ``unshare --net=FILE``), with ``lo`` up. The host
   rewrites the container's ``linux.namespaces`` network entry to that path, so crun joins it;
-  the containers of a pod name the same one.
+  the containers of a pod name the same one. The process ``unshare`` starts is a busybox
+  ``sh`` that stays, reading commands from the agent (:class:`_NsShell`): configuring a
+  namespace needs a process inside it (a netlink socket must be created *in* the namespace,
+  and Python 3.11 has no ``setns`` while the initrd has no ctypes), and keeping one spares an
+  ``nsenter`` and a shell per NIC. Its first commands set the namespace's IPv6 defaults (no
+  duplicate address detection, no router advertisements: every interface moved in later
+  gets them) and bring ``lo`` up. The request also loads ``virtio_net``, so that a NIC
+  hot-added meanwhile is probed at once.
 * ``add_nic``: wait for the interface with the given MAC (the kernel probes the hot-added
-  device), then one ``RTM_NEWLINK`` from the UVM's own namespace moves it into the namespace
-  (``IFLA_NET_NS_FD``) under the host interface's name (``IFLA_IFNAME``: the name never
-  clashes in the UVM's own namespace), sets its MTU and, without IPv6, brings it up; then its
-  addresses and routes (busybox ``ip`` through ``nsenter``, the one process per NIC: a netlink
-  socket must be created *in* the namespace, and Python 3.11 has no ``setns`` while the
-  initrd has no ctypes). With IPv6, the link comes up in that process, after DAD and router
-  advertisements are turned off.
+  device) and, if an ``add_netns`` for it is still under way (the host sends both at once),
+  for the namespace; then one ``RTM_NEWLINK`` from the UVM's own namespace moves it into the
+  namespace (``IFLA_NET_NS_FD``) under the host interface's name (``IFLA_IFNAME``: the name
+  never clashes in the UVM's own namespace), sets its MTU and brings it up; then its addresses
+  and routes, one busybox ``ip`` each, run by the namespace's shell (no other process).
 * ``remove_nic`` only forgets it: the hot-unplug that follows takes the device, its addresses
-  and routes away (no process); ``remove_netns`` unmounts the namespace (a NIC still in it
-  goes back to the UVM's namespace, where its hot-unplug removes it).
+  and routes away (no process); ``remove_netns`` ends the shell and unmounts the namespace (a
+  NIC still in it goes back to the UVM's namespace, where its hot-unplug removes it).
 
 IPv6 addresses are added without duplicate address detection (the host's endpoint owns them)
 and router advertisements are ignored: the interface has exactly what the host read.
@@ -28,18 +33,23 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import socket
 import struct
 import threading
+import time
+from typing import Any
 
 from uvmshim.agent.kmods import ModuleLoader
-from uvmshim.agent.util import AgentError, makedirs, run, wait_for
+from uvmshim.agent.util import AgentError, makedirs, run
 from uvmshim.protocol.constants import GUEST_NETNS_DIR, guest_netns_path
 from uvmshim.protocol.messages import ErrorKind, ProtocolError
 from uvmshim.protocol.requests import AddNetNS, AddNic, RemoveNetNS, RemoveNic, parse_route
 
 #: How long a hot-added NIC may take to show up in the guest.
 NIC_TIMEOUT = 30.0
+#: How long the commands of one request may take in a namespace's shell.
+SHELL_TIMEOUT = 60.0
 
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -54,6 +64,7 @@ _IFLA_IFNAME = 3
 _IFLA_MTU = 4
 _IFLA_NET_NS_FD = 28
 _IFF_UP = 1
+_RTMGRP_LINK = 1
 
 
 def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
@@ -118,37 +129,186 @@ def _link_by_mac(mac: str) -> tuple[str, int] | None:
     return None
 
 
+def wait_link(mac: str, timeout: float) -> tuple[str, int] | None:
+    """``(name, index)`` of the interface whose MAC is ``mac`` once the kernel has it (a
+    hot-added NIC being probed), or None after ``timeout`` seconds.
+
+    Event-driven: it sleeps on a netlink socket subscribed to link events (``RTMGRP_LINK``)
+    and looks again at each (the kernel makes the sysfs entry before it announces the link),
+    instead of polling sysfs, which under TCG costs the CPU the probe needs.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             socket.NETLINK_ROUTE)
+    except OSError:  # no netlink: poll
+        link = _link_by_mac(mac)
+        while link is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            link = _link_by_mac(mac)
+        return link
+    with sock:
+        sock.bind((0, _RTMGRP_LINK))
+        found = _link_by_mac(mac)  # subscribed first: no announcement is missed
+        while found is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            sock.settimeout(min(left, 0.5))  # and a look now and then, whatever happens
+            with contextlib.suppress(OSError):  # a timeout, or ENOBUFS: look anyway
+                sock.recv(65536)
+            found = _link_by_mac(mac)
+    return found
+
+
+# Addresses are checked and normalised with inet_pton/inet_ntop: importing ipaddress costs
+# 100-300 ms under TCG, paid by the first NIC of every UVM.
+_FAMILIES = ((socket.AF_INET, 4, 32), (socket.AF_INET6, 6, 128))
+
+
+def _prefixed(text: str) -> tuple[int, bytes, int]:
+    """``ADDR/PREFIX`` → (family, packed address, prefix length).
+
+    :raises ValueError: anything else.
+    """
+    addr, slash, prefix = text.partition("/")
+    if not slash:
+        raise ValueError("no prefix length")
+    family, packed, bits = _ip(addr)
+    if not (prefix.isascii() and prefix.isdigit()) or int(prefix) > bits:
+        raise ValueError(f"bad prefix length {prefix!r}")
+    return family, packed, int(prefix)
+
+
+def _ip(text: str) -> tuple[int, bytes, int]:
+    """An IPv4 or IPv6 address → (family, packed, bits). :raises ValueError: not one."""
+    for family, _version, bits in _FAMILIES:
+        try:
+            return family, socket.inet_pton(family, text), bits
+        except (OSError, ValueError):
+            continue
+    raise ValueError(f"{text!r} is not an IP address")
+
+
+def _version(family: int) -> int:
+    return 4 if family == socket.AF_INET else 6
+
+
 def _address(text: str) -> tuple[str, int]:
     """``ADDR/PREFIX`` → (normalised text, IP version)."""
-    import ipaddress
-
-    try:
-        iface = ipaddress.ip_interface(text)
-    except ValueError:
-        raise AgentError(f"bad address {text!r}", ErrorKind.INVALID) from None
     if "/" not in text:
         raise AgentError(f"address {text!r} has no prefix length", ErrorKind.INVALID)
-    return iface.with_prefixlen, iface.version
+    try:
+        family, packed, prefix = _prefixed(text)
+    except ValueError:
+        raise AgentError(f"bad address {text!r}", ErrorKind.INVALID) from None
+    return f"{socket.inet_ntop(family, packed)}/{prefix}", _version(family)
 
 
 def _route(text: str) -> tuple[list[str], int]:
     """A wire route → (``ip route add`` arguments, IP version)."""
-    import ipaddress
-
     try:
         dest, gateway, metric = parse_route(text)
-        net = ipaddress.ip_network(dest, strict=False)
-        args = [net.with_prefixlen]
+        family, packed, prefix = _prefixed(dest)
+        bits = len(packed) * 8
+        host_mask = (1 << (bits - prefix)) - 1
+        net = (int.from_bytes(packed, "big") & ~host_mask).to_bytes(len(packed), "big")
+        args = [f"{socket.inet_ntop(family, net)}/{prefix}"]
         if gateway:
-            gw = ipaddress.ip_address(gateway)
-            if gw.version != net.version:
+            gw_family, gw, _ = _ip(gateway)
+            if gw_family != family:
                 raise ValueError("mixed IP versions")
-            args += ["via", str(gw)]
+            args += ["via", socket.inet_ntop(family, gw)]
     except (ProtocolError, ValueError) as err:
         raise AgentError(f"bad route {text!r}: {err}", ErrorKind.INVALID) from None
     if metric:
         args += ["metric", str(metric)]
-    return args, net.version
+    return args, _version(family)
+
+
+_DONE = b"@@uvmshim-done "
+_DONE_RE = re.compile(rb"@@uvmshim-done (\d+)\n")
+#: Run in a new namespace first: the defaults every interface moved in later gets (no DAD, no
+#: router advertisements: it has exactly the addresses the host read), then ``lo`` up.
+_NETNS_SETUP = ("if [ -d /proc/sys/net/ipv6/conf/default ]; then "
+                "echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad && "
+                "echo 0 > /proc/sys/net/ipv6/conf/default/accept_ra; fi",
+                "ip link set lo up")
+
+
+class _NsShell:
+    """A busybox ``sh`` in a new network namespace (``unshare --net=FILE sh``), kept for the
+    namespace's life to run the agent's commands there: one request's commands are joined
+    with ``&&`` and followed by a marker line with their status, so a request costs only its
+    ``ip`` processes."""
+
+    def __init__(self, path: str) -> None:
+        import subprocess
+
+        self._lock = threading.Lock()
+        self._buf = b""
+        try:
+            self.proc: Any = subprocess.Popen(
+                ["unshare", f"--net={path}", "sh"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, close_fds=True)
+        except OSError as err:
+            raise AgentError(f"unshare: {err.strerror}") from None
+
+    def run(self, lines: list[str] | tuple[str, ...], timeout: float = SHELL_TIMEOUT) -> None:
+        """Run ``lines`` (each a shell command) in the namespace, stopping at the first that
+        fails.
+
+        :raises AgentError: its output, or the shell is gone or too slow (then it is ended).
+        """
+        script = " && ".join(lines) + f"\necho \"{_DONE.decode()}$?\"\n"
+        with self._lock:
+            try:
+                self.proc.stdin.write(script.encode())
+                self.proc.stdin.flush()
+                status, out = self._answer(time.monotonic() + timeout)
+            except (OSError, ValueError) as err:
+                self.close()
+                raise AgentError(f"the namespace's shell is gone: {err}") from None
+            except AgentError:
+                self.close()
+                raise
+        if status:
+            raise AgentError(out.decode(errors="replace").strip() or f"exit status {status}")
+
+    def _answer(self, deadline: float) -> tuple[int, bytes]:
+        fd = self.proc.stdout.fileno()
+        while True:
+            m = _DONE_RE.search(self._buf)
+            if m is not None:
+                out, self._buf = self._buf[:m.start()], self._buf[m.end():]
+                return int(m.group(1)), out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentError("the namespace's shell did not answer in time",
+                                 ErrorKind.TIMEOUT)
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise AgentError("the namespace's shell exited: "
+                                     + self._buf.decode(errors="replace").strip())
+                self._buf += chunk
+
+    def alive(self) -> bool:
+        return bool(self.proc.poll() is None)
+
+    def close(self) -> None:
+        """End the shell (EOF on its input; killed if it lingers) and reap it."""
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=5)
+        except Exception:  # subprocess.TimeoutExpired
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            with contextlib.suppress(Exception):
+                self.proc.wait(timeout=5)
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdout.close()
 
 
 class Network:
@@ -161,16 +321,39 @@ class Network:
         self._modules = modules
         self._lock = threading.Lock()
         self._namespaces: set[str] = set()
+        self._shells: dict[str, _NsShell] = {}  # ns id -> its shell
+        self._pending: dict[str, threading.Event] = {}  # ns id -> set once add_netns ended
         self._nics: dict[str, tuple[str, str]] = {}  # nic id -> (ns id, interface name)
+        self._modules_loaded = False
 
-    def _nsenter(self, ns_id: str, script: str) -> None:
-        run(["nsenter", f"--net={guest_netns_path(ns_id)}", "sh", "-ec", script])
+    def _load_modules(self, errors: list[AgentError] | None = None) -> None:
+        """Load ``virtio_net`` unless done; with ``errors``, a failure goes there."""
+        if self._modules_loaded:
+            return
+        try:
+            self._modules.ensure_group("net")
+        except AgentError as err:
+            if errors is None:
+                raise
+            errors.append(err)
+            return
+        self._modules_loaded = True
+
+    def _in_netns(self, ns_id: str, lines: list[str]) -> None:
+        """Run ``lines`` in the namespace: by its shell, or (if that is gone) ``nsenter``."""
+        if not lines:
+            return
+        shell = self._shells.get(ns_id)
+        if shell is not None and shell.alive():
+            shell.run(lines)
+        else:
+            run(["nsenter", f"--net={guest_netns_path(ns_id)}", "sh", "-ec", "\n".join(lines)])
 
     def add_netns(self, req: AddNetNS) -> str:
         ns_id = _check(_ID_RE, req.ns_id, "network namespace name")
         path = guest_netns_path(ns_id)
         with self._lock:
-            if ns_id in self._namespaces:
+            if ns_id in self._namespaces or ns_id in self._pending:
                 raise AgentError(f"network namespace {ns_id} exists", ErrorKind.CONFLICT)
             makedirs(GUEST_NETNS_DIR)
             try:
@@ -179,13 +362,37 @@ class Network:
             except FileExistsError:
                 raise AgentError(f"network namespace {ns_id} exists", ErrorKind.CONFLICT) \
                     from None
-            try:
-                run(["unshare", f"--net={path}", "ip", "link", "set", "lo", "up"])
-            except AgentError as err:
-                self._drop(path)
-                raise AgentError(f"creating network namespace {ns_id}: {err}", err.kind) \
-                    from None
+            done = self._pending[ns_id] = threading.Event()
+        # Not under the lock: an add_nic for this namespace may arrive meanwhile (the host
+        # sends it as soon as its NIC is hot-added); it waits for ``done``.
+        # virtio_net meanwhile (a NIC hot-added meanwhile is probed at once; the first insmod
+        # costs ~200 ms under TCG, as much as the namespace: the guest has two CPUs).
+        load_errors: list[AgentError] = []
+        loader = threading.Thread(target=self._load_modules, args=(load_errors,), daemon=True,
+                                  name="netns-modules")
+        loader.start()
+        shell: _NsShell | None = None
+        try:
+            shell = _NsShell(path)
+            shell.run(_NETNS_SETUP)
+            loader.join()
+            if load_errors:
+                raise load_errors[0]
+        except AgentError as err:
+            loader.join()
+            if shell is not None:
+                shell.close()
+            self._drop(path)
+            with self._lock:
+                del self._pending[ns_id]
+            done.set()
+            raise AgentError(f"creating network namespace {ns_id}: {err}", err.kind) \
+                from None
+        with self._lock:
             self._namespaces.add(ns_id)
+            self._shells[ns_id] = shell
+            del self._pending[ns_id]
+        done.set()
         return path
 
     def _drop(self, path: str) -> None:
@@ -200,6 +407,9 @@ class Network:
             if ns_id not in self._namespaces:
                 raise AgentError(f"no network namespace {ns_id}", ErrorKind.NOT_FOUND)
             path = guest_netns_path(ns_id)
+            shell = self._shells.pop(ns_id, None)
+            if shell is not None:
+                shell.close()
             try:
                 run(["umount", "-l", path])
             except AgentError as err:
@@ -220,38 +430,35 @@ class Network:
         addresses = [_address(a) for a in req.addresses]
         routes = [_route(r) for r in req.routes]
         with self._lock:
-            if ns_id not in self._namespaces:
+            pending = self._pending.get(ns_id)
+            if pending is None and ns_id not in self._namespaces:
                 raise AgentError(f"no network namespace {ns_id}", ErrorKind.NOT_FOUND)
             if nic_id in self._nics:
                 raise AgentError(f"NIC {nic_id} exists", ErrorKind.CONFLICT)
             self._nics[nic_id] = (ns_id, ifname)
         try:
-            self._modules.ensure_group("net")
-            found = wait_for(lambda: (lambda link: f"{link[0]} {link[1]}" if link else None)(
-                _link_by_mac(mac)), timeout=NIC_TIMEOUT)
-            if found is None:
+            self._load_modules()
+            link = wait_link(mac, NIC_TIMEOUT)
+            if link is None:
                 raise AgentError(f"NIC {nic_id} ({mac}) did not show up in the guest within "
                                  f"{NIC_TIMEOUT:.0f} s", ErrorKind.TIMEOUT)
-            index = int(found.split()[1])
-            ipv6 = any(v == 6 for _, v in addresses) or any(v == 6 for _, v in routes)
+            index = link[1]
+            if pending is not None:  # the namespace is still being made (add_netns)
+                pending.wait(SHELL_TIMEOUT)
+                with self._lock:
+                    if ns_id not in self._namespaces:
+                        raise AgentError(f"no network namespace {ns_id}", ErrorKind.NOT_FOUND)
             fd = os.open(guest_netns_path(ns_id), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                move_link(index, fd, ifname, mtu=req.mtu, up=not ipv6)
+                # up at once: the namespace's defaults already rule out DAD and RAs
+                move_link(index, fd, ifname, mtu=req.mtu, up=True)
             finally:
                 os.close(fd)
-            lines = []
-            if ipv6:  # before the link is up: no DAD, no router advertisements
-                conf = f"/proc/sys/net/ipv6/conf/{ifname}"
-                lines += [f"echo 0 > {conf}/accept_dad", f"echo 0 > {conf}/accept_ra",
-                          f"ip link set {ifname} up"]
             # One busybox process per command (each costs 10-40 ms under TCG): as few as can be.
-            lines += [f"ip addr add {a} dev {ifname}" for a, _ in addresses]
+            lines = [f"ip addr add {a} dev {ifname}" for a, _ in addresses]
             lines += [f"ip -{v} route add {' '.join(args)} dev {ifname}" for args, v in routes]
             try:
-                if len(lines) == 1:  # no shell
-                    run(["nsenter", f"--net={guest_netns_path(ns_id)}", *lines[0].split()])
-                elif lines:
-                    self._nsenter(ns_id, "\n".join(lines))
+                self._in_netns(ns_id, lines)
             except AgentError as err:
                 raise AgentError(f"configuring {ifname} ({mac}): {err}", err.kind) from None
         except BaseException:

@@ -111,13 +111,25 @@ def find_holdings(
     return holdings
 
 
+def _orphaned_namespaces() -> list[str]:
+    """The network namespaces that dead owners' journals list (:data:`owners.NET`) and no
+    live owner holds: every tap and redirect of ours there is a leak."""
+    dead = [e.path for j in owners.read_journals() if not j.live for e in j.entries
+            if e.kind == owners.NET]
+    if not dead:
+        return []
+    held = owners.live_holdings()
+    return [p for p in dict.fromkeys(dead) if p not in held]
+
+
 def _net_leftovers() -> list[Any]:
-    """Redirects of ours whose tap is gone (only a dead QEMU's tap is gone: never owned)."""
+    """Redirects of ours whose tap is gone (only a dead QEMU's tap is gone: never owned), and
+    every tap and redirect of ours in a namespace whose owner is dead."""
     try:
         from uvmshim.uvm import hostnet
     except ImportError:  # pragma: no cover - pyroute2 is a dependency
         return []
-    return list(hostnet.find_leftovers_sync())
+    return list(hostnet.find_leftovers_sync(orphaned=_orphaned_namespaces()))
 
 
 def _created_container(path: str) -> bool:
@@ -167,12 +179,18 @@ def _reclaimers() -> dict[str, owners.Reclaimer]:
         shutil.rmtree(entry.path, ignore_errors=True)
         return problems
 
-    return {owners.VM: vm, owners.DIR: directory}
+    def net(entry: owners.Entry) -> list[str]:
+        from uvmshim.uvm import hostnet
+
+        return hostnet.reclaim_namespace_sync(entry.path)
+
+    return {owners.VM: vm, owners.DIR: directory, owners.NET: net}
 
 
 def collect_dead_owners() -> list[str]:
     """Reclaim what the journals of dead uvmshim processes list (their VMs: QEMU killed,
-    mounts, state directory; their directories); one line per thing done or problem.
+    mounts, state directory; their directories; their taps and tc redirects); one line per
+    thing done or problem.
 
     Cheap when there is nothing to do (one directory listing): commands that create
     something call it first.
@@ -194,7 +212,8 @@ def reclaim_all(holdings: Holdings) -> list[str]:
         done.append(f"removed {d}")
     from uvmshim.uvm import hostnet
 
-    for left in hostnet.find_leftovers_sync():  # looked up again: only what is still there
+    # Looked up again: only what is still there.
+    for left in hostnet.find_leftovers_sync(orphaned=_orphaned_namespaces()):
         if str(left) in holdings.net_redirects:
             try:
                 hostnet.reclaim_sync(left)

@@ -22,7 +22,11 @@ Undoing it deletes the veth's ingress qdisc (with its filter) and the tap (whose
 with it); the tap also vanishes by itself once the last descriptor (QEMU's) is closed.
 
 Our filters have the priority :data:`FILTER_PRIO`, which is how :func:`find_leftovers` tells a
-redirect left behind by a crashed uvmshim from anyone else's.
+redirect left behind by a crashed uvmshim from anyone else's. Before it creates a tap, a
+process also records the namespace in its owners journal (:data:`uvmshim.owners.NET`, once
+per namespace while it has taps there), so that if it is killed, ``uvmshim leaks`` lists (and
+the next command reclaims, :func:`reclaim_namespace_sync`) every tap and redirect of ours in
+that namespace, wherever its file is.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from uvmshim import owners
 from uvmshim.errors import BackendError
 from uvmshim.protocol.requests import format_route
 
@@ -110,6 +115,8 @@ class Plumbing:
     #: The tap's descriptor (ours until handed to QEMU; -1 after :meth:`close_fd`).
     fd: int = -1
     steps: list[str] = field(default_factory=list)
+    #: Whether this plumbing counts in the journal's record of ``netns`` (:func:`_hold`).
+    held: bool = False
 
     def close_fd(self) -> None:
         if self.fd >= 0:
@@ -284,6 +291,37 @@ async def read_endpoints(netns: str) -> list[Endpoint]:
     return await in_netns(netns, read)
 
 
+# Section: the owners journal
+
+_held: dict[tuple[int, str], int] = {}  # (pid, namespace path) -> plumbings of ours there
+_held_lock = threading.Lock()
+
+
+def _hold(p: Plumbing) -> None:
+    """Record ``p.netns`` in this process's journal (before its first tap there)."""
+    key = (os.getpid(), os.path.abspath(p.netns))
+    with _held_lock:
+        if not _held.get(key):
+            owners.acquire(owners.NET, key[1])
+        _held[key] = _held.get(key, 0) + 1
+    p.held = True
+
+
+def _unhold(p: Plumbing) -> None:
+    """``p`` left nothing in its namespace: when it was the last, the journal says so."""
+    if not p.held:
+        return
+    p.held = False
+    key = (os.getpid(), os.path.abspath(p.netns))
+    with _held_lock:
+        left = _held.get(key, 0) - 1
+        if left > 0:
+            _held[key] = left
+            return
+        _held.pop(key, None)
+        owners.release(owners.NET, key[1])
+
+
 # Section: taps and redirects
 
 
@@ -380,6 +418,8 @@ async def plumb(netns: str, endpoint: Endpoint, tap: str) -> Plumbing:
             p.close_fd()
             if problems:
                 log.warning("undoing a failed network set-up: %s", "; ".join(problems))
+            else:
+                p.steps.clear()
             if isinstance(e, NetworkError):
                 raise
             if isinstance(e, OSError):
@@ -389,12 +429,19 @@ async def plumb(netns: str, endpoint: Endpoint, tap: str) -> Plumbing:
                 from e
         return p
 
+    _hold(p)  # before the tap: a SIGKILL at any point leaves a record
     try:
         return await in_netns(netns, work)
     except asyncio.CancelledError:
         if p.steps:  # the thread finished after all: undo it
             with contextlib.suppress(BaseException):
                 await unplumb(p)
+        if not p.steps:
+            _unhold(p)
+        raise
+    except BaseException:
+        if not p.steps:  # else something stayed: the journal keeps the record
+            _unhold(p)
         raise
 
 
@@ -405,6 +452,7 @@ async def unplumb(p: Plumbing) -> None:
     """
     p.close_fd()
     if not p.steps:
+        _unhold(p)
         return
     try:
         problems = await in_netns(p.netns, lambda ipr: _unplumb(ipr, p))
@@ -416,6 +464,7 @@ async def unplumb(p: Plumbing) -> None:
     if problems:
         raise NetworkError("; ".join(problems))
     p.steps.clear()
+    _unhold(p)
 
 
 # Section: leftovers
@@ -423,21 +472,28 @@ async def unplumb(p: Plumbing) -> None:
 
 @dataclass(frozen=True)
 class Leftover:
-    """A redirect of ours whose tap is gone (its uvmshim crashed), or a tap nobody holds."""
+    """A redirect of ours whose tap is gone (its uvmshim crashed), or, in a namespace whose
+    owner is dead (:data:`uvmshim.owners.NET`), any redirect or tap of ours."""
 
     netns: str  # "" for the host's own namespace
     ifname: str
     index: int
     what: str
+    #: A tap (deleted by :func:`reclaim`), not a redirect (the ingress qdisc is deleted).
+    tap: bool = False
 
     def __str__(self) -> str:
         return f"{self.netns or 'host network namespace'}: {self.ifname}: {self.what}"
 
 
-def _find_leftovers(ipr: IPRoute, netns: str) -> list[Leftover]:
+def _find_leftovers(ipr: IPRoute, netns: str, orphaned: bool = False) -> list[Leftover]:
     found: list[Leftover] = []
     names = {int(link["index"]): str(link.get("ifname")) for link in ipr.get_links()}
     for index, name in names.items():
+        if orphaned and name.startswith(TAP_PREFIX):
+            found.append(Leftover(netns, name, index, "uvmshim tap (its owner is gone)",
+                                  tap=True))
+            continue
         try:
             filters = ipr.get_filters(index=index, parent=0xFFFF0000)
         except Exception:
@@ -448,15 +504,16 @@ def _find_leftovers(ipr: IPRoute, netns: str) -> list[Leftover]:
             targets = [a.get("TCA_MIRRED_PARMS") for a in _mirred_actions(f)]
             alive = [t for t in targets if t is not None and
                      names.get(int(t["ifindex"]), "").startswith(TAP_PREFIX)]
-            if not name.startswith(TAP_PREFIX) and not alive:
-                found.append(Leftover(netns, name, index, "uvmshim redirect to a tap that "
-                                      "is gone"))
+            if orphaned or (not name.startswith(TAP_PREFIX) and not alive):
+                found.append(Leftover(netns, name, index,
+                                      "uvmshim redirect (its owner is gone)" if orphaned else
+                                      "uvmshim redirect to a tap that is gone"))
                 break
     return found
 
 
-def _look(ipr: IPRoute, *, ns: str) -> list[Leftover]:
-    return _find_leftovers(ipr, ns)
+def _look(ipr: IPRoute, *, ns: str, orphaned: bool = False) -> list[Leftover]:
+    return _find_leftovers(ipr, ns, orphaned)
 
 
 def _mirred_actions(msg: Any) -> Iterable[Any]:
@@ -491,21 +548,40 @@ def named_namespaces() -> list[str]:
     return out
 
 
-async def find_leftovers(namespaces: Iterable[str] | None = None) -> list[Leftover]:
-    """Redirects of ours left behind in the host's namespace and the named ones."""
+def _namespaces(namespaces: Iterable[str] | None,
+                orphaned: Iterable[str]) -> list[tuple[str, bool]]:
+    """``(path, orphaned)`` of each namespace to look at: ``namespaces`` (default: the host's
+    and the named ones) and the ``orphaned`` ones (recorded by a dead owner)."""
+    dead = list(dict.fromkeys(os.path.abspath(ns) for ns in orphaned))
+    real = {os.path.realpath(ns) for ns in dead}
+    out = [(ns, False) for ns in (namespaces if namespaces is not None else named_namespaces())
+           if not ns or os.path.realpath(ns) not in real]
+    return out + [(ns, True) for ns in dead]
+
+
+async def find_leftovers(namespaces: Iterable[str] | None = None,
+                         orphaned: Iterable[str] = ()) -> list[Leftover]:
+    """Redirects of ours left behind in the host's namespace and the named ones; every tap
+    and redirect of ours in the ``orphaned`` namespaces (their owner is dead)."""
     found: list[Leftover] = []
-    for ns in namespaces if namespaces is not None else named_namespaces():
+    for ns, dead in _namespaces(namespaces, orphaned):
         try:
-            found += await in_netns(ns or None, functools.partial(_look, ns=ns))
+            found += await in_netns(ns or None, functools.partial(_look, ns=ns, orphaned=dead))
         except (NetworkError, OSError) as e:
             log.debug("looking at %s: %s", ns, e)
     return found
 
 
 def _drop_redirect(ipr: IPRoute, *, left: Leftover) -> None:
-    """In ``left``'s namespace: delete its interface's ingress qdisc, if still there."""
+    """In ``left``'s namespace: delete its tap, or its interface's ingress qdisc, if still
+    there."""
     try:
-        ipr.tc("del", "ingress", left.index, "ffff:")
+        if left.tap:
+            found = ipr.link_lookup(ifname=left.ifname)
+            if found:
+                ipr.link("del", index=found[0])
+        else:
+            ipr.tc("del", "ingress", left.index, "ffff:")
     except Exception as e:
         if getattr(e, "code", None) not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
             raise _netlink_error(f"removing {left}", e) from e
@@ -516,12 +592,14 @@ async def reclaim(left: Leftover) -> None:
     await in_netns(left.netns or None, functools.partial(_drop_redirect, left=left))
 
 
-def find_leftovers_sync(namespaces: Iterable[str] | None = None) -> list[Leftover]:
+def find_leftovers_sync(namespaces: Iterable[str] | None = None,
+                        orphaned: Iterable[str] = ()) -> list[Leftover]:
     """:func:`find_leftovers` for callers without an event loop (``uvmshim leaks``)."""
     found: list[Leftover] = []
-    for ns in namespaces if namespaces is not None else named_namespaces():
+    for ns, dead in _namespaces(namespaces, orphaned):
         try:
-            found += _in_thread(ns or None, functools.partial(_look, ns=ns)).result(30)
+            found += _in_thread(ns or None,
+                                functools.partial(_look, ns=ns, orphaned=dead)).result(30)
         except (NetworkError, OSError, concurrent.futures.TimeoutError) as e:
             log.debug("looking at %s: %s", ns, e)
     return found
@@ -530,4 +608,24 @@ def find_leftovers_sync(namespaces: Iterable[str] | None = None) -> list[Leftove
 def reclaim_sync(left: Leftover) -> None:
     """:func:`reclaim` for callers without an event loop."""
     _in_thread(left.netns or None, functools.partial(_drop_redirect, left=left)).result(30)
+
+
+def reclaim_namespace_sync(netns: str) -> list[str]:
+    """Delete every tap and redirect of ours in ``netns``, whose owner is dead (the
+    :data:`uvmshim.owners.NET` reclaimer); the problems, one line each. A path that is no
+    longer a network namespace has nothing of ours."""
+    try:
+        lefts = _in_thread(netns, functools.partial(_look, ns=netns, orphaned=True)).result(30)
+    except NetworkError as e:
+        log.debug("looking at %s: %s", netns, e)
+        return []
+    except (OSError, concurrent.futures.TimeoutError) as e:
+        return [f"looking at {netns}: {e}"]
+    problems: list[str] = []
+    for left in lefts:
+        try:
+            reclaim_sync(left)
+        except (NetworkError, OSError, concurrent.futures.TimeoutError) as e:
+            problems.append(f"could not remove {left}: {e}")
+    return problems
 

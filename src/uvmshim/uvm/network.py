@@ -5,21 +5,25 @@ A container whose spec names a host network namespace (``linux.namespaces[type=n
 .path``) gets a guest network namespace holding one NIC per interface of the host one: for
 each interface the host backend hot-adds a ``virtio-net-pci`` connected to it (a tap and tc
 redirects, :mod:`uvmshim.uvm.hostnet`) and the guest backend configures the NIC in the guest
-namespace (hcsshim's order: host, then guest; undone in reverse). A second container naming the
-same host namespace (a pod's workload container naming its sandbox's) shares the guest
-namespace and its NICs; they are removed when the last container lets go.
+namespace (hcsshim's order: host, then guest; undone in reverse). The guest namespace itself is
+made concurrently with the host's work for the first NIC (they are independent). A second
+container naming the same host namespace (a pod's workload container naming its sandbox's)
+shares the guest namespace and its NICs; they are removed when the last container lets go.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import itertools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from uvmshim.asyncutil import finish_despite_cancel
 from uvmshim.errors import ReleaseError, UvmError, UvmshimError
 from uvmshim.protocol.constants import CONTAINER_NS_PREFIX, guest_netns_path
 from uvmshim.protocol.requests import format_route
@@ -105,28 +109,38 @@ class NetworkManager:
         ns.refcount += 1
         return NetworkNamespace(self, ns)
 
-    async def add(self, key: str, endpoints: Sequence[Endpoint], *, host_path: str = "",
+    async def add(self, key: str,
+                  endpoints: Sequence[Endpoint] | Callable[[], Awaitable[Sequence[Endpoint]]],
+                  *, host_path: str = "",
                   host_forwards: Sequence[str] | None = None) -> NetworkNamespace:
         """The guest namespace mirroring ``key`` (a host namespace, or ``user``): created
         with a NIC per endpoint, or shared if it exists.
+
+        ``endpoints`` may be a function that reads them (:func:`read_endpoints`): the guest
+        creates its namespace meanwhile (one agent request, concurrent with the host's netlink
+        read, tap, redirects and hot-add of the first NIC, and with the first NIC's guest
+        request, which the agent holds until the namespace is there).
 
         :raises UvmshimError: nothing of it is left then.
         """
         found = self.find(key)
         if found is not None:
             return found
-        if len(endpoints) > MAX_INTERFACES:
-            raise NetworkError(
-                f"network namespace {host_path or key} has {len(endpoints)} interfaces besides "
-                f"lo; a UVM takes at most {MAX_INTERFACES}")
+        if not callable(endpoints):
+            self._check_count(endpoints, host_path or key)
         ns = _Namespace(key, f"ns{next(self._ns_counter)}", host_path)
         self._namespaces[key] = ns
+        netns = asyncio.ensure_future(self._create_netns(ns))
         try:
-            await self._guest.add_netns(ns.ns_id)
-            ns.created = True
+            await asyncio.sleep(0)  # the guest's request goes out first
+            if callable(endpoints):
+                endpoints = await endpoints()
+                self._check_count(endpoints, host_path or key)
             for ep in endpoints:
-                await self._add_nic(ns, ep, host_forwards)
+                await self._add_nic(ns, ep, host_forwards, netns)
+            await netns
         except BaseException as err:
+            await finish_despite_cancel(_settle(netns))
             try:
                 await self._teardown(ns)
             except UvmshimError as undo_err:
@@ -136,15 +150,38 @@ class NetworkManager:
             raise
         return NetworkNamespace(self, ns)
 
+    @staticmethod
+    def _check_count(endpoints: Sequence[Endpoint], where: str) -> None:
+        if len(endpoints) > MAX_INTERFACES:
+            raise NetworkError(
+                f"network namespace {where} has {len(endpoints)} interfaces besides "
+                f"lo; a UVM takes at most {MAX_INTERFACES}")
+
+    async def _create_netns(self, ns: _Namespace) -> None:
+        await self._guest.add_netns(ns.ns_id)
+        ns.created = True
+
     async def _add_nic(self, ns: _Namespace, ep: Endpoint,
-                       host_forwards: Sequence[str] | None) -> None:
+                       host_forwards: Sequence[str] | None, netns: asyncio.Future[None]) -> None:
         nic_id = f"nic{next(self._nic_counter)}"
         host, guest = self._host, self._guest
+
+        async def guest_add() -> None:
+            # Sent while the guest may still be making the namespace (``netns``): the agent
+            # waits for it; if making it failed, that is the error to report.
+            try:
+                await guest.add_nic(ns.ns_id, nic_id, ep)
+            except Exception:
+                await _settle(netns)
+                if not netns.cancelled() and netns.exception() is not None:
+                    await netns  # raises it
+                raise
+
         try:
             await host_then_guest(
                 lambda: host.nic_add(nic_id, ep, netns=ns.host_path,
                                      host_forwards=host_forwards),
-                lambda: guest.add_nic(ns.ns_id, nic_id, ep),
+                guest_add,
                 lambda: host.nic_remove(nic_id),
             )
         except UvmshimError as err:
@@ -185,6 +222,13 @@ class NetworkManager:
             return
         await self._teardown(ns)
         del self._namespaces[ns.key]
+
+
+async def _settle(task: asyncio.Future[None]) -> None:
+    """Wait for ``task`` to end, whatever the outcome (its error is the caller's to see)."""
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: no "never retrieved" warning
 
 
 # Section: the container's spec
@@ -253,8 +297,7 @@ async def connect_network(manager: NetworkManager, linux: dict[str, Any] | None,
     found = manager.find(key)
     if found is not None:
         return found
-    endpoints = await read_endpoints(path)
-    return await manager.add(key, endpoints, host_path=path)
+    return await manager.add(key, functools.partial(read_endpoints, path), host_path=path)
 
 
 def _has_netns_entry(linux: dict[str, Any] | None) -> bool:
