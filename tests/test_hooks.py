@@ -1,4 +1,4 @@
-"""OCI hooks on the host (uvmshim.runc.hooks): checks, stdin state, args, env, timeout."""
+"""OCI hooks on the host (uvmshim.runtime.hooks): checks, stdin state, args, env, timeout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from uvmshim.errors import UvmshimError
-from uvmshim.runc.hooks import HookError, check, run_hooks, run_hooks_sync
+from uvmshim.runtime.hooks import (
+    HookError,
+    check,
+    run_create_hooks,
+    run_hooks,
+    run_hooks_sync,
+    run_hooks_warn,
+)
 
 STATE = {"ociVersion": "1.0.2", "id": "c1", "pid": 42, "bundle": "/b",
          "annotations": {"a": "b"}, "vm_id": "private"}
@@ -52,6 +59,24 @@ def test_poststop_failures_are_warnings(tmp_path: Path) -> None:
                               "poststop", STATE, "stopped")
     assert len(problems) == 1 and "exit status 1" in problems[0]
     assert json.loads(ran.read_text())["status"] == "stopped"  # the next one still ran
+
+
+def test_create_hooks_and_async_poststop(tmp_path: Path) -> None:
+    """What ``uvmshim run`` and the shim share: prestart then createRuntime ("creating");
+    poststop runs every hook and returns the failures."""
+    order = tmp_path / "order"
+    hooks = {name: [_hook(f'cat > {tmp_path}/{name}.json; echo {name} >> {order}')]
+             for name in ("createRuntime", "prestart")}
+    asyncio.run(run_create_hooks(hooks, STATE))
+    assert order.read_text() == "prestart\ncreateRuntime\n"
+    assert json.loads((tmp_path / "createRuntime.json").read_text())["status"] == "creating"
+    ran = tmp_path / "ran"
+    problems = asyncio.run(run_hooks_warn(
+        {"poststop": [_hook("echo no >&2; exit 2"), _hook(f"cat > {ran}")]}, "poststop",
+        STATE, "stopped"))
+    assert len(problems) == 1 and "poststop hook #0" in problems[0] and \
+        "exit status 2, stderr: no" in problems[0]
+    assert json.loads(ran.read_text())["status"] == "stopped"
 
 
 @pytest.mark.parametrize(("hooks", "where"), [

@@ -224,6 +224,35 @@ def test_run_bad_name_is_refused(host: HostFiles) -> None:
     no_traceback(res)
 
 
+def test_run_memory_sizes(host: HostFiles, tmp_path: Path) -> None:
+    """``--memory`` takes MiB or a unit; one that cannot hold the bundle's memory limit is
+    refused before a UVM boots."""
+    import click
+
+    from uvmshim.cli.main import memory_option
+
+    ctx = click.Context(click.Command("run"))
+    param = click.Option(["--memory"])
+    assert [memory_option(ctx, param, v) for v in ("300", "300m", "300M", "2g", "2GiB",
+                                                   "512MB", None)] == \
+        [300, 300, 300, 2048, 2048, 512, None]
+    for bad in ("12x", "1.5g", "-1", "", "63"):
+        with pytest.raises(click.BadParameter):
+            memory_option(ctx, param, bad)
+    bundle = tmp_path / "b"
+    write_bundle(bundle, spec_json(root_path=host.dir("r")))
+    config = json.loads((bundle / "config.json").read_text())
+    config["linux"]["resources"] = {"memory": {"limit": 700 << 20}}
+    (bundle / "config.json").write_text(json.dumps(config))
+    res = uvmshim("run", "--memory", "300m", "--bundle", str(bundle))
+    assert res.returncode == 1, res.stderr
+    assert "uvmshim: error: --memory: a utility VM of 300 MiB cannot hold the container's " \
+        "memory limit of 700 MiB" in res.stderr and "--memory 956" in res.stderr, res.stderr
+    no_traceback(res)
+    res = uvmshim("run", "--memory", "lots", "--bundle", str(bundle))
+    assert res.returncode == 2 and "not a memory size" in res.stderr, res.stderr
+
+
 @pytest.mark.parametrize("bad", ["a\n", "a\nb", "\n", "..", "a/b", "é", ""])
 def test_runc_ids_are_checked_whole(bad: str) -> None:
     from uvmshim.runc.state import check_id

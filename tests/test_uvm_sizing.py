@@ -16,6 +16,7 @@ from uvmshim.uvm.sizing import (
     MEMORY_CLASSES_MB,
     SizingError,
     UvmSize,
+    resolve_size,
     uvm_size,
 )
 
@@ -64,6 +65,30 @@ def test_impossible_sizes(resources: dict[str, object], annotations: dict[str, s
                           message: str) -> None:
     with pytest.raises(SizingError, match=message):
         size(resources, annotations)
+
+
+def test_given_sizes_win_and_must_hold_the_limit() -> None:
+    """``uvmshim run --memory/--cpus`` (:func:`resolve_size`): what is given wins over the
+    spec and the annotations; what is not given is sized as the runc path sizes it."""
+    linux = {"resources": {"memory": {"limit": 700 * MiB},
+                           "cpu": {"quota": 300000, "period": 100000}}}
+    assert resolve_size(linux, {}, host_mb=16384, host_cpus=8) == \
+        UvmSize(1024, 4, "limit", "limit")  # 700 + 256 -> the 1024 MiB class
+    assert resolve_size(linux, {}, memory_mb=2000, host_mb=16384, host_cpus=8) == \
+        UvmSize(2000, 4, "given", "limit")
+    assert resolve_size(linux, {ANNOTATION_PROCESSORS: "3"}, cpus=1, host_mb=16384) == \
+        UvmSize(1024, 1, "limit", "given")
+    assert resolve_size(None, {ANNOTATION_MEMORY_MB: "768"}, memory_mb=600) == \
+        UvmSize(600, 2, "given", "default")
+    assert resolve_size(linux, {}, memory_mb=956, host_mb=16384).memory_mb == 956  # just fits
+    with pytest.raises(SizingError) as err:
+        resolve_size(linux, {}, memory_mb=300, host_mb=16384)
+    assert err.value.where == "--memory"
+    assert "memory limit of 700 MiB" in str(err.value) and "at least 956 MiB" in str(err.value)
+    assert "--memory 956" in str(err.value.hint) and "(1024 MiB)" in str(err.value.hint)
+    # a spec the host cannot size is still an error when nothing is given
+    with pytest.raises(SizingError, match="the host has 512 MiB"):
+        resolve_size(linux, {}, host_mb=512)
 
 
 def test_cgroup_paths() -> None:

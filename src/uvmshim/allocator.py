@@ -369,7 +369,7 @@ def _check_hugepages(source: str) -> None:
 
 
 #: Hooks the guest's crun runs, in the container's namespaces (the host runs the others:
-#: :mod:`uvmshim.runc.hooks`).
+#: :mod:`uvmshim.runtime.hooks`).
 GUEST_HOOKS = ("createContainer", "startContainer")
 #: ``linux.resources`` keys that createLCOWSpec drops (its GCS owns the guest's cgroups).
 HCSSHIM_DROPPED_RESOURCES = ("devices", "pids", "blockIO", "hugepageLimits", "network")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Coroutine
@@ -170,3 +171,20 @@ def dump_json(obj: object) -> None:
     """Print ``obj`` as JSON (strict: a NaN or infinity is an error, never printed)."""
     click.echo(json.dumps(obj, indent=2, allow_nan=False))
 
+
+MIN_MEMORY_MB = 64
+
+
+def memory_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``--memory``: a size in MiB, a number (MiB) or one with a unit: ``300m``, ``2g``,
+    ``512MiB``, ``1GB`` (binary units, as docker's ``--memory``); None if not given."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+)(?:([mgt])(?:i?b)?)?", value.strip(), re.IGNORECASE)
+    if match is None:
+        raise click.BadParameter(f"{value!r} is not a memory size (MiB, or with a unit: "
+                                 "300m, 2g)", ctx, param)
+    mb = int(match[1]) << {"m": 0, "g": 10, "t": 20}[(match[2] or "m").lower()]
+    if mb < MIN_MEMORY_MB:
+        raise click.BadParameter(f"{value} is smaller than {MIN_MEMORY_MB} MiB", ctx, param)
+    return mb

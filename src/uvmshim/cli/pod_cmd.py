@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from uvmshim import owners, tools
-from uvmshim.cli.main import collect_garbage, dump_json, run_async
+from uvmshim.cli.main import collect_garbage, dump_json, memory_option, run_async
 from uvmshim.errors import UvmshimError
 from uvmshim.hostpath import RUN_DIR, pod_dir, pods_dir
 from uvmshim.protocol.framing import read_frame, write_frame
@@ -82,14 +82,18 @@ def _claim(name: str, directory: Path) -> None:
 @click.argument("name")
 @click.option("--rootfs", required=True, type=click.Path(file_okay=False, exists=True),
               help="Root filesystem (with /bin/sh) for the sandbox and, by default, workloads.")
-@click.option("--memory", "memory_mb", type=click.IntRange(64), default=512, show_default=True)
-@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--memory", "memory_mb", default=None, callback=memory_option, metavar="SIZE",
+              help="UVM memory (MiB, or 300m, 2g). Default: sized from the sandbox's spec "
+                   "as 'uvmshim run' does (512 MiB).")
+@click.option("--cpus", type=click.IntRange(1, 64), default=None,
+              help="UVM vCPUs. Default: from the sandbox's spec (2).")
 @click.option("--network", type=click.Choice(["none", "nat"]), default="none",
               show_default=True, help="nat: one outbound network for the pod's containers "
               "(QEMU user-mode NAT), shared like localhost.")
 @click.option("-p", "--publish", multiple=True, metavar="[IP:]HOST:CTR[/tcp|udp]",
               help="Publish a port of the pod on the host (with --network=nat; repeatable).")
-def create_command(name: str, rootfs: str, memory_mb: int, cpus: int, network: str,
+def create_command(name: str, rootfs: str, memory_mb: int | None, cpus: int | None,
+                   network: str,
                    publish: tuple[str, ...]) -> None:
     """Boot a UVM for pod NAME and start its sandbox; return once it is ready."""
     network_annotations(network, publish)  # refused here, not in the daemon's log
@@ -100,7 +104,9 @@ def create_command(name: str, rootfs: str, memory_mb: int, cpus: int, network: s
     with open(directory / "pod.log", "wb") as logf:
         proc = tools.start(
             [sys.executable, "-m", "uvmshim.runtime.podd", name, "--rootfs",
-             os.path.abspath(rootfs), "--memory", str(memory_mb), "--cpus", str(cpus),
+             os.path.abspath(rootfs),
+             *(["--memory", str(memory_mb)] if memory_mb is not None else []),
+             *(["--cpus", str(cpus)] if cpus is not None else []),
              "--network", network, *(f"--publish={p}" for p in publish)],
             stdout=logf, stderr=logf, new_session=True)
     deadline = time.monotonic() + CREATE_TIMEOUT

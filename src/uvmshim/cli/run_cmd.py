@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import uuid
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterator
 import click
 
 from uvmshim import hostpath, owners
-from uvmshim.cli.main import collect_garbage, run_async
+from uvmshim.cli.main import collect_garbage, memory_option, run_async
 from uvmshim.errors import UvmshimError
 from uvmshim.runc.state import check_id
 from uvmshim.runtime.oneshot import run_container
@@ -84,9 +85,13 @@ def _parse_user(value: str) -> tuple[int, int]:
 @click.option("-t", "--tty", is_flag=True, help="Give the container a terminal (a pty in the "
               "UVM); with -i your terminal is in raw mode until it exits.")
 @click.option("--name", "container_id", default="", help="Container id (default: random).")
-@click.option("--memory", "memory_mb", type=click.IntRange(64), default=512, show_default=True,
-              help="UVM memory in MiB.")
-@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--memory", "memory_mb", default=None, callback=memory_option, metavar="SIZE",
+              help="UVM memory (MiB, or 300m, 2g). Default: from the spec as the runc path "
+                   "sizes it (memory limit + 256 MiB for the guest, in power-of-two classes "
+                   "from 512 MiB; hcsshim's annotation), 512 MiB without a limit.")
+@click.option("--cpus", type=click.IntRange(1, 64), default=None,
+              help="UVM vCPUs. Default: from the spec's CPU quota or cpuset (hcsshim's "
+                   "annotation), 2 without one.")
 @click.option("--no-template", is_flag=True, help="Boot the UVM cold instead of cloning it from "
               "its template (also: UVMSHIM_NO_TEMPLATE=1).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -95,7 +100,8 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
                 physical_disks: tuple[str, ...], hugepages: tuple[str, ...],
                 network: str, publish: tuple[str, ...], env: tuple[str, ...],
                 workdir: str | None, user: str | None, read_only: bool,
-                interactive: bool, tty: bool, container_id: str, memory_mb: int, cpus: int,
+                interactive: bool, tty: bool, container_id: str, memory_mb: int | None,
+                cpus: int | None,
                 no_template: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in a container in a fresh utility VM, then tear everything down.
 
@@ -124,6 +130,7 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
                 raise UvmshimError("--bundle runs the bundle as it is; put mounts, the "
                                    "command and the network (annotations "
                                    "io.uvmshim.network*) in its config.json")
+            bundle = os.path.abspath(bundle)
             spec = _bundle_spec(bundle)
         else:
             opts = RunOptions(
@@ -144,7 +151,7 @@ def run_command(rootfs: str | None, layers: str | None, image_name: str | None,
         with _progress(sys.stderr.isatty()) as say:
             code = run_async(run_container(spec, container_id=cid, memory_mb=memory_mb,
                                            cpus=cpus, stdin=interactive,
-                                           progress=say,
+                                           progress=say, bundle=bundle or "",
                                            template=False if no_template else None))
     sys.exit(code)
 

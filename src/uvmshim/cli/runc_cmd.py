@@ -255,7 +255,7 @@ def _update_resources(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _features() -> dict[str, Any]:
-    from uvmshim.runc.hooks import ALL_HOOKS
+    from uvmshim.runtime.hooks import ALL_HOOKS
 
     return {
         "ociVersionMin": "1.0.0", "ociVersionMax": OCI_SPEC_VERSION,

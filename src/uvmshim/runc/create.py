@@ -47,7 +47,7 @@ def bundle_spec(bundle: str) -> Spec:
     process = spec.raw.get("process")
     if not isinstance(process, dict) or not process.get("args"):
         raise UvmshimError("process.args must not be empty", where="config.json")
-    from uvmshim.runc.hooks import check
+    from uvmshim.runtime.hooks import check
 
     check(spec.hooks, spec.root.path if spec.root is not None else "")
     return spec

@@ -121,7 +121,7 @@ def delete(root: str, container_id: str, force: bool) -> None:
                 _wait_gone(st, 10)
         problems = cleanup(cdir)
     if st.get("poststop"):  # after the container and its UVM are gone; failures only warned
-        from uvmshim.runc.hooks import run_hooks_sync
+        from uvmshim.runtime.hooks import run_hooks_sync
 
         for warning in run_hooks_sync({"poststop": st["poststop"]}, "poststop", st, "stopped"):
             print(f"uvmshim: warning: {warning}", file=sys.stderr)

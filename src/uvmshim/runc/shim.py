@@ -307,21 +307,19 @@ class Shim:
 
     async def _create_hooks(self, spec: Spec, pid: int, cdir: ContainerDir | None = None
                             ) -> None:
-        """``prestart`` then ``createRuntime`` hooks (:mod:`uvmshim.runc.hooks`): the container
-        exists in the guest and waits; a failure fails ``create``."""
+        """``prestart`` then ``createRuntime`` hooks (:mod:`uvmshim.runtime.hooks`): the
+        container exists in the guest and waits; a failure fails ``create``."""
         if not spec.hooks:
             return
-        from uvmshim.runc.hooks import run_hooks
+        from uvmshim.runtime.hooks import run_create_hooks
 
-        state = {**(cdir or self.cfg.cdir).read(), "pid": pid}
-        for name in ("prestart", "createRuntime"):
-            await run_hooks(spec.hooks, name, state, "creating")
+        await run_create_hooks(spec.hooks, {**(cdir or self.cfg.cdir).read(), "pid": pid})
 
     async def _poststart(self, spec: Spec, container_id: str, pid: int,
                          cdir: ContainerDir | None = None) -> None:
         if not spec.hooks or not spec.hooks.get("poststart"):
             return
-        from uvmshim.runc.hooks import run_hooks
+        from uvmshim.runtime.hooks import run_hooks
 
         state = {**(cdir or self.cfg.cdir).read(), "id": container_id, "pid": pid}
         await run_hooks(spec.hooks, "poststart", state, "running")

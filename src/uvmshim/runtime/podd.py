@@ -43,6 +43,7 @@ from uvmshim.runtime.container import Container
 from uvmshim.runtime.pod import Pod, pause_spec, run_pod
 from uvmshim.spec import Spec
 from uvmshim.uvm.qemu.agent_client import ContainerProcess
+from uvmshim.uvm.sizing import resolve_size
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,10 @@ async def _client_input(reader: asyncio.StreamReader, proc: Container | Containe
         task.cancel()
 
 
-async def serve(name: str, rootfs: str, memory_mb: int, cpus: int, *, network: str = "none",
-                publish: Sequence[str] = ()) -> None:
+async def serve(name: str, rootfs: str, memory_mb: int | None = None, cpus: int | None = None,
+                *, network: str = "none", publish: Sequence[str] = ()) -> None:
+    """Run pod ``name`` until SIGTERM/SIGINT. ``memory_mb``/``cpus``: the UVM's size; None:
+    sized from the sandbox's spec (:func:`~uvmshim.uvm.sizing.resolve_size`)."""
     directory = pod_dir(name)
     sock = directory / "pod.sock"
     stopped = asyncio.Event()
@@ -183,7 +186,8 @@ async def serve(name: str, rootfs: str, memory_mb: int, cpus: int, *, network: s
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
     sandbox = pause_spec(rootfs, network=network, publish=publish)
-    async with run_pod(name, sandbox, memory_mb=memory_mb, cpus=cpus) as pod:
+    size = resolve_size(sandbox.linux, sandbox.annotations, memory_mb=memory_mb, cpus=cpus)
+    async with run_pod(name, sandbox, memory_mb=size.memory_mb, cpus=size.cpus) as pod:
         server_state = PodServer(pod, stopped)
         server = await asyncio.start_unix_server(server_state.handle, path=str(sock))
         (directory / "ready").write_text(str(os.getpid()))
@@ -201,8 +205,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("name")
     parser.add_argument("--rootfs", required=True)
-    parser.add_argument("--memory", type=int, default=512)
-    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--memory", type=int, default=None)
+    parser.add_argument("--cpus", type=int, default=None)
     parser.add_argument("--network", default="none")
     parser.add_argument("--publish", action="append", default=[])
     args = parser.parse_args()

@@ -21,10 +21,15 @@ hcsshim's annotations :data:`ANNOTATION_MEMORY_MB` and :data:`ANNOTATION_PROCESS
 the computed values exactly (not rounded). A size the host cannot give (more memory than it has,
 fewer than :data:`MIN_MEMORY_MB`, 0 or more than :data:`MAX_CPUS` vCPUs, a container limit
 the largest class cannot hold) is an error at ``create``.
+
+``uvmshim run`` sizes its UVM the same way, except for what the user gives (``--memory``,
+``--cpus``), which wins; a given memory size must still hold the container's limit and the
+guest's overhead (:func:`resolve_size`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping
@@ -57,7 +62,8 @@ class SizingError(UvmshimError):
 class UvmSize:
     memory_mb: int
     cpus: int
-    #: How each was found: "default", "limit", "annotation", "sandbox".
+    #: How each was found: "default", "limit", "annotation", "sandbox", "given"
+    #: (:func:`resolve_size`).
     memory_from: str = "default"
     cpus_from: str = "default"
 
@@ -114,12 +120,61 @@ def uvm_size(linux: Mapping[str, Any] | None, annotations: Mapping[str, str],
 
     :raises SizingError: an impossible or malformed size.
     """
-    host_mb = host_memory_mb() if host_mb is None else host_mb
-    host_cpus = host_cpus or os.cpu_count() or 1
-    resources = (linux or {}).get("resources") or {}
-    memory = resources.get("memory") if isinstance(resources, dict) else None
-    cpu = resources.get("cpu") if isinstance(resources, dict) else None
+    memory_mb, memory_from = _memory(linux, annotations, host_mb)
+    cpus, cpus_from = _cpus(linux, annotations, host_cpus)
+    return UvmSize(memory_mb, cpus, memory_from, cpus_from)
 
+
+def resolve_size(linux: Mapping[str, Any] | None, annotations: Mapping[str, str], *,
+                 memory_mb: int | None = None, cpus: int | None = None,
+                 host_mb: int | None = None, host_cpus: int | None = None) -> UvmSize:
+    """The UVM size for a container when the user may have given it (``uvmshim run
+    --memory/--cpus``): what is given wins over the spec and the annotations (``"given"``),
+    the rest is :func:`uvm_size`'s.
+
+    :raises SizingError: a given memory size that cannot hold the container's memory limit
+        and the guest's own :data:`GUEST_OVERHEAD_MB` (the guest's OOM killer would kill the
+        container below its limit), or an impossible size from the spec.
+    """
+    if memory_mb is None:
+        memory_mb, memory_from = _memory(linux, annotations, host_mb)
+    else:
+        memory_from = "given"
+        limit = _memory_limit(linux)
+        if limit:
+            need = -(-limit >> 20) + GUEST_OVERHEAD_MB
+            if memory_mb < need:
+                hint = f"give --memory {need} or more, or leave it out"
+                with contextlib.suppress(SizingError):
+                    hint += (" to size the UVM from the spec "
+                             f"({_memory(linux, annotations, host_mb)[0]} MiB)")
+                raise SizingError(
+                    f"a utility VM of {memory_mb} MiB cannot hold the container's memory "
+                    f"limit of {-(-limit >> 20)} MiB and the guest's own {GUEST_OVERHEAD_MB} "
+                    f"MiB: it needs at least {need} MiB", where="--memory", hint=hint)
+    if cpus is None:
+        cpus, cpus_from = _cpus(linux, annotations, host_cpus)
+    else:
+        cpus_from = "given"
+    return UvmSize(memory_mb, cpus, memory_from, cpus_from)
+
+
+def _resources(linux: Mapping[str, Any] | None, key: str) -> Any:
+    resources = (linux or {}).get("resources") or {}
+    return resources.get(key) if isinstance(resources, dict) else None
+
+
+def _memory_limit(linux: Mapping[str, Any] | None) -> int:
+    """``linux.resources.memory.limit`` in bytes; 0 if there is none."""
+    memory = _resources(linux, "memory")
+    limit = memory.get("limit") if isinstance(memory, dict) else None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
+
+
+def _memory(linux: Mapping[str, Any] | None, annotations: Mapping[str, str],
+            host_mb: int | None) -> tuple[int, str]:
+    host_mb = host_memory_mb() if host_mb is None else host_mb
+    memory = _resources(linux, "memory")
     memory_mb, memory_from = DEFAULT_MEMORY_MB, "default"
     limit = memory.get("limit") if isinstance(memory, dict) else None
     sandbox = _annotation(annotations, ANNOTATION_SANDBOX_MEMORY)
@@ -144,7 +199,13 @@ def uvm_size(linux: Mapping[str, Any] | None, annotations: Mapping[str, str],
                  else "linux.resources.memory.limit")
         raise SizingError(f"the UVM would need {memory_mb} MiB of memory; the host has "
                           f"{host_mb} MiB", where=where)
+    return memory_mb, memory_from
 
+
+def _cpus(linux: Mapping[str, Any] | None, annotations: Mapping[str, str],
+          host_cpus: int | None) -> tuple[int, str]:
+    host_cpus = host_cpus or os.cpu_count() or 1
+    cpu = _resources(linux, "cpu")
     cpus, cpus_from = DEFAULT_CPUS, "default"
     want = 0
     if isinstance(cpu, dict):
@@ -161,4 +222,4 @@ def uvm_size(linux: Mapping[str, Any] | None, annotations: Mapping[str, str],
             raise SizingError(f"a UVM has 1 to {MAX_CPUS} vCPUs, not {given}",
                               where=f"annotations[{ANNOTATION_PROCESSORS!r}]")
         cpus, cpus_from = given, "annotation"
-    return UvmSize(memory_mb, cpus, memory_from, cpus_from)
+    return cpus, cpus_from

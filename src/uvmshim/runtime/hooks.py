@@ -23,7 +23,9 @@ crun runs them (they stay in the guest's document, :mod:`uvmshim.allocator`); th
 checks them (:func:`check`); :func:`uvmshim.allocator.guest_hooks` makes a ``createContainer``
 path resolve in the container's root, as the host's runtime namespace means nothing in the UVM.
 
-Imported by ``create`` (checks) and the shim; the agent never sees this module.
+Used by the runc path (``create`` checks, the shim runs the host hooks, ``delete`` runs
+``poststop``) and by ``uvmshim run --bundle`` (:func:`uvmshim.runtime.oneshot.run_container`,
+the same points of the lifecycle in one process); the agent never sees this module.
 """
 
 from __future__ import annotations
@@ -150,31 +152,58 @@ async def run_hooks(hooks: Mapping[str, Any] | None, name: str, state: Mapping[s
 
     :raises HookError: the first that fails (exits non-zero, cannot run, times out).
     """
-    entries = (hooks or {}).get(name) or []
     data = hook_state(state, status)
-    for i, hook in enumerate(entries):
-        path, args, env = _argv(hook)
+    for i, hook in enumerate((hooks or {}).get(name) or []):
+        await _run_one(name, i, hook, data)
+
+
+async def run_create_hooks(hooks: Mapping[str, Any] | None, state: Mapping[str, Any]) -> None:
+    """``prestart`` then ``createRuntime`` (status ``creating``): the container exists in the
+    guest and waits.
+
+    :raises HookError: the first that fails; the caller deletes the container.
+    """
+    for name in ("prestart", "createRuntime"):
+        await run_hooks(hooks, name, state, "creating")
+
+
+async def run_hooks_warn(hooks: Mapping[str, Any] | None, name: str,
+                         state: Mapping[str, Any], status: str) -> list[str]:
+    """Run every ``name`` hook (``poststop``) even if one fails; return the failures (they
+    are only warnings: the caller shows them)."""
+    problems = []
+    data = hook_state(state, status)
+    for i, hook in enumerate((hooks or {}).get(name) or []):
         try:
-            proc = await asyncio.create_subprocess_exec(
-                args[0], *args[1:], executable=path, env=env, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        except OSError as err:
-            raise _failure(name, i, path, err.strerror or str(err), b"", b"") from None
-        timeout = hook.get("timeout")
-        try:
-            out, err_out = await asyncio.wait_for(proc.communicate(data), timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise _failure(name, i, path, f"timed out after {timeout} s", b"", b"") from None
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
-        if proc.returncode != 0:
-            raise _failure(name, i, path, f"exit status {proc.returncode}", out, err_out)
+            await _run_one(name, i, hook, data)
+        except HookError as err:
+            problems.append(str(err))
+    return problems
+
+
+async def _run_one(name: str, i: int, hook: Mapping[str, Any], data: bytes) -> None:
+    path, args, env = _argv(hook)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            args[0], *args[1:], executable=path, env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as err:
+        raise _failure(name, i, path, err.strerror or str(err), b"", b"") from None
+    timeout = hook.get("timeout")
+    try:
+        out, err_out = await asyncio.wait_for(proc.communicate(data), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise _failure(name, i, path, f"timed out after {timeout} s", b"", b"") from None
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise _failure(name, i, path, f"exit status {proc.returncode}", out, err_out)
 
 
 def run_hooks_sync(hooks: Mapping[str, Any] | None, name: str, state: Mapping[str, Any],
