@@ -31,6 +31,8 @@ def size(resources: dict[str, object] | None = None, annotations: dict[str, str]
 
 def test_defaults_and_size_classes() -> None:
     assert size() == UvmSize(512, 2)
+    # no CPU limit: hcsshim's 2 vCPUs, at most half the host's CPUs
+    assert [size(host_cpus=n).cpus for n in (1, 2, 3, 4, 64)] == [1, 1, 1, 2, 2]
     assert size({"memory": {"limit": 64 * MiB}}).memory_mb == 512  # 64 + 256 overhead
     assert size({"memory": {"limit": 300 * MiB}}).memory_mb == 1024
     assert size({"memory": {"limit": 3 * 1024 * MiB}}).memory_mb == 4096
@@ -78,7 +80,8 @@ def test_given_sizes_win_and_must_hold_the_limit() -> None:
         UvmSize(2000, 4, "given", "limit")
     assert resolve_size(linux, {ANNOTATION_PROCESSORS: "3"}, cpus=1, host_mb=16384) == \
         UvmSize(1024, 1, "limit", "given")
-    assert resolve_size(None, {ANNOTATION_MEMORY_MB: "768"}, memory_mb=600) == \
+    assert resolve_size(None, {ANNOTATION_MEMORY_MB: "768"}, memory_mb=600,
+                        host_cpus=8) == \
         UvmSize(600, 2, "given", "default")
     assert resolve_size(linux, {}, memory_mb=956, host_mb=16384).memory_mb == 956  # just fits
     with pytest.raises(SizingError) as err:

@@ -91,7 +91,7 @@ def _parse_user(value: str) -> tuple[int, int]:
                    "from 512 MiB; hcsshim's annotation), 512 MiB without a limit.")
 @click.option("--cpus", type=click.IntRange(1, 64), default=None,
               help="UVM vCPUs. Default: from the spec's CPU quota or cpuset (hcsshim's "
-                   "annotation), 2 without one.")
+                   "annotation); without one, 2 but at most half the host's CPUs.")
 @click.option("--no-template", is_flag=True, help="Boot the UVM cold instead of cloning it from "
               "its template (also: UVMSHIM_NO_TEMPLATE=1).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)

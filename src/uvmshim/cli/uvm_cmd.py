@@ -18,6 +18,7 @@ from uvmshim.uvm.bootfiles import ensure_boot_files
 from uvmshim.uvm.plan9 import Plan9Share
 from uvmshim.uvm.qemu import template as tmpl
 from uvmshim.uvm.qemu.agent_client import AgentClient
+from uvmshim.uvm.sizing import default_cpus
 from uvmshim.uvm.utilityvm import UtilityVM
 
 err_console = Console(stderr=True)
@@ -66,10 +67,14 @@ def template_group() -> None:
 @template_group.command("build")
 @click.option("--memory", "memory_mb", type=click.IntRange(64), default=512, show_default=True,
               help="Guest memory in MiB.")
-@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--cpus", type=click.IntRange(1, 64), default=None,
+              help="vCPUs. Default: what a container without a CPU limit gets (2, at most half "
+                   "the host's CPUs).")
 @click.option("--rebuild", is_flag=True, help="Build even if a good template exists.")
-def template_build_command(memory_mb: int, cpus: int, rebuild: bool) -> None:
+def template_build_command(memory_mb: int, cpus: int | None, rebuild: bool) -> None:
     """Build the template for a UVM with these settings (if there is none yet)."""
+    if cpus is None:
+        cpus = default_cpus()
     with err_console.status("building the UVM template") as status:
         key = run_async(build_template(memory_mb=memory_mb, cpus=cpus, rebuild=rebuild,
                                        progress=lambda m: status.update(m)))
@@ -118,10 +123,11 @@ def template_rm_command(keys: tuple[str, ...], all_: bool, force: bool) -> None:
               help="Share a host directory or file over Plan9 (repeatable).")
 @click.option("--memory", "memory_mb", type=click.IntRange(64), default=512, show_default=True,
               help="Guest memory in MiB.")
-@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--cpus", type=click.IntRange(1, 64), default=None,
+              help="vCPUs. Default: 2, at most half the host's CPUs.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_command(disks: tuple[str, ...], shares: tuple[str, ...], memory_mb: int, cpus: int,
-                 command: tuple[str, ...]) -> None:
+def exec_command(disks: tuple[str, ...], shares: tuple[str, ...], memory_mb: int,
+                 cpus: int | None, command: tuple[str, ...]) -> None:
     """Boot a UVM, attach what is asked, run COMMAND in the UVM (not in a container).
 
     COMMAND's output is streamed and its exit status becomes uvmshim's; then everything is torn
@@ -130,7 +136,8 @@ def exec_command(disks: tuple[str, ...], shares: tuple[str, ...], memory_mb: int
     \b
     Example:  uvmshim uvm exec --disk data.img:ro --share ./src -- cat /proc/mounts
     """
-    code = run_async(_exec(disks, shares, memory_mb, cpus, list(command)))
+    code = run_async(_exec(disks, shares, memory_mb, default_cpus() if cpus is None else cpus,
+                           list(command)))
     sys.exit(code)
 
 
