@@ -188,15 +188,22 @@ class Container:
         return await self.agent.container_exec(self.id, f"exec{self._execs}", dict(process),
                                                stdin=stdin)
 
-    async def delete(self) -> None:
+    async def delete(self, *, uvm_discarded: bool = False) -> None:
         """Remove the container in the guest (killing it if needed) and release everything.
 
+        :param uvm_discarded: the UVM is stopped right after (``uvmshim run``): a container
+            that has stopped and had a PID namespace of its own (so no process of it is left)
+            is not deleted in the guest (crun's record of it and its cgroup go with the UVM);
+            its resources are released all the same.
         :raises ReleaseError: some resources could not be released (they stay tracked; calling
             again retries them).
         """
         errors: list[BaseException] = []
-        if self.state in (ContainerState.CREATED, ContainerState.RUNNING,
-                          ContainerState.STOPPED):
+        in_guest = self.state in (ContainerState.CREATED, ContainerState.RUNNING,
+                                  ContainerState.STOPPED)
+        if uvm_discarded and self.state is ContainerState.STOPPED and self._own_pid_namespace():
+            in_guest = False
+        if in_guest:
             try:
                 await self.agent.container_delete(self.id)
             except UvmshimError as err:
@@ -208,6 +215,12 @@ class Container:
             errors.extend(err.errors)
         if errors:
             raise ReleaseError(f"failed to delete container {self.id}", errors)
+
+    def _own_pid_namespace(self) -> bool:
+        namespaces = (self.spec.linux or {}).get("namespaces")
+        return isinstance(namespaces, list) and any(
+            isinstance(ns, dict) and ns.get("type") == "pid" and not ns.get("path")
+            for ns in namespaces)
 
     async def _release(self) -> None:
         if self.allocation is not None:

@@ -200,7 +200,7 @@ async def run_container(
                 for task in (feeder, relay):
                     if task is not None and not task.done():
                         task.cancel()
-                await container.delete()
+                await container.delete(uvm_discarded=True)
     finally:
         if created and spec.hooks and spec.hooks.get("poststop"):
             for problem in await hooks.run_hooks_warn(spec.hooks, "poststop", state,
