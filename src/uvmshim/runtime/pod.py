@@ -119,8 +119,8 @@ class Pod:
 
 
 @contextlib.asynccontextmanager
-async def run_pod(pod_id: str, sandbox_spec: Spec, *, memory_mb: int = 512, cpus: int = 2,
-                  options: UvmOptions | None = None,
+async def run_pod(pod_id: str, sandbox_spec: Spec, *, memory_mb: int = 512,
+                  cpus: int | None = None, options: UvmOptions | None = None,
                   progress: Callable[[str], None] | None = None) -> AsyncIterator[Pod]:
     """Boot a UVM with the pod's sandbox running; stop the pod and the UVM on the way out."""
     async with start_uvm(options or UvmOptions.from_annotations(sandbox_spec.annotations),

@@ -48,6 +48,7 @@ from uvmshim.uvm.qemu.template import (
     resolve_key,
     templates_disabled,
 )
+from uvmshim.uvm.sizing import default_cpus
 from uvmshim.uvm.utilityvm import UtilityVM
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,15 @@ def machine_config(boot: BootFiles, options: UvmOptions, *, memory_mb: int = 512
 
 
 async def build_template(options: UvmOptions | None = None, *, memory_mb: int = 512,
-                         cpus: int = 2, rebuild: bool = False,
+                         cpus: int | None = None, rebuild: bool = False,
                          progress: Callable[[str], None] | None = None) -> str:
     """Build (or find) the template :func:`start_uvm` clones for these settings; return its key.
 
     :raises TemplateError: it could not be built.
     """
     boot = await ensure_boot_files(progress=progress)
-    config = machine_config(boot, options or UvmOptions(), memory_mb=memory_mb, cpus=cpus)
+    config = machine_config(boot, options or UvmOptions(), memory_mb=memory_mb,
+                            cpus=default_cpus() if cpus is None else cpus)
     key = await resolve_key(config, boot)
     files = await ensure_template(key, boot, progress=progress, rebuild=rebuild)
     files.close()
@@ -111,7 +113,7 @@ async def start_uvm(
     options: UvmOptions | None = None,
     *,
     memory_mb: int = 512,
-    cpus: int = 2,
+    cpus: int | None = None,
     vm_id: str | None = None,
     progress: Callable[[str], None] | None = None,
     template: bool | None = None,
@@ -120,6 +122,7 @@ async def start_uvm(
     everything down on the way out.
 
     :param options: device limits (SCSI controllers, vPMEM); default: 4 SCSI controllers.
+    :param cpus: vCPUs; default: :func:`~uvmshim.uvm.sizing.default_cpus`.
     :param progress: called with a short message at each step (boot files, template, booting,
         ready).
     :param template: clone from a template (building it on first use); ``False`` boots cold;
@@ -130,7 +133,8 @@ async def start_uvm(
     say = progress or (lambda _m: None)
     opts = options or UvmOptions()
     boot = await ensure_boot_files(progress=say)
-    config = machine_config(boot, opts, memory_mb=memory_mb, cpus=cpus)
+    config = machine_config(boot, opts, memory_mb=memory_mb,
+                            cpus=default_cpus() if cpus is None else cpus)
     agent: AgentClient | None = None
 
     async def power_off() -> None:
