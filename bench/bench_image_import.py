@@ -115,6 +115,7 @@ def floor_seconds(layer: testimages.Layer, work: Path) -> float:
     img = work / "floor.img"
     with open(img, "wb") as f:
         f.truncate(size)
+    os.sync()  # the unpacked tree's writeback would disturb the timing
     t0 = time.perf_counter()
     subprocess.run(["mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I",
                     str(INODE_SIZE), "-N", str(inodes), "-m", "0", "-O",
@@ -156,6 +157,7 @@ def import_seconds(layer: testimages.Layer, work: Path, compression: str, verity
             last_byte[0] = time.perf_counter()
 
     sampler = threading.Thread(target=sample)
+    os.sync()  # the layout's writeback would disturb the timing
     sampler.start()
     t0 = time.perf_counter()
     try:
@@ -212,10 +214,12 @@ def main() -> None:
         imp: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
         unpack: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
         peaks: list[float] = []
-        for _ in range(args.repeat):
-            # Interleaved, so that host noise hits all variants alike.
+        for r in range(args.repeat):
+            # Interleaved, so that host noise hits all variants alike; the order rotates, so
+            # that the one right after the floor (which leaves a tree to delete and an image to
+            # discard) is not always the same.
             floor.append(floor_seconds(layer, work))
-            for comp, verity in variants:
+            for comp, verity in variants[r % len(variants):] + variants[:r % len(variants)]:
                 total, part, peak = import_seconds(layer, work, comp, verity)
                 imp[comp, verity].append(total)
                 unpack[comp, verity].append(part)

@@ -12,11 +12,22 @@ Runs, in one go on this machine (so every ratio compares figures of the same run
    and in a cold-booted UVM; the PSS (``/proc/PID/smaps_rollup``: shared pages divided among
    their users) of 10 idle clones together, against 10 times that of one idle cold-booted UVM.
 
-Targets (issue #9) are checked and printed with each figure. Writes ``docs/benchmarks/README.md``
-(machine, date, tables) and ``docs/benchmarks/*.png`` (matplotlib). Needs root, QEMU, the boot
-files (built on first use) and, for the podman part, podman.
+5. **Image import** (no VM): throughput of importing the Debian bookworm minbase layer
+   (``tests/debian.py``, debootstrap) uncompressed, gzip-compressed, with and without the
+   dm-verity hash tree, against ``mkfs.ext4 -d`` of the same tree (the floor), interleaved
+   (``bench/bench_image_import.py``); and the peak extra disk space during an import.
+
+Targets (issues #9 and #13) are checked and printed with each figure. Writes
+``docs/benchmarks/README.md`` (machine, date, tables) and ``docs/benchmarks/*.png``
+(matplotlib). Needs root, QEMU, the boot files (built on first use), for the podman part
+podman, and for the import part debootstrap and e2fsprogs.
+
+``--sections`` picks what to measure (default: all): ``vm`` is parts 1-4, ``import`` part 5
+(quick: no VM is started). The README then holds only the sections measured, so write a partial
+report elsewhere (``--out``) than the full one.
 
     python bench/report.py [--rounds 3] [--out docs/benchmarks] [--skip-podman]
+    python bench/report.py --sections import --out /tmp/import-report
 """
 
 from __future__ import annotations
@@ -53,6 +64,14 @@ TARGETS = {
     "rss_anon_mib": 80,
     "pss_10_gib": 1.2,
 }
+#: Import throughput over the ``mkfs.ext4 -d`` floor's, at least (issue #13), by verity.
+IMPORT_TARGETS = {False: 0.8, True: 0.6}
+#: Peak extra disk space during an import over the layer's final size, at most.
+IMPORT_PEAK_DISK = 1.1
+#: The import variants: (compression, verity), as the report names them.
+IMPORT_VARIANTS = {("none", False): "uncompressed", ("gzip", False): "gzip",
+                   ("none", True): "uncompressed + verity", ("gzip", True): "gzip + verity"}
+SECTIONS = ("vm", "import")
 
 
 @dataclass
@@ -68,6 +87,13 @@ class Report:
     pss_clones: list[int] = field(default_factory=list)
     pss_cold_one: int = 0
     rss_anon_idle_clones: list[int] = field(default_factory=list)
+    #: The import section: the layer, the floor's times and each variant's (seconds).
+    import_layer: str = ""
+    import_mb: float = 0.0
+    import_floor: list[float] = field(default_factory=list)
+    imports: dict[tuple[str, bool], list[float]] = field(default_factory=dict)
+    import_peak_disk: float = 0.0
+    sections: tuple[str, ...] = SECTIONS
     load_after: tuple[float, ...] = ()
     machine: dict[str, str] = field(default_factory=dict)
 
@@ -175,6 +201,34 @@ async def measure(report: Report, rootfs: Path, skip_podman: bool,
     report.pss_cold_one = (await idle_pss(1, False))[0][0]
 
 
+def measure_import(report: Report, say: Callable[[str], None]) -> None:
+    """Import throughput vs. the ``mkfs.ext4 -d`` floor, interleaved round by round."""
+    import bench_image_import as bii  # also puts tests/ on sys.path
+    import debian
+    import testimages
+
+    say("import: the Debian bookworm minbase layer (debootstrap, cached for the day)")
+    layer = testimages.Layer(debian.layer_tar(debian.debian_image()).read_bytes())
+    report.import_mb = len(layer.tar) / 1e6
+    report.import_layer = (f"Debian bookworm minbase: {report.import_mb:.1f} MB tar, "
+                           f"{len(layer.gz) / 1e6:.1f} MB gzip")
+    report.imports = {v: [] for v in IMPORT_VARIANTS}
+    peaks: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="uvmshim-report-import-") as tmp:
+        work = Path(tmp)
+        for r in range(report.rounds):
+            say(f"import vs mkfs.ext4 -d, round {r + 1}")
+            report.import_floor.append(bii.floor_seconds(layer, work))
+            # Rotated: the variant right after the floor runs in its aftermath (a tree to
+            # delete, an image to discard), so that one changes round by round.
+            order = list(IMPORT_VARIANTS)
+            for comp, verity in order[r % len(order):] + order[:r % len(order)]:
+                seconds, _, peak = bii.import_seconds(layer, work, comp, verity)
+                report.imports[comp, verity].append(seconds)
+                peaks.append(peak)
+    report.import_peak_disk = max(peaks)
+
+
 def measure_podman(report: Report, rootfs: Path, say: Callable[[str], None]) -> None:
     if shutil.which("podman") is None:
         report.podman_errors["podman"] = "not installed"
@@ -230,6 +284,15 @@ def verdict(value: float, target: float) -> str:
     return "met" if value <= target else "**missed**"
 
 
+def verdict_at_least(value: float, target: float) -> str:
+    return "met" if value >= target else "**missed**"
+
+
+def import_ratio(report: Report, variant: tuple[str, bool]) -> float:
+    """The variant's import throughput over the floor's (medians of the same run)."""
+    return median(report.import_floor) / median(report.imports[variant])
+
+
 def plots(report: Report, out: Path) -> list[str]:
     import matplotlib
 
@@ -257,6 +320,28 @@ def plots(report: Report, out: Path) -> list[str]:
         plt.close(fig)
         made.append(name)
 
+    if "import" in report.sections:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        labels = ["mkfs.ext4 -d (floor)", *IMPORT_VARIANTS.values()]
+        values = [1.0, *(import_ratio(report, v) for v in IMPORT_VARIANTS)]
+        ax.barh(labels, values, color=["#8c8c8c", "#4c72b0", "#dd8452", "#55a868", "#c44e52"])
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}", va="center")
+        for verity, target in IMPORT_TARGETS.items():
+            ax.axvline(target, color="grey", linestyle="--" if not verity else ":",
+                       label=f"target {target}" + (" (verity)" if verity else ""))
+        ax.legend(loc="lower right", fontsize="small")
+        ax.invert_yaxis()
+        ax.set_title(f"Image import, {report.import_mb:.0f} MB tar: throughput vs. floor",
+                     fontsize="medium")
+        ax.set_xlabel("× floor throughput (median)")
+        ax.set_xlim(0, max(values) * 1.3)
+        fig.tight_layout()
+        fig.savefig(out / "import.png", dpi=100)
+        plt.close(fig)
+        made.append("import.png")
+    if "vm" not in report.sections:
+        return made
     bars("ready.png", "start_uvm: QEMU start to agent ready (median)", "s",
          {"clone": median(report.ready["clone"]), "cold boot": median(report.ready["cold"])},
          TARGETS["clone_ready_s"])
@@ -276,10 +361,6 @@ def plots(report: Report, out: Path) -> list[str]:
 
 
 def write_markdown(report: Report, out: Path, images: list[str]) -> Path:
-    def ms(xs: list[float]) -> str:
-        return f"{median(xs) * 1000:.0f} ms ({min(xs) * 1000:.0f}–{max(xs) * 1000:.0f})"
-
-    clone, cold = median(report.ready["clone"]), median(report.ready["cold"])
     lines = [
         "# uvmshim benchmarks",
         "",
@@ -295,6 +376,63 @@ def write_markdown(report: Report, out: Path, images: list[str]) -> Path:
         "The machine is shared with other work: under TCG every figure here is CPU-bound, and a",
         "load average above the CPU count inflates the times.",
         "",
+    ]
+    if "vm" in report.sections:
+        lines += vm_markdown(report)
+    if "import" in report.sections:
+        lines += import_markdown(report)
+    lines += [
+        "## Plots",
+        "",
+        *[f"![{name}]({name})" for name in images],
+        "",
+    ]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def import_markdown(report: Report) -> list[str]:
+    def ms(xs: list[float]) -> str:
+        return f"{median(xs) * 1000:.0f} ms ({min(xs) * 1000:.0f}–{max(xs) * 1000:.0f})"
+
+    floor = median(report.import_floor)
+    lines = [
+        "## Image import",
+        "",
+        f"{report.import_layer}; throughput is MB of uncompressed layer tar per second. The "
+        "floor is `mkfs.ext4 -d` of the same tree, unpacked beforehand (not timed): what any "
+        "importer built on mkfs cannot avoid. An import is the whole `import_image()` into a "
+        "fresh store: digests, decompression, the ext4 image, the dm-verity hash tree (with "
+        "verity), the VHD footer and fsync. Run by `bench/bench_image_import.py --debian` too.",
+        "",
+        "| | wall time | MB/s | × floor throughput | target |",
+        "|---|---|---|---|---|",
+        f"| `mkfs.ext4 -d` (floor) | {ms(report.import_floor)} | "
+        f"{report.import_mb / floor:.0f} | 1 | |",
+    ]
+    for variant, label in IMPORT_VARIANTS.items():
+        xs = report.imports[variant]
+        ratio = import_ratio(report, variant)
+        target = IMPORT_TARGETS[variant[1]]
+        lines.append(f"| import, {label} | {ms(xs)} | {report.import_mb / median(xs):.0f} | "
+                     f"{ratio:.2f} | ≥ {target}: {verdict_at_least(ratio, target)} |")
+    lines += [
+        "",
+        f"Peak disk space of the store during an import, over the layer's final disk: "
+        f"{report.import_peak_disk:.3f} (≤ {IMPORT_PEAK_DISK}: "
+        f"{verdict(report.import_peak_disk, IMPORT_PEAK_DISK)}).",
+        "",
+    ]
+    return lines
+
+
+def vm_markdown(report: Report) -> list[str]:
+    def ms(xs: list[float]) -> str:
+        return f"{median(xs) * 1000:.0f} ms ({min(xs) * 1000:.0f}–{max(xs) * 1000:.0f})"
+
+    clone, cold = median(report.ready["clone"]), median(report.ready["cold"])
+    lines = [
         "## Starting a utility VM",
         "",
         "| | QEMU start → agent ready | target |",
@@ -350,28 +488,25 @@ def write_markdown(report: Report, out: Path, images: list[str]) -> Path:
         "is private (RssAnon) once the clone writes it. TCG's translated code is anonymous",
         "memory too.",
         "",
-        "## Plots",
-        "",
-        *[f"![{name}]({name})" for name in images],
-        "",
     ]
-    path = out / "README.md"
-    path.write_text("\n".join(lines))
-    return path
+    return lines
 
 
 async def main_async(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(rounds=args.rounds)
-    with tempfile.TemporaryDirectory(prefix="uvmshim-report-") as tmp:
-        rootfs = make_rootfs(Path(tmp) / "rootfs")
-        (rootfs / "bin" / "sleep").symlink_to("busybox")
+    report = Report(rounds=args.rounds, sections=tuple(args.sections))
 
-        def say(message: str) -> None:
-            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    def say(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-        await measure(report, rootfs, args.skip_podman, say)
+    if "vm" in report.sections:
+        with tempfile.TemporaryDirectory(prefix="uvmshim-report-") as tmp:
+            rootfs = make_rootfs(Path(tmp) / "rootfs")
+            (rootfs / "bin" / "sleep").symlink_to("busybox")
+            await measure(report, rootfs, args.skip_podman, say)
+    if "import" in report.sections:
+        await asyncio.to_thread(measure_import, report, say)
     report.load_after = os.getloadavg()
     report.machine = await asyncio.to_thread(machine)
     images = plots(report, out)
@@ -379,11 +514,23 @@ async def main_async(args: argparse.Namespace) -> None:
     print(path.read_text())
 
 
+def _sections(text: str) -> list[str]:
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown section {', '.join(unknown) or '(none)'}; choose from {', '.join(SECTIONS)}")
+    return [name for name in SECTIONS if name in chosen]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     ap.add_argument("--skip-podman", action="store_true")
+    ap.add_argument("--sections", type=_sections, default=list(SECTIONS),
+                    help="comma-separated sections to measure and report: "
+                         f"{', '.join(SECTIONS)} (default: all)")
     args = ap.parse_args()
     require_root()
     run(lambda: main_async(args))

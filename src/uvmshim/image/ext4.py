@@ -37,8 +37,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import queue
 import stat
 import struct
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -256,17 +258,35 @@ def _punch(fd: int, offset: int, length: int) -> None:
     _libc.fallocate(fd, 0x02 | 0x01, ctypes.c_int64(offset), ctypes.c_int64(length))
 
 
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``[offset, offset + length)`` of ``fd`` to disk, without waiting (best
+    effort): the final ``fsync`` then finds most of the image already written, or on its way."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    sync_file_range = getattr(_libc, "sync_file_range", None)
+    if sync_file_range is not None:  # SYNC_FILE_RANGE_WRITE
+        sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), 2)
+
+
 # The writer ---------------------------------------------------------------------------------
 
 
 class Ext4Writer:
     """Builds an ext4 image in the open file ``fd`` (positioned writes only).
 
-    Regular file data goes through :meth:`add_data` as it arrives; :meth:`finish` lays out
-    everything else and returns the filesystem size.
+    Regular file data goes through :meth:`add_data` as it arrives, into large buffers that a
+    thread of the writer writes (and starts writing back to disk, so that the final ``fsync``
+    has little left to do); :meth:`finish` lays out everything else and returns the filesystem
+    size. :meth:`close` stops that thread (``finish`` does, too).
     """
 
-    def __init__(self, fd: int, *, fs_uuid: uuid.UUID, buffer_bytes: int = 8 << 20) -> None:
+    def __init__(self, fd: int, *, fs_uuid: uuid.UUID, buffer_bytes: int = 8 << 20,
+                 buffers: int = 3,
+                 on_written: Callable[[int, int], None] | None = None) -> None:
+        """:param on_written: called (in the writing thread) with the first block and the
+            count of each run of file data blocks once written: they do not change after,
+            unless :attr:`freed` lists them."""
         self.fd = fd
         self.uuid = fs_uuid
         self.root = new_dir()
@@ -277,16 +297,69 @@ class Ext4Writer:
         self._buf_view = memoryview(self._buf)
         self._buf_block = self.next_block  # the block at _buf[0]
         self._fill = 0
+        #: Full buffers are written by a thread of its own (os.pwrite releases the GIL), so
+        #: that parsing the tar never waits for the page cache; these are the buffers it gave
+        #: back, and the ones it has yet to write.
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(buffers - 1):
+            self._free.put(bytearray(buffer_bytes))
+        self._todo: queue.Queue[tuple[bytearray, int, int] | None] = queue.Queue()
+        self._write_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._on_written = on_written
+        #: (first block, count) of the data of replaced files, punched out by :meth:`finish`.
+        self.freed: list[tuple[int, int]] = []
         #: Regular files whose data was written, to find the ones no longer in the tree.
         self._files: list[Node] = []
 
     # Data ---------------------------------------------------------------------------------
 
+    def _write_loop(self) -> None:
+        while (job := self._todo.get()) is not None:
+            buf, length, offset = job
+            try:
+                if self._write_error is None:
+                    view = memoryview(buf)[:length]
+                    while view:
+                        n = os.pwrite(self.fd, view, offset)
+                        view = view[n:]
+                        offset += n
+                    start_writeback(self.fd, offset - length, length)
+                    if self._on_written is not None:
+                        self._on_written((offset - length) // BLOCK, length // BLOCK)
+            except BaseException as e:  # raised again in the parsing thread
+                self._write_error = e
+            finally:
+                self._free.put(buf)
+
+    def _check_write(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
+
     def _flush(self) -> None:
+        """Hand the buffer to the writing thread; take a free one."""
+        self._check_write()
         if self._fill:
-            os.pwrite(self.fd, self._buf_view[:self._fill], self._buf_block * BLOCK)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_loop, daemon=True,
+                                                name="ext4-writer")
+                self._thread.start()
+            self._todo.put((self._buf, self._fill, self._buf_block * BLOCK))
             self._buf_block += self._fill // BLOCK
             self._fill = 0
+            self._buf = self._free.get()
+            self._buf_view = memoryview(self._buf)
+
+    def close(self) -> None:
+        """Wait for every buffer to be written (and stop the writing thread).
+
+        :raises OSError: a write failed.
+        """
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
+        self._check_write()
 
     def add_data(self, node: Node, size: int, readinto: Callable[[memoryview], None]) -> None:
         """Give regular file ``node`` ``size`` bytes read with ``readinto`` (which must fill
@@ -298,17 +371,16 @@ class Ext4Writer:
             raise Ext4Error(f"the layer is larger than {MAX_BYTES >> 30} GiB")
         left = size
         cap = len(self._buf)
-        view = self._buf_view
         while left:
             if self._fill == cap:
                 self._flush()
             n = min(cap - self._fill, left)
-            readinto(view[self._fill:self._fill + n])
+            readinto(self._buf_view[self._fill:self._fill + n])
             self._fill += n
             left -= n
         pad = -self._fill % BLOCK
         if pad:
-            view[self._fill:self._fill + pad] = bytes(pad)
+            self._buf_view[self._fill:self._fill + pad] = bytes(pad)
             self._fill += pad
         if self._fill == cap:
             self._flush()
@@ -338,6 +410,7 @@ class Ext4Writer:
             then takes its whole blocks; a partial last block stays unused).
         """
         self._flush()
+        self.close()
         nodes = list(self._walk())
         # Inode numbers: the root is 2, the rest from FIRST_INO on, densely.
         nodes[0].ino = ROOT_INO
@@ -349,6 +422,7 @@ class Ext4Writer:
                  if id(n) not in used_files and n.size]
         for start, count in freed:
             _punch(self.fd, start * BLOCK, count * BLOCK)
+        self.freed = freed
 
         # Metadata blocks after the data, in one buffer: directories, long symlinks, extent
         # leaves, xattr blocks.

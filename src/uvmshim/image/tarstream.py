@@ -248,7 +248,7 @@ def _pax_time(value: bytes) -> int:
 
 
 def _checksum_ok(hdr: bytes, stored: int) -> bool:
-    unsigned = sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
+    unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 32
     if unsigned == stored:
         return True
     signed = unsigned - 2 * (sum(b for b in hdr[:148] if b > 127)

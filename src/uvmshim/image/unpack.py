@@ -22,6 +22,7 @@ import errno
 import gzip
 import hashlib
 import io
+import queue
 import stat
 import threading
 import zlib
@@ -75,8 +76,8 @@ class UnpackResult:
 class _Tap(io.RawIOBase):
     """A reader that hashes and counts what passes through, and stops on request."""
 
-    def __init__(self, f: IO[bytes] | gzip.GzipFile, h: hashlib._Hash | None, stop: threading.Event,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+    def __init__(self, f: IO[bytes] | gzip.GzipFile, h: hashlib._Hash | _HashThread | None,
+                 stop: threading.Event, on_bytes: Callable[[int], None] | None = None) -> None:
         self._f = f
         self._h = h
         self._stop = stop
@@ -92,12 +93,42 @@ class _Tap(io.RawIOBase):
         n = self._f.readinto(b)  # type: ignore[union-attr]
         if not n:
             return 0
-        if self._h is not None:
+        if isinstance(self._h, _HashThread):
+            self._h.update(memoryview(bytes(b[:n])))  # a copy: the caller reuses ``b``
+        elif self._h is not None:
             self._h.update(b[:n] if n < len(b) else b)
         self.count += n
         if self._on_bytes is not None:
             self._on_bytes(n)
         return n
+
+
+class _HashThread:
+    """Hashes chunks in a thread of its own, so that the decompressing thread does not wait
+    for it (hashlib releases the GIL on large chunks: the two run on two CPUs).
+
+    The chunks handed to :meth:`update` must not change afterwards.
+    """
+
+    def __init__(self, h: hashlib._Hash, depth: int = 32) -> None:
+        self.h = h
+        self._q: queue.Queue[memoryview | None] = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="layer-hash")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            self.h.update(chunk)
+
+    def update(self, chunk: memoryview) -> None:
+        self._q.put(chunk)
+
+    def close(self) -> hashlib._Hash:
+        """Wait until every chunk is hashed; return the hash."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        return self.h
 
 
 def _clean(name: bytes, where: str) -> list[bytes]:
@@ -431,8 +462,9 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
 
     The compression is told by magic bytes, not media type (docker-archives say nothing):
     gzip (ISA-L's ``igzip`` when installed, else Python's zlib), zstd (the ``zstd`` program, as
-    Python 3.11 has no zstd) or none. Reading, decompressing and hashing run in a thread of
-    their own (they release the GIL); this thread parses headers and writes the image.
+    Python 3.11 has no zstd) or none. Reading and decompressing run in a thread of their own,
+    and for a compressed blob each digest in another (they release the GIL); this thread parses
+    headers and fills the writer's buffers (which the writer writes in a thread of its own).
 
     :param digest: the blob's digest (of the compressed bytes), if known.
     :param diff_id: the digest of the uncompressed tar, from the image config.
@@ -441,15 +473,28 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
     """
     # An uncompressed blob's digest is its diff id: hash those bytes once, not twice.
     blob_hash = new_hash(digest) if digest is not None and digest != diff_id else None
-    raw = _Tap(blob, blob_hash, stop, on_bytes)
+    # The blob's digest is computed in a thread of its own, off the decompressing thread.
+    blob_hasher = _HashThread(blob_hash) if blob_hash is not None else None
+    raw = _Tap(blob, blob_hasher, stop, on_bytes)
     counted = io.BufferedReader(raw, _COPY_CHUNK)
-    decomp = _decompressed(counted, where)
+    try:
+        decomp = _decompressed(counted, where)
+    except BaseException:
+        if blob_hasher is not None:
+            blob_hasher.close()
+        raise
     diff_hash = new_hash(diff_id)
-    tar_tap = _Tap(decomp, diff_hash, stop)
+    # Decompressing, the diff id is computed in a thread of its own too (the stream's chunks
+    # are fresh buffers, never written again: they are hashed as they are); reading a plain
+    # tar costs little, and the thread would only add work.
+    hasher = _HashThread(diff_hash) if decomp is not counted else None
+    tar_tap = _Tap(decomp, diff_hash if hasher is None else None, stop)
 
     def produce(buf: memoryview) -> int:
         n = tar_tap.readinto(buf)
-        if not n:  # the blob digest covers every compressed byte, after the tar's end too
+        if n and hasher is not None:
+            hasher.update(buf[:n])
+        elif not n:  # the blob digest covers every compressed byte, after the tar's end too
             while counted.read(_COPY_CHUNK):
                 pass
         return n
@@ -479,6 +524,10 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
         raise ImageError(f"cannot import: {e}", where=f"{where}: {_text(name)}") from None
     finally:
         stream.close()
+        if hasher is not None:
+            hasher.close()
+        if blob_hasher is not None:
+            blob_hasher.close()
         decomp.close()
     _check_blob(raw, blob_hash, digest, size, where)
     _check_diff_id(diff_hash, diff_id, where)
