@@ -168,8 +168,9 @@ def fake_qemu(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A process whose argv looks like one of our QEMUs: it names ``<base>/<vm>/share``."""
     base = tmp_path / "vm"
     (base / "vm1").mkdir(parents=True)
-    proc = subprocess.Popen(["sh", "-c", "sleep 60; :", "qemu-system-x86_64",
-                             f"local,path={base}/vm1/share"])
+    # One process, no child: a shell's child would carry the same argv between fork and exec.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "qemu-system-x86_64", f"local,path={base}/vm1/share"])
     try:
         yield proc.pid, base
     finally:
