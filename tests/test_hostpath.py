@@ -206,7 +206,7 @@ def test_start_time_tells_a_live_process_from_a_dead_one() -> None:
 def test_command_lines_and_open_fds(fake_qemu: tuple[int, Path]) -> None:
     pid, _ = fake_qemu
     argvs = dict(procscan.command_lines())
-    assert argvs[pid][:3] == [b"sh", b"-c", b"sleep 60; :"]
+    assert argvs[pid][:3] == [sys.executable.encode(), b"-c", b"import time; time.sleep(60)"]
     assert os.getpid() not in argvs
     assert procscan.cmdline(pid) == argvs[pid]
     assert procscan.cmdline(2**22 + 1) is None
