@@ -9,6 +9,7 @@ import importlib
 import itertools
 import json
 import re
+import shutil
 import socket
 import struct
 import threading
@@ -453,7 +454,12 @@ def test_guest_paths_agree() -> None:
         guestpath.join(root, guestpath.HUGEPAGES_DIR, "2M", "d")
     # crun's state root: the host runs crun in the guest exactly as the agent does.
     runtime = Runtime(Storage(_NoModules()), lambda _event: None)
-    assert runtime._crun()[:3] == list(GUEST_CRUN)
+    argv = runtime._crun()
+    assert argv[1:3] == list(GUEST_CRUN[1:])
+    # The agent runs its sealed in-memory copy of crun (agent/runtime.py: sealed_copy).
+    crun = shutil.which(GUEST_CRUN[0])
+    assert crun is not None
+    assert Path(argv[0]).read_bytes() == Path(crun).read_bytes()
     # The host's SCSI controller limit is the guest's slot count.
     assert UvmOptions(scsi_controllers=len(SCSI_CONTROLLER_PCI_SLOTS)).scsi_controller_count == 4
     with pytest.raises(UvmError, match="can't be more than 4"):

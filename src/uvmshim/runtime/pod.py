@@ -8,6 +8,7 @@ once, and the sandbox's layers belong to the UVM and go away with it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -58,6 +59,9 @@ class Pod:
         self.id = pod_id
         self.sandbox: Container | None = None
         self.containers: dict[str, Container] = {}
+        #: Removals in progress: a second ``remove_container`` (the client went away while the
+        #: pod stops) waits for the first instead of releasing the same resources again.
+        self._removing: dict[str, asyncio.Future[None]] = {}
 
     async def start_sandbox(self, spec: Spec) -> Container:
         """Create and start the sandbox container (its id is the pod's id)."""
@@ -89,17 +93,31 @@ class Pod:
         return container
 
     async def remove_container(self, container_id: str) -> None:
-        """Delete a workload container (killing it if it runs) and release its resources."""
-        container = self.containers.get(container_id)
-        if container is None:
-            raise UvmshimError(f"pod {self.id} has no container {container_id}")
-        await container.delete()
-        del self.containers[container_id]
+        """Delete a workload container (killing it if it runs) and release its resources.
+
+        One removal at a time per container: a call while another is under way waits for it
+        (and shares its outcome). The removal goes on if the caller is cancelled.
+        """
+        removal = self._removing.get(container_id)
+        if removal is None:
+            container = self.containers.get(container_id)
+            if container is None:
+                raise UvmshimError(f"pod {self.id} has no container {container_id}")
+            removal = asyncio.ensure_future(self._remove(container_id, container))
+            self._removing[container_id] = removal
+            removal.add_done_callback(lambda _f: self._removing.pop(container_id, None))
+        await asyncio.shield(removal)
+
+    async def _remove(self, container_id: str, container: Container) -> None:
+        await container.delete()  # a ReleaseError keeps it listed: a retry releases the rest
+        self.containers.pop(container_id, None)
 
     async def stop(self) -> None:
         """Remove every workload container (newest first), then the sandbox and its layers."""
         errors: list[BaseException] = []
         for cid in reversed(list(self.containers)):
+            if cid not in self.containers and cid not in self._removing:
+                continue  # removed meanwhile (its client went away)
             try:
                 await self.remove_container(cid)
             except ReleaseError as err:

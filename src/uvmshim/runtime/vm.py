@@ -82,10 +82,12 @@ class QemuUvm:
 
 
 def machine_config(boot: BootFiles, options: UvmOptions, *, memory_mb: int = 512,
-                   cpus: int = 2) -> QemuConfig:
-    """The QEMU machine :func:`start_uvm` runs for ``options``."""
+                   cpus: int | None = None) -> QemuConfig:
+    """The QEMU machine :func:`start_uvm` runs for ``options`` (``cpus`` None:
+    :func:`~uvmshim.uvm.sizing.default_cpus`)."""
     return QemuConfig(
-        kernel=boot.kernel, initrd=boot.initrd, memory_mb=memory_mb, cpus=cpus,
+        kernel=boot.kernel, initrd=boot.initrd, memory_mb=memory_mb,
+        cpus=default_cpus() if cpus is None else cpus,
         scsi_controllers=options.scsi_controller_count,
         vpmem_slots=options.effective_vpmem_count,
         hotplug_ports=max(4, options.effective_vpmem_count),
@@ -100,8 +102,7 @@ async def build_template(options: UvmOptions | None = None, *, memory_mb: int = 
     :raises TemplateError: it could not be built.
     """
     boot = await ensure_boot_files(progress=progress)
-    config = machine_config(boot, options or UvmOptions(), memory_mb=memory_mb,
-                            cpus=default_cpus() if cpus is None else cpus)
+    config = machine_config(boot, options or UvmOptions(), memory_mb=memory_mb, cpus=cpus)
     key = await resolve_key(config, boot)
     files = await ensure_template(key, boot, progress=progress, rebuild=rebuild)
     files.close()
@@ -133,8 +134,7 @@ async def start_uvm(
     say = progress or (lambda _m: None)
     opts = options or UvmOptions()
     boot = await ensure_boot_files(progress=say)
-    config = machine_config(boot, opts, memory_mb=memory_mb,
-                            cpus=default_cpus() if cpus is None else cpus)
+    config = machine_config(boot, opts, memory_mb=memory_mb, cpus=cpus)
     agent: AgentClient | None = None
 
     async def power_off() -> None:
