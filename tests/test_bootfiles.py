@@ -149,3 +149,19 @@ def test_apt_answers_are_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("UVMSHIM_KERNEL_PACKAGE", "linux-image-other")  # state changed
     with pytest.raises(ToolError, match="apt-cache"):
         asyncio.run(bootfiles.build_inputs())
+
+
+def test_prune_spares_entries_in_use(tmp_path: Path) -> None:
+    """Old boot file entries go, except the newest old one and any used in the last minutes
+    (a process handed its paths may not have started QEMU yet)."""
+    from uvmshim.uvm.bootfiles import IN_USE_GRACE, _prune
+
+    now = 1_000_000.0
+    ages = {"current": 0.0, "recent": 10.0, "in-use": IN_USE_GRACE - 60, "stale": IN_USE_GRACE + 60,
+            "older": 3 * IN_USE_GRACE}
+    for name, age in ages.items():
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (now - age, now - age))
+    (tmp_path / ".lock").touch()
+    _prune(tmp_path, "current", now=now)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "current", "in-use", "recent"]

@@ -21,6 +21,7 @@ half cache entry. Downloaded .debs are kept in ``.../uvmshim/debs`` (checked by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -59,6 +60,8 @@ KERNEL_METAPACKAGE = "linux-image-amd64"
 
 #: How many old cache entries to keep besides the current one.
 KEEP_OLD_ENTRIES = 1
+#: An old entry used this recently (seconds) is not pruned: see :func:`_prune`.
+IN_USE_GRACE = 600.0
 
 Progress = Callable[[str], None]
 
@@ -370,17 +373,28 @@ async def _build(inputs: BuildInputs, work: Path, out: Path, progress: Progress)
     })
 
 
+def _touch(entry: Path) -> None:
+    """Note that ``entry`` is in use (its mtime), so that :func:`_prune` leaves it alone."""
+    with contextlib.suppress(OSError):
+        os.utime(entry)
+
+
 def _complete(entry: Path) -> BootFiles | None:
     if (entry / "manifest.json").exists():
         return BootFiles(entry / "vmlinux", entry / "initrd.cpio", entry.name)
     return None
 
 
-def _prune(boot: Path, current: str) -> None:
+def _prune(boot: Path, current: str, now: float | None = None) -> None:
+    """Remove old cache entries but the newest :data:`KEEP_OLD_ENTRIES`, and any used in the
+    last :data:`IN_USE_GRACE` seconds (a process that was handed an entry's paths may not have
+    started its QEMU yet: each use touches the entry)."""
+    now = time.time() if now is None else now
     old = sorted((p for p in boot.iterdir() if p.is_dir() and not p.name.startswith(".")
                   and p.name != current), key=lambda p: p.stat().st_mtime, reverse=True)
     for p in old[KEEP_OLD_ENTRIES:]:
-        shutil.rmtree(p, ignore_errors=True)
+        if now - p.stat().st_mtime > IN_USE_GRACE:
+            shutil.rmtree(p, ignore_errors=True)
     for p in boot.glob(".build-*"):  # left by a killed build (no Python cleanup ran)
         if time.time() - p.stat().st_mtime > 3600:
             shutil.rmtree(p, ignore_errors=True)
@@ -402,6 +416,7 @@ async def ensure_boot_files(*, rebuild: bool = False,
     boot.mkdir(parents=True, exist_ok=True)
     entry = boot / key
     if not rebuild and (found := _complete(entry)):
+        _touch(entry)
         return found
     lock_fd = os.open(boot / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
