@@ -208,27 +208,9 @@ async def _run_one(name: str, i: int, hook: Mapping[str, Any], data: bytes) -> N
 
 def run_hooks_sync(hooks: Mapping[str, Any] | None, name: str, state: Mapping[str, Any],
                    status: str) -> list[str]:
-    """Run the ``name`` hooks (``poststop``, from ``delete``); return the failures (each is
-    also logged: they are only warnings)."""
-    problems = []
-    data = hook_state(state, status)
-    for i, hook in enumerate((hooks or {}).get(name) or []):
-        path, args, env = _argv(hook)
-        timeout = hook.get("timeout")
-        try:
-            res = subprocess.run(args, executable=path, env=env, input=data,
-                                 capture_output=True, timeout=timeout, check=False,
-                                 start_new_session=True)
-        except subprocess.TimeoutExpired:
-            problems.append(str(_failure(name, i, path, f"timed out after {timeout} s",
-                                         b"", b"")))
-            continue
-        except OSError as err:
-            problems.append(str(_failure(name, i, path, err.strerror or str(err), b"", b"")))
-            continue
-        if res.returncode != 0:
-            problems.append(str(_failure(name, i, path, f"exit status {res.returncode}",
-                                         res.stdout, res.stderr)))
+    """:func:`run_hooks_warn` for callers without an event loop (``poststop``, from
+    ``delete``); each failure is also logged (they are only warnings)."""
+    problems = asyncio.run(run_hooks_warn(hooks, name, state, status))
     for p in problems:
         log.warning("%s", p)
     return problems
