@@ -237,14 +237,13 @@ def _read_int(path: Path) -> int | None:
 
 
 def _stat_value(path: Path, key: str) -> int:
+    """``key``'s value in the flat keyed file ``path`` (``memory.stat``); 0 if absent."""
+    from uvmshim.runc.stats import keyed
+
     try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
+        return keyed(path.read_text()).get(key, 0)
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def check_room(dirs: list[str], limits: Mapping[str, int]) -> None:

@@ -38,7 +38,7 @@ def _uint(text: str | None) -> int:
         return 0
 
 
-def _keyed(text: str | None) -> dict[str, int]:
+def keyed(text: str | None) -> dict[str, int]:
     """A flat keyed file (``cpu.stat``, ``memory.stat``, ``memory.events``)."""
     out: dict[str, int] = {}
     for line in (text or "").splitlines():
@@ -59,20 +59,20 @@ def _memory_entry(usage: int, limit: int, peak: int) -> dict[str, int]:
 
 def runc_stats(files: Mapping[str, str]) -> dict[str, Any]:
     """runc's ``types.Stats`` (JSON form) from the container's cgroup v2 files."""
-    cpu = _keyed(files.get("cpu.stat"))
+    cpu = keyed(files.get("cpu.stat"))
     usage = {"total": cpu.get("usage_usec", 0) * 1000, "kernel": cpu.get("system_usec", 0) * 1000,
              "user": cpu.get("user_usec", 0) * 1000}
     throttling = {"periods": cpu.get("nr_periods", 0),
                   "throttledPeriods": cpu.get("nr_throttled", 0),
                   "throttledTime": cpu.get("throttled_usec", 0) * 1000}
 
-    raw = _keyed(files.get("memory.stat"))
+    raw = keyed(files.get("memory.stat"))
     mem_usage, mem_limit = _uint(files.get("memory.current")), _uint(files.get("memory.max"))
     swap_usage = _uint(files.get("memory.swap.current")) + mem_usage
     swap_limit = _uint(files.get("memory.swap.max")) if "memory.swap.max" in files else 0
     if swap_limit != MAX_UINT64:
         swap_limit = min(MAX_UINT64, swap_limit + mem_limit)
-    events = _keyed(files.get("memory.events"))
+    events = keyed(files.get("memory.events"))
     memory: dict[str, Any] = {
         "cache": raw.get("file", 0),
         "usage": _memory_entry(mem_usage, mem_limit, _uint(files.get("memory.peak"))),
@@ -112,7 +112,7 @@ def runc_stats(files: Mapping[str, str]) -> dict[str, Any]:
 
 def oom_kills(files: Mapping[str, str]) -> int:
     """How many processes the guest's OOM killer killed in the container's cgroup."""
-    return _keyed(files.get("memory.events")).get("oom_kill", 0)
+    return keyed(files.get("memory.events")).get("oom_kill", 0)
 
 
 def parse_interval(text: str) -> float:
