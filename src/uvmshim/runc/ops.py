@@ -162,18 +162,28 @@ def update(root: str, container_id: str, resources: dict[str, Any]) -> None:
     _ask(root, container_id, {"op": "update", "resources": resources})
 
 
+class NotRunning(UvmshimError):
+    """runc's error for a container that is not running (``events``)."""
+
+    def __init__(self, container_id: str) -> None:
+        super().__init__(f"container with id {container_id} is not running")
+
+
 def stats(root: str, container_id: str) -> dict[str, str]:
     """The container's cgroup files in the guest (``events``; runc's errors: a container that
-    does not exist, one that is not running)."""
+    does not exist, one that is not running: :class:`NotRunning`)."""
     cdir = _existing(root, container_id)
     st = cdir.current()
-    not_running = f"container with id {container_id} is not running"
     if st["status"] == "stopped":
-        raise UvmshimError(not_running)
+        raise NotRunning(container_id)
     try:
         answer = protocol.call(_socket(root, cdir, st), {"op": "stats", "id": container_id})
     except protocol.ShimGone:
-        raise UvmshimError(not_running) from None
+        raise NotRunning(container_id) from None
+    except UvmshimError as err:  # the shim's answer is text: its own "not running" is this
+        if str(err) == str(NotRunning(container_id)):
+            raise NotRunning(container_id) from None
+        raise
     files = answer.get("files")
     return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
 
@@ -197,9 +207,10 @@ def events(root: str, container_id: str, *, interval: float, once: bool,
         time.sleep(interval)
         try:
             files = stats(root, container_id)
+        except NotRunning:
+            return
         except UvmshimError as err:
-            if str(err) == f"container with id {container_id} is not running" or \
-                    cdir.current()["status"] == "stopped":
+            if cdir.current()["status"] == "stopped":
                 return
             print(f"uvmshim: events: {err}", file=sys.stderr)
             continue
