@@ -18,7 +18,6 @@ from uvmshim.uvm.bootfiles import ensure_boot_files
 from uvmshim.uvm.plan9 import Plan9Share
 from uvmshim.uvm.qemu import template as tmpl
 from uvmshim.uvm.qemu.agent_client import AgentClient
-from uvmshim.uvm.sizing import default_cpus
 from uvmshim.uvm.utilityvm import UtilityVM
 
 err_console = Console(stderr=True)
@@ -73,8 +72,6 @@ def template_group() -> None:
 @click.option("--rebuild", is_flag=True, help="Build even if a good template exists.")
 def template_build_command(memory_mb: int, cpus: int | None, rebuild: bool) -> None:
     """Build the template for a UVM with these settings (if there is none yet)."""
-    if cpus is None:
-        cpus = default_cpus()
     with err_console.status("building the UVM template") as status:
         key = run_async(build_template(memory_mb=memory_mb, cpus=cpus, rebuild=rebuild,
                                        progress=lambda m: status.update(m)))
@@ -136,13 +133,12 @@ def exec_command(disks: tuple[str, ...], shares: tuple[str, ...], memory_mb: int
     \b
     Example:  uvmshim uvm exec --disk data.img:ro --share ./src -- cat /proc/mounts
     """
-    code = run_async(_exec(disks, shares, memory_mb, default_cpus() if cpus is None else cpus,
-                           list(command)))
+    code = run_async(_exec(disks, shares, memory_mb, cpus, list(command)))
     sys.exit(code)
 
 
-async def _exec(disks: tuple[str, ...], shares: tuple[str, ...], memory_mb: int, cpus: int,
-                command: list[str]) -> int:
+async def _exec(disks: tuple[str, ...], shares: tuple[str, ...], memory_mb: int,
+                cpus: int | None, command: list[str]) -> int:
     with err_console.status("starting") as status:
         async with start_uvm(memory_mb=memory_mb, cpus=cpus,
                              progress=lambda m: status.update(m)) as uvm:
