@@ -123,9 +123,7 @@ def uvm_size(linux: Mapping[str, Any] | None, annotations: Mapping[str, str],
 
     :raises SizingError: an impossible or malformed size.
     """
-    memory_mb, memory_from = _memory(linux, annotations, host_mb)
-    cpus, cpus_from = _cpus(linux, annotations, host_cpus)
-    return UvmSize(memory_mb, cpus, memory_from, cpus_from)
+    return resolve_size(linux, annotations, host_mb=host_mb, host_cpus=host_cpus)
 
 
 def resolve_size(linux: Mapping[str, Any] | None, annotations: Mapping[str, str], *,
