@@ -147,10 +147,10 @@ def _write_layer(blob: IO[bytes], image: Path, *, diff_id: str, digest: str | No
                 return res, disk, None
             # The filesystem takes whole blocks; the hash area starts right after them.
             fs_bytes = writer.finish(lambda n: -(-max(n, MIN_FS_BYTES) // BLOCK) * BLOCK)
-            assert hasher is not None
             info, end = append_hash_tree(fd, fs_bytes, salt=salt_for(diff_id),
                                          uuid=_uuid_for(diff_id).bytes, stop=stop,
-                                         known=hasher.digests(), stale=writer.freed)
+                                         known=hasher.digests() if hasher is not None else None,
+                                         stale=writer.freed)
             disk = vhd.round_to_geometry(end)
             os.ftruncate(fd, disk)
             return res, disk, info
