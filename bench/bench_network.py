@@ -36,7 +36,7 @@ from pathlib import Path
 # The shared test helpers live with the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from helpers import busybox_rootfs, podman_host_fixes, uvmshim_binary
+from helpers import busybox_rootfs, podman_host_fixes, uvmshim_binary, veth_namespaces
 
 SUBNET = "10.89.78.0/24"
 APPLETS = ("sh", "nc", "httpd", "sleep", "cat", "ip")
@@ -54,10 +54,6 @@ def med(xs: list[float]) -> str:
 # Section: set-up time
 
 
-def ip(*argv: str) -> None:
-    subprocess.run(["ip", *argv], check=True, capture_output=True)
-
-
 async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], list[float]]]:
     """Connect and release times of one interface, per kind: ``tap`` (a namespace of our own
     with a veth, the engines' case) and ``user`` (``--network=nat``: QEMU's user-mode
@@ -66,16 +62,7 @@ async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], li
     from uvmshim.runtime.vm import start_uvm
     from uvmshim.uvm.network import connect_network, network_annotations
 
-    tag = f"b{os.getpid() % 100000}"
-    c, s = f"uvmc{tag}", f"uvms{tag}"
-    ip("netns", "add", c)
-    ip("netns", "add", s)
-    try:
-        ip("link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "s0", "netns", s)
-        ip("-n", c, "addr", "add", "10.97.0.2/24", "dev", "eth0")
-        ip("-n", c, "-6", "addr", "add", "fd97::2/64", "dev", "eth0", "nodad")
-        ip("-n", c, "link", "set", "eth0", "up")
-        ip("-n", c, "route", "add", "default", "via", "10.97.0.1")
+    with veth_namespaces(f"b{os.getpid() % 100000}", "10.97.0", "fd97") as (c, _s):
         kinds = {
             "tap": ({"namespaces": [{"type": "network", "path": f"/run/netns/{c}"}]}, {}),
             "user": ({"namespaces": [{"type": "network"}]},
@@ -105,9 +92,6 @@ async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], li
                     times[kind][0].append(t1 - t0)
                     times[kind][1].append(t2 - t1)
         return times
-    finally:
-        subprocess.run(["ip", "netns", "del", c], check=False)
-        subprocess.run(["ip", "netns", "del", s], check=False)
 
 
 # Section: podman

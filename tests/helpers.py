@@ -165,3 +165,30 @@ def http_get(url: str, proc: subprocess.Popen[str] | None = None, *, timeout: fl
             if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
                 raise
             time.sleep(interval)
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def veth_namespaces(tag: str, net4: str = "10.99.0", net6: str = "fd99"
+                    ) -> Iterator[tuple[str, str]]:
+    """Two network namespaces of our own joined by a veth, removed afterwards: ``uvmc<tag>``
+    (a container's: c0, ``<net4>.2/24`` and ``<net6>::2/64``, default route via the other)
+    and ``uvms<tag>`` (a server's: s0, ``.1`` and ``::1``)."""
+    c, s = f"uvmc{tag}", f"uvms{tag}"
+    _ip("netns", "add", c)
+    try:
+        _ip("netns", "add", s)
+        _ip("link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "s0", "netns", s)
+        for ns, dev, host in ((c, "c0", 2), (s, "s0", 1)):
+            _ip("-n", ns, "addr", "add", f"{net4}.{host}/24", "dev", dev)
+            _ip("-n", ns, "-6", "addr", "add", f"{net6}::{host}/64", "dev", dev, "nodad")
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", c, "route", "add", "default", "via", f"{net4}.1")
+        yield c, s
+    finally:
+        subprocess.run(["ip", "netns", "del", c], check=False)
+        subprocess.run(["ip", "netns", "del", s], check=False, capture_output=True)

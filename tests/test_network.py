@@ -21,7 +21,7 @@ import pytest
 from test_oci_clients import ETC_FILES, Runc, make_bundle, podman, sandbox_fixes, wait_for
 from uvmshim.uvm import hostnet
 
-from helpers import busybox_rootfs, http_get, uvmshim_binary
+from helpers import busybox_rootfs, http_get, uvmshim_binary, veth_namespaces
 
 pytestmark = pytest.mark.vm
 
@@ -67,23 +67,8 @@ def host_traces(netns: str) -> list[str]:
 def netns_pair() -> Iterator[tuple[str, str]]:
     """Two namespaces of our own joined by a veth: ``c`` (the container's: c0, 10.99.0.2 and
     fd99::2) and ``s`` (a server's: s0, 10.99.0.1 and fd99::1)."""
-    tag = f"{os.getpid() % 100000}"
-    c, s = f"uvmc{tag}", f"uvms{tag}"
-    ip("netns", "add", c)
-    ip("netns", "add", s)
-    try:
-        ip("link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "s0", "netns", s)
-        for ns, dev, v4, v6 in ((c, "c0", "10.99.0.2/24", "fd99::2/64"),
-                                (s, "s0", "10.99.0.1/24", "fd99::1/64")):
-            ip("-n", ns, "addr", "add", v4, "dev", dev)
-            ip("-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad")
-            ip("-n", ns, "link", "set", dev, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-        ip("-n", c, "route", "add", "default", "via", "10.99.0.1")
-        yield c, s
-    finally:
-        subprocess.run(["ip", "netns", "del", c], check=False)
-        subprocess.run(["ip", "netns", "del", s], check=False)
+    with veth_namespaces(f"{os.getpid() % 100000}") as pair:
+        yield pair
 
 
 def netns_bundle(tmp: Path, rootfs: Path, args: list[str], netns: str,
