@@ -512,10 +512,6 @@ def _find_leftovers(ipr: IPRoute, netns: str, orphaned: bool = False) -> list[Le
     return found
 
 
-def _look(ipr: IPRoute, *, ns: str, orphaned: bool = False) -> list[Leftover]:
-    return _find_leftovers(ipr, ns, orphaned)
-
-
 def _mirred_actions(msg: Any) -> Iterable[Any]:
     options = msg.get("TCA_OPTIONS")
     if options is None:
@@ -566,7 +562,8 @@ async def find_leftovers(namespaces: Iterable[str] | None = None,
     found: list[Leftover] = []
     for ns, dead in _namespaces(namespaces, orphaned):
         try:
-            found += await in_netns(ns or None, functools.partial(_look, ns=ns, orphaned=dead))
+            look = functools.partial(_find_leftovers, netns=ns, orphaned=dead)
+            found += await in_netns(ns or None, look)
         except (NetworkError, OSError) as e:
             log.debug("looking at %s: %s", ns, e)
     return found
@@ -598,8 +595,8 @@ def find_leftovers_sync(namespaces: Iterable[str] | None = None,
     found: list[Leftover] = []
     for ns, dead in _namespaces(namespaces, orphaned):
         try:
-            found += _in_thread(ns or None,
-                                functools.partial(_look, ns=ns, orphaned=dead)).result(30)
+            look = functools.partial(_find_leftovers, netns=ns, orphaned=dead)
+            found += _in_thread(ns or None, look).result(30)
         except (NetworkError, OSError, concurrent.futures.TimeoutError) as e:
             log.debug("looking at %s: %s", ns, e)
     return found
@@ -615,7 +612,8 @@ def reclaim_namespace_sync(netns: str) -> list[str]:
     :data:`uvmshim.owners.NET` reclaimer); the problems, one line each. A path that is no
     longer a network namespace has nothing of ours."""
     try:
-        lefts = _in_thread(netns, functools.partial(_look, ns=netns, orphaned=True)).result(30)
+        look = functools.partial(_find_leftovers, netns=netns, orphaned=True)
+        lefts = _in_thread(netns, look).result(30)
     except NetworkError as e:
         log.debug("looking at %s: %s", netns, e)
         return []
