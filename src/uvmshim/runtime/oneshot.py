@@ -160,8 +160,7 @@ async def run_container(
             _fileno(out), _fileno(err), in_fd))
     raw = tty and stdin and terminal.is_terminal(in_fd)
     check_host_inputs(spec)  # what the allocation would refuse: refused before booting
-    if spec.hooks:
-        hooks.check(spec.hooks, spec.root.path if spec.root is not None else "")
+    hooks.check(spec.hooks, spec.root.path if spec.root is not None else "")
     size = resolve_size(spec.linux, spec.annotations, memory_mb=memory_mb, cpus=cpus)
     log.info("UVM: %d MiB (%s), %d vCPUs (%s)", size.memory_mb, size.memory_from, size.cpus,
              size.cpus_from)
