@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import queue
 import stat
@@ -246,25 +247,22 @@ def _set_bits(bm: bytearray, start: int, end: int) -> None:
         start += 1
 
 
-_libc: ctypes.CDLL | None = None
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded on first use."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def _punch(fd: int, offset: int, length: int) -> None:
     """Give the space of ``[offset, offset + length)`` back to the host (best effort)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-    _libc.fallocate(fd, 0x02 | 0x01, ctypes.c_int64(offset), ctypes.c_int64(length))
+    _libc().fallocate(fd, 0x02 | 0x01, ctypes.c_int64(offset), ctypes.c_int64(length))
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing ``[offset, offset + length)`` of ``fd`` to disk, without waiting (best
     effort): the final ``fsync`` then finds most of the image already written, or on its way."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    sync_file_range = getattr(_libc, "sync_file_range", None)
+    sync_file_range = getattr(_libc(), "sync_file_range", None)
     if sync_file_range is not None:  # SYNC_FILE_RANGE_WRITE
         sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), 2)
 
