@@ -26,6 +26,7 @@ from typing import Any
 
 from uvmshim.errors import UvmshimError
 from uvmshim.protocol.constants import CRUN_ROOT
+from uvmshim.runc.state import NotRunning
 from uvmshim.runc.stdio import relay_input, relay_output
 from uvmshim.runtime import terminal
 from uvmshim.runtime.container import Container
@@ -200,12 +201,12 @@ class Hosted:
     async def stats(self, _request: dict[str, Any]) -> dict[str, Any]:
         """``events``: the container's cgroup files in the guest (the caller maps them)."""
         if self.status not in ("created", "starting", "running", "paused"):
-            raise UvmshimError(f"container with id {self.id} is not running")
+            raise NotRunning(self.id)
         try:
             return {"files": await self.container.stats()}
         except UvmshimError:
             if self.status == "stopped":
-                raise UvmshimError(f"container with id {self.id} is not running") from None
+                raise NotRunning(self.id) from None
             raise
 
     async def shutdown(self, _request: dict[str, Any]) -> dict[str, Any]:

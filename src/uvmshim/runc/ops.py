@@ -17,7 +17,14 @@ from typing import Any
 
 from uvmshim.errors import UvmshimError
 from uvmshim.runc import protocol
-from uvmshim.runc.state import ContainerDir, NotFound, list_ids, public, shim_alive
+from uvmshim.runc.state import (
+    ContainerDir,
+    NotFound,
+    NotRunning,
+    list_ids,
+    public,
+    shim_alive,
+)
 
 
 def _existing(root: str, container_id: str) -> ContainerDir:
@@ -160,13 +167,6 @@ def update(root: str, container_id: str, resources: dict[str, Any]) -> None:
     """New limits (OCI ``linux.resources``) for the container's cgroup in the guest, and the
     UVM's new bounds in its host cgroup (the shim applies both)."""
     _ask(root, container_id, {"op": "update", "resources": resources})
-
-
-class NotRunning(UvmshimError):
-    """runc's error for a container that is not running (``events``)."""
-
-    def __init__(self, container_id: str) -> None:
-        super().__init__(f"container with id {container_id} is not running")
 
 
 def stats(root: str, container_id: str) -> dict[str, str]:

@@ -46,6 +46,13 @@ class NotFound(UvmshimError):
     """No container with that id (runc's message: ``container does not exist``)."""
 
 
+class NotRunning(UvmshimError):
+    """runc's error for a container that is not running (``events``)."""
+
+    def __init__(self, container_id: str) -> None:
+        super().__init__(f"container with id {container_id} is not running")
+
+
 def check_id(container_id: str) -> None:
     """Reject ids that are not usable as a directory name (runc's rule)."""
     if not _ID_RE.fullmatch(container_id) or container_id in (".", ".."):
