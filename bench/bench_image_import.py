@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # The busybox test images live with the tests (they are not part of the package).
@@ -172,6 +173,36 @@ def import_seconds(layer: testimages.Layer, work: Path, compression: str, verity
     return elapsed, last_byte[0] - t0, max(peak[0], final) / final
 
 
+Variant = tuple[str, bool]  # (compression, verity)
+
+
+def interleaved(layer: testimages.Layer, work: Path, variants: list[Variant], rounds: int,
+                on_round: Callable[[int], None] | None = None
+                ) -> tuple[list[float], dict[Variant, list[float]], dict[Variant, list[float]],
+                           list[float]]:
+    """``rounds`` rounds of the floor, then each variant's import: the floor's times, each
+    variant's import and unpack times, and the peak-disk ratios.
+
+    Interleaved, so that host noise hits all variants alike; the order rotates, so that the one
+    right after the floor (which leaves a tree to delete and an image to discard) is not always
+    the same.
+    """
+    floor: list[float] = []
+    imp: dict[Variant, list[float]] = {v: [] for v in variants}
+    unpack: dict[Variant, list[float]] = {v: [] for v in variants}
+    peaks: list[float] = []
+    for r in range(rounds):
+        if on_round is not None:
+            on_round(r)
+        floor.append(floor_seconds(layer, work))
+        for comp, verity in variants[r % len(variants):] + variants[:r % len(variants)]:
+            total, part, peak = import_seconds(layer, work, comp, verity)
+            imp[comp, verity].append(total)
+            unpack[comp, verity].append(part)
+            peaks.append(peak)
+    return floor, imp, unpack, peaks
+
+
 def rootfs_layer(rootfs: Path) -> testimages.Layer:
     """A layer of the directory tree ``rootfs`` (GNU tar, PAX format, xattrs, numeric ids)."""
     tar = subprocess.run(["tar", "--format=pax", "--numeric-owner", "--xattrs",
@@ -210,20 +241,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-image-", dir=args.dir) as tmp:
         work = Path(tmp)
         variants = [(comp, verity) for comp in ("gzip", "none") for verity in (True, False)]
-        floor: list[float] = []
-        imp: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
-        unpack: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
-        peaks: list[float] = []
-        for r in range(args.repeat):
-            # Interleaved, so that host noise hits all variants alike; the order rotates, so
-            # that the one right after the floor (which leaves a tree to delete and an image to
-            # discard) is not always the same.
-            floor.append(floor_seconds(layer, work))
-            for comp, verity in variants[r % len(variants):] + variants[:r % len(variants)]:
-                total, part, peak = import_seconds(layer, work, comp, verity)
-                imp[comp, verity].append(total)
-                unpack[comp, verity].append(part)
-                peaks.append(peak)
+        floor, imp, unpack, peaks = interleaved(layer, work, variants, args.repeat)
     f = statistics.median(floor)
     print(f"{'floor: mkfs.ext4 -d':32} {mb / f:8.1f} MB/s  ({f:.2f} s)")
     imports: list[dict[str, object]] = []

@@ -212,20 +212,10 @@ def measure_import(report: Report, say: Callable[[str], None]) -> None:
     report.import_mb = len(layer.tar) / 1e6
     report.import_layer = (f"Debian bookworm minbase: {report.import_mb:.1f} MB tar, "
                            f"{len(layer.gz) / 1e6:.1f} MB gzip")
-    report.imports = {v: [] for v in IMPORT_VARIANTS}
-    peaks: list[float] = []
     with tempfile.TemporaryDirectory(prefix="uvmshim-report-import-") as tmp:
-        work = Path(tmp)
-        for r in range(report.rounds):
-            say(f"import vs mkfs.ext4 -d, round {r + 1}")
-            report.import_floor.append(bii.floor_seconds(layer, work))
-            # Rotated: the variant right after the floor runs in its aftermath (a tree to
-            # delete, an image to discard), so that one changes round by round.
-            order = list(IMPORT_VARIANTS)
-            for comp, verity in order[r % len(order):] + order[:r % len(order)]:
-                seconds, _, peak = bii.import_seconds(layer, work, comp, verity)
-                report.imports[comp, verity].append(seconds)
-                peaks.append(peak)
+        report.import_floor, report.imports, _, peaks = bii.interleaved(
+            layer, Path(tmp), list(IMPORT_VARIANTS), report.rounds,
+            on_round=lambda r: say(f"import vs mkfs.ext4 -d, round {r + 1}"))
     report.import_peak_disk = max(peaks)
 
 
@@ -278,6 +268,11 @@ def machine() -> dict[str, str]:
     return {"CPU": f"{cpu}, {os.cpu_count()} CPUs", "memory": f"{mem / (1 << 30):.1f} GiB",
             "kernel": platform.release(), "QEMU": qemu[0] if qemu else "?",
             "accelerator": accel, "Python": platform.python_version()}
+
+
+def ms(xs: list[float]) -> str:
+    """Median and range of times in seconds, in milliseconds."""
+    return f"{median(xs) * 1000:.0f} ms ({min(xs) * 1000:.0f}–{max(xs) * 1000:.0f})"
 
 
 def verdict(value: float, target: float) -> str:
@@ -393,9 +388,6 @@ def write_markdown(report: Report, out: Path, images: list[str]) -> Path:
 
 
 def import_markdown(report: Report) -> list[str]:
-    def ms(xs: list[float]) -> str:
-        return f"{median(xs) * 1000:.0f} ms ({min(xs) * 1000:.0f}–{max(xs) * 1000:.0f})"
-
     floor = median(report.import_floor)
     lines = [
         "## Image import",
@@ -428,9 +420,6 @@ def import_markdown(report: Report) -> list[str]:
 
 
 def vm_markdown(report: Report) -> list[str]:
-    def ms(xs: list[float]) -> str:
-        return f"{median(xs) * 1000:.0f} ms ({min(xs) * 1000:.0f}–{max(xs) * 1000:.0f})"
-
     clone, cold = median(report.ready["clone"]), median(report.ready["cold"])
     lines = [
         "## Starting a utility VM",
