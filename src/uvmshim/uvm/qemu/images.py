@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -174,6 +175,16 @@ def _vhd_references(head: bytes, tail: bytes, what: str) -> list[ImageReference]
     return []
 
 
+def _vhdx_entries(table: bytes, first: int, count: int) -> Iterator[tuple[uuid.UUID, bytes]]:
+    """The (GUID, entry) of each 32-byte entry of a VHDX region or metadata table, from byte
+    ``first``: at most ``count`` (and :data:`_VHDX_MAX_ENTRIES`), as many as ``table`` holds."""
+    for i in range(min(count, _VHDX_MAX_ENTRIES)):
+        entry = table[first + 32 * i : first + 32 * (i + 1)]
+        if len(entry) < 32:
+            return
+        yield uuid.UUID(bytes_le=entry[:16]), entry
+
+
 def _vhdx_references(fd: int, what: str) -> list[ImageReference]:
     metadata_regions: set[tuple[int, int]] = set()
     for table_offset in _VHDX_REGION_TABLES:
@@ -181,11 +192,7 @@ def _vhdx_references(fd: int, what: str) -> list[ImageReference]:
         if not table.startswith(b"regi"):
             continue
         (count,) = struct.unpack_from("<I", table, 8)
-        for i in range(min(count, _VHDX_MAX_ENTRIES)):
-            entry = table[16 + 32 * i : 48 + 32 * i]
-            if len(entry) < 32:
-                break
-            guid = uuid.UUID(bytes_le=entry[:16])
+        for guid, entry in _vhdx_entries(table, 16, count):
             offset, length = struct.unpack_from("<QI", entry, 16)
             if guid == _VHDX_METADATA_REGION:
                 metadata_regions.add((offset, length))
@@ -199,11 +206,7 @@ def _vhdx_references(fd: int, what: str) -> list[ImageReference]:
         (count,) = struct.unpack_from("<H", table, 10)
         has_parent = False
         locator: str | None = None
-        for i in range(min(count, _VHDX_MAX_ENTRIES)):
-            entry = table[32 + 32 * i : 64 + 32 * i]
-            if len(entry) < 32:
-                break
-            item = uuid.UUID(bytes_le=entry[:16])
+        for item, entry in _vhdx_entries(table, 32, count):
             offset, length = struct.unpack_from("<II", entry, 16)
             if item == _VHDX_FILE_PARAMETERS:
                 (flags,) = struct.unpack_from("<I", _pread(fd, 8, region_offset + offset), 4)
