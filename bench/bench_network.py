@@ -5,7 +5,9 @@
    over netlink, the tap and tc redirects, the ``virtio-net-pci`` hot-add, the guest's
    namespace and configuration — and releasing it again (:func:`connect_network`); and the
    first connection on each of ``--fresh`` new UVMs (what a container with a UVM of its own
-   pays: the guest's first ``virtio_net`` load and first processes included).
+   pays: started for the namespace, as the runtime does, so its first interface takes the
+   ready NIC); and, alternately with them, new UVMs started without a network: the time a
+   network adds to start + connect is the difference of the two medians.
 2. **TCP throughput host → container**: a bounded transfer (``--mb``, default 200 MB) from the
    host to ``127.0.0.1:<published port>``, where the container's ``nc -l`` discards it; the time
    runs until the container closed the connection (it read everything).
@@ -58,7 +60,9 @@ async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], li
     """Connect and release times of one interface, per kind: ``tap`` (a namespace of our own
     with a veth, the engines' case) and ``user`` (``--network=nat``: QEMU's user-mode
     network with one published port), alternately on one UVM; and ``tap first``, the first
-    ``tap`` connection on each of ``fresh`` new UVMs."""
+    ``tap`` connection on each of ``fresh`` new UVMs (started with the namespace, as the
+    runtime starts them), with ``start+connect`` (the UVM's start and that connection) and
+    ``start alone`` (new UVMs without a network, alternately)."""
     from uvmshim.runtime.vm import start_uvm
     from uvmshim.uvm.network import connect_network, network_annotations
 
@@ -69,17 +73,23 @@ async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], li
                      network_annotations("nat", ["127.0.0.1:18399:80"])),
         }
         times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in kinds}
+        first = times.setdefault("tap first", ([], []))
+        together = times.setdefault("start+connect", ([], []))
+        alone = times.setdefault("start alone", ([], []))
         for _ in range(fresh):
-            async with start_uvm() as uvm:
-                linux = kinds["tap"][0]
+            t = time.perf_counter()
+            async with start_uvm(netns=f"/run/netns/{c}") as uvm:
                 t0 = time.perf_counter()
-                ns = await connect_network(uvm.vm.network, linux, {})
+                ns = await connect_network(uvm.vm.network, kinds["tap"][0], {})
                 t1 = time.perf_counter()
                 assert ns is not None
                 await ns.release()
-                first = times.setdefault("tap first", ([], []))
                 first[0].append(t1 - t0)
                 first[1].append(time.perf_counter() - t1)
+                together[0].append(t1 - t)
+            t = time.perf_counter()
+            async with start_uvm():
+                alone[0].append(time.perf_counter() - t)
         async with start_uvm() as uvm:
             for _ in range(n):
                 for kind, (linux, annotations) in kinds.items():
@@ -154,9 +164,18 @@ def main() -> None:
     ap.add_argument("--setup-only", action="store_true", help="only the set-up times")
     args = ap.parse_args()
     print("network set-up of one interface on a running UVM")
-    for kind, (add, remove) in asyncio.run(setup_times(args.setups, args.fresh)).items():
+    times = asyncio.run(setup_times(args.setups, args.fresh))
+    for kind, (add, remove) in times.items():
+        if kind in ("start+connect", "start alone"):
+            print(f"  {kind:13s}  {med(add)}")
+            continue
         print(f"  {kind:9s} connect  {med(add)}")
         print(f"  {kind:9s} release  {med(remove)}")
+    if args.fresh:
+        added = (statistics.median(times["start+connect"][0])
+                 - statistics.median(times["start alone"][0]))
+        print(f"  a network adds to a new UVM's start: {added * 1000:.1f} ms "
+              "(difference of the medians)")
     if args.setup_only:
         return
     if shutil.which("podman") is None:

@@ -116,8 +116,10 @@ def test_routes_round_trip_and_refusals() -> None:
     req = decode_request("add_nic", {"ns_id": "ns0", "nic_id": "nic0", "mac": EPS[0].mac,
                                      "ifname": "eth0", "routes": list(EPS[0].routes)})
     assert isinstance(req, AddNic) and req.routes == EPS[0].routes
-    assert _route("::/0 via fd00::1 metric 1024") == (["::/0", "via", "fd00::1", "metric",
-                                                       "1024"], 6)
+    route = _route("::/0 via fd00::1 metric 1024")
+    assert route.args() == ["::/0", "via", "fd00::1", "metric", "1024"]
+    assert (route.prefix, route.metric, route.net) == (0, 1024, bytes(16))
+    assert _route("10.1.2.3/16").args() == ["10.1.0.0/16"]  # the network, as ip wants it
     assert _address("10.88.0.5/16") == ("10.88.0.5/16", 4)
     for bad_route in ("10.0.0.0/8 via fd00::1", "300.0.0.0/8"):
         with pytest.raises(AgentError):

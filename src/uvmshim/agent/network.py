@@ -20,9 +20,21 @@ namespace, with that endpoint's MAC, and then asks for it here:
   namespace (``IFLA_NET_NS_FD``) under the host interface's name (``IFLA_IFNAME``: the name
   never clashes in the UVM's own namespace), sets its MTU and brings it up; then its addresses
   and routes, one busybox ``ip`` each, run by the namespace's shell (no other process).
+* ``add_nic`` with ``ready``: the NIC is the *ready NIC*, a ``virtio-net-pci`` present from
+  boot (so already probed in every template) whose driver is kept unbound
+  (:meth:`Network.park_ready_nic`, right after ``virtio_net`` is loaded: binding negotiates
+  the device's features, and a template's NIC has no tap yet, so no offloads). Binding it now
+  (~20 ms under TCG) replaces a PCI hot-plug (~150 ms: ACPI, bus scan, BARs, probe); it then
+  moves like a hot-added NIC, taking the endpoint's MAC on the way. It serves one endpoint
+  per UVM. ``add_netns`` with ``bind_ready`` binds it meanwhile, while the host still reads
+  the endpoint.
+* :meth:`Network.prepare` (a template's guest, before it is saved) makes the namespace
+  ``READY_NETNS_ID`` and its shell in advance: a clone's first ``add_netns`` finds it made
+  (a namespace, its shell and ``ip link set lo up`` cost ~150 ms of a fresh clone's CPU).
 * ``remove_nic`` only forgets it: the hot-unplug that follows takes the device, its addresses
-  and routes away (no process); ``remove_netns`` ends the shell and unmounts the namespace (a
-  NIC still in it goes back to the UVM's namespace, where its hot-unplug removes it).
+  and routes away (no process); the ready NIC's driver is unbound instead (the interface goes
+  with its addresses and routes). ``remove_netns`` ends the shell and unmounts the namespace
+  (a NIC still in it goes back to the UVM's namespace, where its hot-unplug removes it).
 
 IPv6 addresses are added without duplicate address detection (the host's endpoint owns them)
 and router advertisements are ignored: the interface has exactly what the host read.
@@ -36,13 +48,20 @@ import re
 import select
 import socket
 import struct
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from uvmshim.agent.kmods import ModuleLoader
 from uvmshim.agent.util import AgentError, makedirs, run
-from uvmshim.protocol.constants import GUEST_NETNS_DIR, guest_netns_path
+from uvmshim.protocol.constants import (
+    GUEST_NETNS_DIR,
+    READY_NETNS_ID,
+    guest_netns_path,
+    ready_nic_pci_address,
+)
 from uvmshim.protocol.messages import ErrorKind, ProtocolError
 from uvmshim.protocol.requests import AddNetNS, AddNic, RemoveNetNS, RemoveNic, parse_route
 
@@ -60,11 +79,29 @@ _RTM_NEWLINK = 16
 _NLM_F_REQUEST = 1
 _NLM_F_ACK = 4
 _NLMSG_ERROR = 2
+_IFLA_ADDRESS = 1
 _IFLA_IFNAME = 3
 _IFLA_MTU = 4
 _IFLA_NET_NS_FD = 28
 _IFF_UP = 1
 _RTMGRP_LINK = 1
+_NLM_F_EXCL = 0x200
+_NLM_F_CREATE = 0x400
+_RTM_GETLINK = 18
+_RTM_NEWADDR = 20
+_RTM_NEWROUTE = 24
+_IFA_ADDRESS = 1
+_IFA_LOCAL = 2
+_IFA_F_NODAD = 0x02
+_RTA_DST = 1
+_RTA_OIF = 4
+_RTA_GATEWAY = 5
+_RTA_PRIORITY = 6
+_RT_TABLE_MAIN = 254
+_RTPROT_BOOT = 3
+_RT_SCOPE_UNIVERSE = 0
+_RT_SCOPE_LINK = 253
+_RTN_UNICAST = 1
 
 
 def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
@@ -78,9 +115,11 @@ def _attr(kind: int, data: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + data + b"\0" * (-length % 4)
 
 
-def move_link(index: int, netns_fd: int, name: str, *, mtu: int = 0, up: bool = False) -> None:
+def move_link(index: int, netns_fd: int, name: str, *, mtu: int = 0, up: bool = False,
+              mac: str = "") -> None:
     """Move link ``index`` into the namespace of ``netns_fd`` and name it ``name`` there; set
-    its MTU (unless 0) and bring it up (``up``) there, in the same request.
+    its MTU (unless 0), its MAC (unless "") and bring it up (``up``) there, in the same
+    request.
 
     :raises AgentError: the kernel's refusal.
     """
@@ -88,27 +127,94 @@ def move_link(index: int, netns_fd: int, name: str, *, mtu: int = 0, up: bool = 
     body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, flags)
     body += _attr(_IFLA_NET_NS_FD, struct.pack("=I", netns_fd))
     body += _attr(_IFLA_IFNAME, name.encode() + b"\0")
+    if mac:
+        body += _attr(_IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
     if mtu:
         body += _attr(_IFLA_MTU, struct.pack("=I", mtu))
-    msg = struct.pack("=IHHII", 16 + len(body), _RTM_NEWLINK, _NLM_F_REQUEST | _NLM_F_ACK, 1,
-                      0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       socket.NETLINK_ROUTE) as sock:
-        sock.settimeout(10)
-        sock.bind((0, 0))
-        sock.send(msg)
-        while True:
+    with _netlink() as sock:
+        _nl_call(sock, _RTM_NEWLINK, 0, body, f"moving the NIC into its namespace as {name}")
+
+
+def _netlink() -> socket.socket:
+    """A route netlink socket (in the calling process's network namespace)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                         socket.NETLINK_ROUTE)
+    sock.settimeout(10)
+    sock.bind((0, 0))
+    return sock
+
+
+_seq = 0
+
+
+def _nl_call(sock: socket.socket, kind: int, flags: int, body: bytes, what: str) -> bytes:
+    """Send one request (``NLM_F_REQUEST | NLM_F_ACK | flags``) and wait for its answer.
+
+    :returns: the body of the first message answering it (b"" if only the acknowledgement).
+    :raises AgentError: ``what`` and the kernel's refusal.
+    """
+    global _seq
+    _seq += 1
+    seq = _seq
+    sock.send(struct.pack("=IHHII", 16 + len(body), kind, _NLM_F_REQUEST | _NLM_F_ACK | flags,
+                          seq, 0) + body)
+    reply = b""
+    while True:
+        try:
             data = sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind = struct.unpack_from("=IH", data, offset)
-                if kind == _NLMSG_ERROR:
+        except OSError as err:
+            raise AgentError(f"{what}: no answer from the kernel ({err})") from None
+        offset = 0
+        while offset + 16 <= len(data):
+            length, msg_kind, _, msg_seq = struct.unpack_from("=IHHI", data, offset)
+            if msg_seq == seq:
+                if msg_kind == _NLMSG_ERROR:
                     (code,) = struct.unpack_from("=i", data, offset + 16)
                     if code:
-                        raise AgentError(f"moving the NIC into its namespace as {name}: "
-                                         f"{os.strerror(-code)}")
-                    return
-                offset += max((length + 3) & ~3, 16)
+                        raise AgentError(f"{what}: {os.strerror(-code)}")
+                    return reply
+                if not reply:
+                    reply = data[offset + 16:offset + length]
+            offset += max((length + 3) & ~3, 16)
+
+
+def link_index(sock: socket.socket, name: str) -> int:
+    """The index of link ``name`` in the namespace of ``sock``."""
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+    body += _attr(_IFLA_IFNAME, name.encode() + b"\0")
+    reply = _nl_call(sock, _RTM_GETLINK, 0, body, f"looking up {name}")
+    if len(reply) < 16:
+        raise AgentError(f"looking up {name}: no answer")
+    (index,) = struct.unpack_from("=i", reply, 4)
+    return int(index)
+
+
+def add_address(sock: socket.socket, index: int, family: int, packed: bytes,
+                prefix: int) -> None:
+    """``ip addr add`` over ``sock`` (in the namespace of link ``index``); IPv6 without
+    duplicate address detection."""
+    flags = _IFA_F_NODAD if family == socket.AF_INET6 else 0
+    body = struct.pack("=BBBBI", family, prefix, flags, 0, index)
+    body += _attr(_IFA_LOCAL, packed) + _attr(_IFA_ADDRESS, packed)
+    text = f"{socket.inet_ntop(family, packed)}/{prefix}"
+    _nl_call(sock, _RTM_NEWADDR, _NLM_F_CREATE | _NLM_F_EXCL, body, f"adding {text}")
+
+
+def add_route(sock: socket.socket, index: int, family: int, net: bytes, prefix: int,
+              gateway: bytes | None, metric: int) -> None:
+    """``ip route add NET/PREFIX [via GATEWAY] [metric METRIC] dev <index>`` over ``sock``."""
+    scope = _RT_SCOPE_UNIVERSE if gateway else _RT_SCOPE_LINK
+    body = struct.pack("=BBBBBBBBI", family, prefix, 0, 0, _RT_TABLE_MAIN, _RTPROT_BOOT, scope,
+                       _RTN_UNICAST, 0)
+    if prefix:
+        body += _attr(_RTA_DST, net)
+    body += _attr(_RTA_OIF, struct.pack("=I", index))
+    if gateway:
+        body += _attr(_RTA_GATEWAY, gateway)
+    if metric:
+        body += _attr(_RTA_PRIORITY, struct.pack("=I", metric))
+    text = f"{socket.inet_ntop(family, net)}/{prefix}"
+    _nl_call(sock, _RTM_NEWROUTE, _NLM_F_CREATE | _NLM_F_EXCL, body, f"adding the route {text}")
 
 
 def _link_by_mac(mac: str) -> tuple[str, int] | None:
@@ -161,6 +267,46 @@ def wait_link(mac: str, timeout: float) -> tuple[str, int] | None:
     return found
 
 
+_VIRTIO_DEVICES = "/sys/bus/virtio/devices"
+_VIRTIO_NET_DRIVER = "/sys/bus/virtio/drivers/virtio_net"
+
+
+def _ready_nic_device() -> str | None:
+    """The virtio device (``virtioN``) of the ready NIC; None if the UVM has none."""
+    try:
+        names = os.listdir(f"/sys/bus/pci/devices/{ready_nic_pci_address()}")
+    except OSError:
+        return None
+    found = [n for n in names if n.startswith("virtio")]
+    return found[0] if found else None
+
+
+def _bound(device: str) -> bool:
+    return os.path.exists(f"{_VIRTIO_DEVICES}/{device}/driver")
+
+
+def _driver(action: str, device: str) -> None:
+    """``bind`` or ``unbind`` virtio device ``device`` and ``virtio_net``.
+
+    :raises AgentError: the kernel's refusal.
+    """
+    try:
+        with open(f"{_VIRTIO_NET_DRIVER}/{action}", "w", encoding="ascii") as f:
+            f.write(device)
+    except OSError as err:
+        raise AgentError(f"{action} of the ready NIC ({device}): {err.strerror}") from None
+
+
+def _ready_link(device: str) -> tuple[str, int]:
+    """``(name, index)`` of the bound ready NIC's interface."""
+    try:
+        (name,) = os.listdir(f"{_VIRTIO_DEVICES}/{device}/net")
+        with open(f"/sys/class/net/{name}/ifindex", encoding="ascii") as f:
+            return name, int(f.read())
+    except (OSError, ValueError) as err:
+        raise AgentError(f"the ready NIC ({device}) has no interface: {err}") from None
+
+
 # Addresses are checked and normalised with inet_pton/inet_ntop: importing ipaddress costs
 # 100-300 ms under TCG, paid by the first NIC of every UVM.
 _FAMILIES = ((socket.AF_INET, 4, 32), (socket.AF_INET6, 6, 128))
@@ -205,25 +351,79 @@ def _address(text: str) -> tuple[str, int]:
     return f"{socket.inet_ntop(family, packed)}/{prefix}", _version(family)
 
 
-def _route(text: str) -> tuple[list[str], int]:
-    """A wire route → (``ip route add`` arguments, IP version)."""
+@dataclass(frozen=True)
+class _Route:
+    family: int
+    net: bytes
+    prefix: int
+    gateway: bytes | None
+    metric: int
+
+    def args(self) -> list[str]:
+        """``ip route add`` arguments (before ``dev``)."""
+        out = [f"{socket.inet_ntop(self.family, self.net)}/{self.prefix}"]
+        if self.gateway:
+            out += ["via", socket.inet_ntop(self.family, self.gateway)]
+        if self.metric:
+            out += ["metric", str(self.metric)]
+        return out
+
+
+def _route(text: str) -> _Route:
+    """A wire route, checked."""
     try:
         dest, gateway, metric = parse_route(text)
         family, packed, prefix = _prefixed(dest)
         bits = len(packed) * 8
         host_mask = (1 << (bits - prefix)) - 1
         net = (int.from_bytes(packed, "big") & ~host_mask).to_bytes(len(packed), "big")
-        args = [f"{socket.inet_ntop(family, net)}/{prefix}"]
+        gw: bytes | None = None
         if gateway:
             gw_family, gw, _ = _ip(gateway)
             if gw_family != family:
                 raise ValueError("mixed IP versions")
-            args += ["via", socket.inet_ntop(family, gw)]
     except (ProtocolError, ValueError) as err:
         raise AgentError(f"bad route {text!r}: {err}", ErrorKind.INVALID) from None
-    if metric:
-        args += ["metric", str(metric)]
-    return args, _version(family)
+    return _Route(family, net, prefix, gw, metric)
+
+
+#: Run in a namespace by :func:`_netlink_in`: a netlink socket made there, handed over the
+#: unix socket whose descriptor is ``{fd}``.
+_SOCKET_SENDER = ("import socket; s = socket.socket(16, 3 | socket.SOCK_CLOEXEC, 0); "
+                  "socket.send_fds(socket.socket(fileno={fd}), [b'.'], [s.fileno()])")
+
+
+def _netlink_in(path: str) -> socket.socket:
+    """A route netlink socket inside the network namespace at ``path`` (Python 3.11 has no
+    ``setns``, and the initrd no ctypes: a short-lived Python made there sends it over)."""
+    import subprocess
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours:
+        try:
+            with theirs:
+                proc = subprocess.run(
+                    ["nsenter", f"--net={path}", sys.executable, "-I", "-S", "-c",
+                     _SOCKET_SENDER.format(fd=theirs.fileno())], pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    timeout=SHELL_TIMEOUT)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise AgentError(f"a netlink socket in {path}: {err}") from None
+        ours.settimeout(5)
+        try:
+            _, fds, _, _ = socket.recv_fds(ours, 16, 1)
+        except OSError as err:
+            fds = []
+            proc_err = f"{err}"
+        else:
+            proc_err = ""
+        if not fds:
+            out = proc.stdout.decode(errors="replace").strip()
+            raise AgentError(f"a netlink socket in {path}: {out or proc_err or 'none sent'}")
+    sock = socket.socket(fileno=fds[0])
+    sock.settimeout(10)
+    sock.bind((0, 0))
+    return sock
 
 
 _DONE = b"@@uvmshim-done "
@@ -325,6 +525,80 @@ class Network:
         self._pending: dict[str, threading.Event] = {}  # ns id -> set once add_netns ended
         self._nics: dict[str, tuple[str, str]] = {}  # nic id -> (ns id, interface name)
         self._modules_loaded = False
+        #: The NIC that claimed the ready NIC ("" while it is free; it serves one).
+        self._ready_owner = ""
+        self._ready_used = False
+        #: Binds the ready NIC (started by add_netns or add_nic; once per UVM), and its
+        #: outcome: the interface ``(name, index)`` or the error.
+        self._ready_bind: threading.Thread | None = None
+        self._ready_link: tuple[str, int] | AgentError | None = None
+        #: The namespace made in advance (:meth:`prepare`): its shell and netlink socket.
+        self._prepared: tuple[_NsShell, socket.socket] | None = None
+        #: Netlink sockets created inside namespaces (ns id -> socket): the prepared one's.
+        self._sockets: dict[str, socket.socket] = {}
+
+    def park_ready_nic(self) -> None:
+        """Unbind the ready NIC's driver (bound as ``virtio_net`` was loaded) unless it is
+        claimed: it binds when claimed, negotiating features with the tap it has then."""
+        with self._lock:
+            if self._ready_bind is not None:
+                return
+            device = _ready_nic_device()
+            if device is not None and _bound(device):
+                _driver("unbind", device)
+
+    def prepare(self) -> None:
+        """Make the namespace :data:`READY_NETNS_ID` now, for a template (see the module
+        docstring); park the ready NIC."""
+        self.park_ready_nic()
+        with self._lock:
+            if self._prepared is not None or READY_NETNS_ID in self._namespaces:
+                return
+        path = self.add_netns(AddNetNS(ns_id=READY_NETNS_ID))
+        try:
+            sock = _netlink_in(path)
+        except AgentError:
+            self.remove_netns(RemoveNetNS(ns_id=READY_NETNS_ID))
+            raise
+        with self._lock:
+            self._namespaces.discard(READY_NETNS_ID)
+            self._prepared = (self._shells.pop(READY_NETNS_ID), sock)
+
+    def _adopt_prepared(self, ns_id: str) -> bool:
+        """Under the lock: take the prepared namespace as ``ns_id`` if it is that one."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return False
+        shell, sock = prepared
+        if ns_id == READY_NETNS_ID and shell.alive():
+            self._namespaces.add(ns_id)
+            self._shells[ns_id] = shell
+            self._sockets[ns_id] = sock
+            return True
+        shell.close()  # not wanted (or gone): the namespace goes
+        sock.close()
+        self._drop(guest_netns_path(READY_NETNS_ID))
+        return False
+
+    def _start_ready_bind(self) -> threading.Thread:
+        """Under the lock: the thread binding the ready NIC (started once)."""
+        if self._ready_bind is None:
+            self._ready_bind = threading.Thread(target=self._bind_ready, daemon=True,
+                                                name="ready-nic")
+            self._ready_bind.start()
+        return self._ready_bind
+
+    def _bind_ready(self) -> None:
+        try:
+            self._load_modules()
+            device = _ready_nic_device()
+            if device is None:
+                raise AgentError("this UVM has no ready NIC", ErrorKind.NOT_FOUND)
+            if not _bound(device):
+                _driver("bind", device)
+            self._ready_link = _ready_link(device)
+        except AgentError as err:
+            self._ready_link = err
 
     def _load_modules(self, errors: list[AgentError] | None = None) -> None:
         """Load ``virtio_net`` unless done; with ``errors``, a failure goes there."""
@@ -332,6 +606,7 @@ class Network:
             return
         try:
             self._modules.ensure_group("net")
+            self.park_ready_nic()
         except AgentError as err:
             if errors is None:
                 raise
@@ -349,12 +624,35 @@ class Network:
         else:
             run(["nsenter", f"--net={guest_netns_path(ns_id)}", "sh", "-ec", "\n".join(lines)])
 
+    def _configure(self, ns_id: str, ifname: str, addresses: tuple[str, ...],
+                   routes: list[_Route]) -> None:
+        """Add ``addresses`` (checked) and ``routes`` to ``ifname`` in the namespace: over its
+        netlink socket if the agent has one there (the prepared namespace's), else by its
+        shell's ``ip`` commands."""
+        sock = self._sockets.get(ns_id)
+        if sock is not None:
+            index = link_index(sock, ifname)
+            for text in addresses:
+                family, packed, prefix = _prefixed(text)
+                add_address(sock, index, family, packed, prefix)
+            for r in routes:
+                add_route(sock, index, r.family, r.net, r.prefix, r.gateway, r.metric)
+            return
+        lines = [f"ip addr add {_address(a)[0]} dev {ifname}" for a in addresses]
+        lines += [f"ip -{_version(r.family)} route add {' '.join(r.args())} dev {ifname}"
+                  for r in routes]
+        self._in_netns(ns_id, lines)
+
     def add_netns(self, req: AddNetNS) -> str:
         ns_id = _check(_ID_RE, req.ns_id, "network namespace name")
         path = guest_netns_path(ns_id)
         with self._lock:
             if ns_id in self._namespaces or ns_id in self._pending:
                 raise AgentError(f"network namespace {ns_id} exists", ErrorKind.CONFLICT)
+            if req.bind_ready and not self._ready_used:
+                self._start_ready_bind()
+            if self._adopt_prepared(ns_id):
+                return path
             makedirs(GUEST_NETNS_DIR)
             try:
                 with open(path, "x"):
@@ -410,6 +708,9 @@ class Network:
             shell = self._shells.pop(ns_id, None)
             if shell is not None:
                 shell.close()
+            sock = self._sockets.pop(ns_id, None)
+            if sock is not None:
+                sock.close()
             try:
                 run(["umount", "-l", path])
             except AgentError as err:
@@ -427,7 +728,8 @@ class Network:
         nic_id = _check(_ID_RE, req.nic_id, "NIC id")
         mac = _check(_MAC_RE, req.mac.lower(), "MAC address")
         ifname = _check(_IFNAME_RE, req.ifname, "interface name")
-        addresses = [_address(a) for a in req.addresses]
+        for a in req.addresses:
+            _address(a)  # checked before anything is done
         routes = [_route(r) for r in req.routes]
         with self._lock:
             pending = self._pending.get(ns_id)
@@ -435,10 +737,25 @@ class Network:
                 raise AgentError(f"no network namespace {ns_id}", ErrorKind.NOT_FOUND)
             if nic_id in self._nics:
                 raise AgentError(f"NIC {nic_id} exists", ErrorKind.CONFLICT)
+            bind: threading.Thread | None = None
+            if req.ready:
+                if self._ready_used:
+                    raise AgentError("the ready NIC serves another NIC", ErrorKind.CONFLICT)
+                self._ready_used = True
+                self._ready_owner = nic_id
+                bind = self._start_ready_bind()  # unless add_netns did
             self._nics[nic_id] = (ns_id, ifname)
         try:
-            self._load_modules()
-            link = wait_link(mac, NIC_TIMEOUT)
+            link: tuple[str, int] | None
+            if bind is not None:
+                bind.join(NIC_TIMEOUT)
+                found = self._ready_link
+                if isinstance(found, AgentError):
+                    raise found
+                link = found
+            else:
+                self._load_modules()
+                link = wait_link(mac, NIC_TIMEOUT)
             if link is None:
                 raise AgentError(f"NIC {nic_id} ({mac}) did not show up in the guest within "
                                  f"{NIC_TIMEOUT:.0f} s", ErrorKind.TIMEOUT)
@@ -451,19 +768,24 @@ class Network:
             fd = os.open(guest_netns_path(ns_id), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 # up at once: the namespace's defaults already rule out DAD and RAs
-                move_link(index, fd, ifname, mtu=req.mtu, up=True)
+                move_link(index, fd, ifname, mtu=req.mtu, up=True,
+                          mac=mac if req.ready else "")
             finally:
                 os.close(fd)
             # One busybox process per command (each costs 10-40 ms under TCG): as few as can be.
-            lines = [f"ip addr add {a} dev {ifname}" for a, _ in addresses]
-            lines += [f"ip -{v} route add {' '.join(args)} dev {ifname}" for args, v in routes]
             try:
-                self._in_netns(ns_id, lines)
+                self._configure(ns_id, ifname, req.addresses, routes)
             except AgentError as err:
                 raise AgentError(f"configuring {ifname} ({mac}): {err}", err.kind) from None
         except BaseException:
             with self._lock:
                 self._nics.pop(nic_id, None)
+                if req.ready:
+                    self._ready_owner = ""
+            device = _ready_nic_device() if req.ready else None
+            if device is not None and _bound(device):
+                with contextlib.suppress(AgentError):  # the host takes its tap away anyway
+                    _driver("unbind", device)
             raise
         return {"ifname": ifname}
 
@@ -475,6 +797,12 @@ class Network:
                 raise AgentError(f"no NIC {nic_id} in network namespace {req.ns_id}",
                                  ErrorKind.NOT_FOUND)
         # Nothing to do in the namespace: the hot-unplug that follows removes the device with
-        # its addresses and routes (a process to flush them first cost 50-300 ms).
+        # its addresses and routes (a process to flush them first cost 50-300 ms). The ready
+        # NIC stays: unbinding its driver removes the interface.
         with self._lock:
             self._nics.pop(nic_id, None)
+            ready = self._ready_owner == nic_id
+            self._ready_owner = ""
+        device = _ready_nic_device() if ready else None
+        if device is not None and _bound(device):
+            _driver("unbind", device)

@@ -321,6 +321,8 @@ class Server:
         if unknown:
             raise AgentError(f"unknown module groups {unknown}", ErrorKind.INVALID)
         self._modules.ensure_group(*req.groups)
+        if "net" in req.groups:
+            self._network.prepare()
 
     def _add_vpci(self, req: AddVpci) -> None:
         # The host side would assign a VFIO device; this guest has no mapping from a VMBus

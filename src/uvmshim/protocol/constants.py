@@ -35,6 +35,22 @@ SCSI_TARGET = 0
 #: device through this address.
 VPMEM_ROOT_PORT_PCI_SLOT_BASE = 0x10
 
+#: The PCI slot of the *ready NIC*: a ``virtio-net-pci`` present from boot (so in every
+#: template), whose driver the guest leaves unbound until a container's first interface claims
+#: it (``AddNic.ready``): that costs a driver bind instead of a PCI hot-plug.
+READY_NIC_PCI_SLOT = 0x9
+#: Its MAC from boot (the guest gives it the endpoint's when it claims it).
+READY_NIC_MAC = "52:54:00:75:76:ff"
+#: The guest network namespace a template's guest makes before it is saved (with its shell
+#: and ``lo`` up): the first a UVM asks for (the host numbers them ``ns0``, ``ns1``...), so a
+#: clone's first network namespace is there already.
+READY_NETNS_ID = "ns0"
+
+
+def ready_nic_pci_address() -> str:
+    """The guest's PCI address of the ready NIC."""
+    return f"0000:00:{READY_NIC_PCI_SLOT:02x}.0"
+
 #: How many root ports fit from the base up to the last slot of bus 0 (0x1f).
 MAX_ROOT_PORTS = 0x20 - VPMEM_ROOT_PORT_PCI_SLOT_BASE
 

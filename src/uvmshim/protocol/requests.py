@@ -358,10 +358,14 @@ class ProcessResize(RequestBody):
 class AddNetNS(RequestBody):
     """Create the guest network namespace ``ns_id`` (a bind mount at
     :func:`~uvmshim.protocol.constants.guest_netns_path`) with ``lo`` up. Containers join it
-    through their spec's ``linux.namespaces`` entry. Result: its path (a string)."""
+    through their spec's ``linux.namespaces`` entry. Result: its path (a string).
+
+    With ``bind_ready``, the ready NIC's driver is bound meanwhile (the namespace's first
+    ``AddNic`` will be ``ready``)."""
 
     OP = Op.ADD_NETNS
     ns_id: str
+    bind_ready: bool = False
 
 
 class RemoveNetNS(RequestBody):
@@ -376,7 +380,11 @@ class AddNic(RequestBody):
     """Wait for the NIC whose MAC is ``mac`` (a hot-added ``virtio-net-pci``), move it into
     the namespace ``ns_id`` under the name ``ifname``, set ``mtu`` (0: keep), add
     ``addresses`` (``ADDR/PREFIX``, IPv4 or IPv6) and ``routes`` (``DEST/PREFIX [via GW]
-    [metric N]``, see :func:`parse_route`) and bring it up. Result: ``{"ifname": name}``."""
+    [metric N]``, see :func:`parse_route`) and bring it up. Result: ``{"ifname": name}``.
+
+    With ``ready``, the NIC is the ready NIC instead
+    (:data:`~uvmshim.protocol.constants.READY_NIC_PCI_SLOT`, present from boot with its driver
+    unbound): its driver is bound now, and it gets ``mac`` as it moves."""
 
     OP = Op.ADD_NIC
     ns_id: str
@@ -386,11 +394,13 @@ class AddNic(RequestBody):
     mtu: Index = 0
     addresses: StrList = ()
     routes: StrList = ()
+    ready: bool = False
 
 
 class RemoveNic(RequestBody):
     """Forget NIC ``nic_id`` before its hot-unplug (which takes the device away with its
-    addresses and routes)."""
+    addresses and routes); the ready NIC, which is not unplugged, has its driver unbound (the
+    interface goes, with its addresses and routes)."""
 
     OP = Op.REMOVE_NIC
     ns_id: str

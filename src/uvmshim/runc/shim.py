@@ -83,6 +83,7 @@ class Shim:
     async def run(self) -> int:
         """Create, serve, wait for the init, tear down; return the exit status."""
         from uvmshim.runtime.vm import start_uvm
+        from uvmshim.uvm.network import ready_nic_netns
         from uvmshim.uvm.options import UvmOptions
 
         self._install_signals()
@@ -93,7 +94,8 @@ class Shim:
             if self.cfg.cgroup:  # before QEMU starts: it inherits the cgroup
                 self._join_cgroup()
             async with start_uvm(options, memory_mb=self.cfg.memory_mb, cpus=self.cfg.cpus,
-                                 vm_id=vm_id) as uvm:
+                                 vm_id=vm_id,
+                                 netns=ready_nic_netns(self.cfg.spec.linux)) as uvm:
                 self.uvm = uvm
                 container = Container(uvm.vm, uvm.agent, self.id,
                                       guest_spec(self.cfg.spec, console=self.cfg.stdin))

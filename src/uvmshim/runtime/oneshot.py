@@ -19,6 +19,7 @@ from uvmshim.runtime import hooks, terminal
 from uvmshim.runtime.container import Container
 from uvmshim.runtime.vm import start_uvm
 from uvmshim.spec import Spec
+from uvmshim.uvm.network import ready_nic_netns
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.sizing import resolve_size
 
@@ -169,7 +170,7 @@ async def run_container(
     created = False  # the container and its create hooks passed: poststop runs at the end
     try:
         async with start_uvm(options, memory_mb=size.memory_mb, cpus=size.cpus, progress=say,
-                             template=template) as uvm:
+                             template=template, netns=ready_nic_netns(spec.linux)) as uvm:
             container = Container(uvm.vm, uvm.agent, container_id, spec)
             say("attaching storage")
             await container.create(stdin=stdin)

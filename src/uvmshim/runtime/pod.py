@@ -20,7 +20,7 @@ from uvmshim.runtime.container import Container
 from uvmshim.runtime.specgen import RunOptions, build_spec
 from uvmshim.runtime.vm import QemuUvm, start_uvm
 from uvmshim.spec import Spec
-from uvmshim.uvm.network import ANNOTATION_NETWORK, ANNOTATION_PUBLISH
+from uvmshim.uvm.network import ANNOTATION_NETWORK, ANNOTATION_PUBLISH, ready_nic_netns
 from uvmshim.uvm.options import UvmOptions
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ async def run_pod(pod_id: str, sandbox_spec: Spec, *, memory_mb: int = 512,
                   progress: Callable[[str], None] | None = None) -> AsyncIterator[Pod]:
     """Boot a UVM with the pod's sandbox running; stop the pod and the UVM on the way out."""
     async with start_uvm(options or UvmOptions.from_annotations(sandbox_spec.annotations),
-                         memory_mb=memory_mb, cpus=cpus, progress=progress) as uvm:
+                         memory_mb=memory_mb, cpus=cpus, progress=progress,
+                         netns=ready_nic_netns(sandbox_spec.linux)) as uvm:
         pod = Pod(uvm, pod_id)
         try:
             await pod.start_sandbox(sandbox_spec)

@@ -31,8 +31,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from uvmshim.asyncutil import finish_despite_cancel
-from uvmshim.errors import AgentConnectionError, BackendError, ReleaseError
+from uvmshim.errors import AgentConnectionError, BackendError, ReleaseError, UvmshimError
 from uvmshim.protocol.requests import FreshStart
+from uvmshim.uvm import hostnet
 from uvmshim.uvm.bootfiles import BootFiles, ensure_boot_files
 from uvmshim.uvm.options import UvmOptions
 from uvmshim.uvm.qemu.agent_client import AgentClient
@@ -91,6 +92,7 @@ def machine_config(boot: BootFiles, options: UvmOptions, *, memory_mb: int = 512
         scsi_controllers=options.scsi_controller_count,
         vpmem_slots=options.effective_vpmem_count,
         hotplug_ports=max(4, options.effective_vpmem_count),
+        ready_nic=True,
     )
 
 
@@ -118,6 +120,7 @@ async def start_uvm(
     vm_id: str | None = None,
     progress: Callable[[str], None] | None = None,
     template: bool | None = None,
+    netns: str = "",
 ) -> AsyncIterator[QemuUvm]:
     """Start a utility VM (a clone of its template, or a cold boot) and yield it; tear
     everything down on the way out.
@@ -128,6 +131,10 @@ async def start_uvm(
         ready).
     :param template: clone from a template (building it on first use); ``False`` boots cold;
         ``None`` (default): clone unless ``$UVMSHIM_NO_TEMPLATE`` is set.
+    :param netns: the host network namespace the VM's containers will be connected to (the
+        spec's): its first interface gets the ready NIC, whose tap is made in it now, before
+        QEMU starts (a driver bind in the guest instead of a PCI hot-plug). If that fails, the
+        VM starts without it, and connecting reports the namespace's problem.
     :raises UvmshimError: the boot files could not be built or the VM did not come up;
         nothing is left running.
     """
@@ -148,27 +155,59 @@ async def start_uvm(
     key: str | None = None
     if template is None:
         template = not templates_disabled()
-    if template:
-        started = await _start_clone(config, boot, vm_id, power_off, say)
-        if started is not None:
-            machine, agent, key = started
-    if machine is None:
-        machine = QemuMachine(config, vm_id=vm_id, on_shutdown=power_off)
-        say("booting the utility VM")
-        await machine.launch()
+    tap = await _ready_tap(netns) if netns else None
+    try:
+        if template:
+            started = await _start_clone(config, boot, vm_id, power_off, say, tap)
+            if started is not None:
+                machine, agent, key = started
+        if machine is None:
+            machine = QemuMachine(config, vm_id=vm_id, on_shutdown=power_off,
+                                  nic_fd=None if tap is None else tap.fd)
+            say("booting the utility VM")
+            await machine.launch()
+    except BaseException:
+        if tap is not None:
+            await finish_despite_cancel(hostnet.unplumb(tap))
+        raise
+    if tap is not None:
+        tap.close_fd()  # QEMU has it
     uvm: QemuUvm | None = None
     try:
         if agent is None:
             agent = await AgentClient.connect(machine.agent_socket_path, timeout=AGENT_TIMEOUT)
             await fresh_start(agent, machine.vm_id)
-        host = QemuHostBackend(machine)
+        host = QemuHostBackend(machine, ready_tap=tap)
         guest = AgentGuestBackend(agent)
         vm = UtilityVM(machine.vm_id, host, guest, opts)
         uvm = QemuUvm(machine, agent, guest, host, vm, boot, key)
         say("utility VM ready")
         yield uvm
     finally:
-        await _stop(machine, agent, uvm)
+        try:
+            await _stop(machine, agent, uvm)
+        finally:
+            if tap is not None:
+                # Gone with QEMU's descriptor; its redirects, if a release left them, now.
+                await finish_despite_cancel(_drop_ready_tap(tap))
+
+
+async def _ready_tap(netns: str) -> hostnet.Plumbing | None:
+    """The ready NIC's tap in ``netns``, or None (with a debug line) if it can't be made."""
+    try:
+        tap = await hostnet.make_tap(netns, hostnet.READY_TAP)
+    except UvmshimError as err:
+        log.debug("no ready NIC for %s: %s", netns, err)
+        return None
+    hostnet.preload_netlink()  # while QEMU starts: connecting the tap needs it
+    return tap
+
+
+async def _drop_ready_tap(tap: hostnet.Plumbing) -> None:
+    try:
+        await hostnet.unplumb(tap)
+    except UvmshimError as err:
+        log.warning("removing the ready NIC's tap: %s", err)
 
 
 async def fresh_start(agent: AgentClient, vm_id: str) -> None:
@@ -180,6 +219,7 @@ async def fresh_start(agent: AgentClient, vm_id: str) -> None:
 async def _start_clone(
     config: QemuConfig, boot: BootFiles, vm_id: str | None,
     power_off: Callable[[], Awaitable[None]], say: Callable[[str], None],
+    tap: hostnet.Plumbing | None = None,
 ) -> tuple[QemuMachine, AgentClient, str] | None:
     """A running clone of the template for ``config`` with its agent ready and fresh-started,
     or None (after a one-line warning) if there is no usable template: the caller boots cold."""
@@ -194,7 +234,8 @@ async def _start_clone(
     try:
         machine = QemuMachine(
             dataclasses.replace(key.config, kernel=boot.kernel, initrd=boot.initrd, ram="clone"),
-            vm_id=vm_id, on_shutdown=power_off, ram_fd=files.ram_fd)
+            vm_id=vm_id, on_shutdown=power_off, ram_fd=files.ram_fd,
+            nic_fd=None if tap is None else tap.fd)
         say("starting the utility VM from its template")
         await machine.launch()
         # Connect and send hello while the state loads: the request is waiting when the guest

@@ -82,14 +82,21 @@ class HostBackend(Protocol):
         """Unassign the device assigned as ``vmbus_guid``."""
 
     async def nic_add(self, nic_id: str, endpoint: Endpoint, *, netns: str = "",
-                      host_forwards: Sequence[str] | None = None) -> None:
+                      host_forwards: Sequence[str] | None = None) -> bool:
         """Hot-add a NIC with ``endpoint``'s MAC and MTU: connected to ``endpoint``'s
         interface in the host network namespace ``netns`` (a tap and tc redirects), or, with
         ``host_forwards`` instead, to QEMU's user-mode network with those port forwards
-        (``tcp:HOSTADDR:HOSTPORT-:GUESTPORT``)."""
+        (``tcp:HOSTADDR:HOSTPORT-:GUESTPORT``).
+
+        :returns: True if, instead of a hot-add, the NIC is the VM's ready NIC (present from
+            boot, its tap made for ``netns`` before the VM started), which the guest claims
+            (``add_nic(ready=True)``)."""
 
     async def nic_remove(self, nic_id: str) -> None:
         """Hot-remove NIC ``nic_id`` and undo what connected it on the host."""
+
+    def has_ready_nic(self, netns: str) -> bool:
+        """Whether the first :meth:`nic_add` for ``netns`` will be the ready NIC."""
 
 
 class GuestBackend(Protocol):
@@ -131,15 +138,18 @@ class GuestBackend(Protocol):
     async def add_vpci(self, vmbus_guid: str) -> None:
         """Wait for the assigned PCI device ``vmbus_guid`` to show up in the guest."""
 
-    async def add_netns(self, ns_id: str) -> None:
-        """Create the guest network namespace ``ns_id`` (``lo`` up)."""
+    async def add_netns(self, ns_id: str, *, bind_ready: bool = False) -> None:
+        """Create the guest network namespace ``ns_id`` (``lo`` up); with ``bind_ready``,
+        bind the ready NIC's driver meanwhile (its first NIC will be the ready NIC)."""
 
     async def remove_netns(self, ns_id: str) -> None:
         """Remove the guest network namespace ``ns_id``."""
 
-    async def add_nic(self, ns_id: str, nic_id: str, endpoint: Endpoint) -> None:
-        """Move the NIC with ``endpoint``'s MAC into ``ns_id`` and configure it like
-        ``endpoint`` (name, MTU, addresses, routes)."""
+    async def add_nic(self, ns_id: str, nic_id: str, endpoint: Endpoint, *,
+                      ready: bool = False) -> None:
+        """Move the NIC with ``endpoint``'s MAC (``ready``: the ready NIC, which gets that
+        MAC) into ``ns_id`` and configure it like ``endpoint`` (name, MTU, addresses,
+        routes)."""
 
     async def remove_nic(self, ns_id: str, nic_id: str) -> None:
         """Take NIC ``nic_id`` down (before its hot-unplug)."""

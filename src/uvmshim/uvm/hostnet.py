@@ -17,6 +17,11 @@ so its traffic must get from that veth into the VM and back. As Kata Containers 
    (into QEMU), whatever QEMU writes to the tap leaves through the veth;
 4. hands the tap's descriptor to QEMU (which never opens ``/dev/net/tun`` itself).
 
+The *ready NIC* (a ``virtio-net-pci`` present from boot, :mod:`uvmshim.agent.network`) gets its
+tap before QEMU starts: :func:`make_tap` creates it (step 2 alone, without netlink, so it costs
+about a millisecond before the launch) and QEMU inherits it; :func:`connect_tap` adds the
+redirects later, when the container's endpoints are read.
+
 The guest gives its NIC the same MAC, addresses, routes and MTU (:mod:`uvmshim.agent.network`).
 Undoing it deletes the veth's ingress qdisc (with its filter) and the tap (whose own qdisc goes
 with it); the tap also vanishes by itself once the last descriptor (QEMU's) is closed.
@@ -38,9 +43,11 @@ import ctypes
 import errno
 import fcntl
 import functools
+import importlib
 import ipaddress
 import logging
 import os
+import socket
 import stat
 import struct
 import threading
@@ -75,6 +82,8 @@ _RT_TABLE_MAIN = 254
 
 #: Name prefix of our tap devices (``uvmtap0``, ``uvmtap1``, ...).
 TAP_PREFIX = "uvmtap"
+#: The ready NIC's tap (:func:`make_tap`).
+READY_TAP = f"{TAP_PREFIX}r"
 #: The tc priority of every redirect filter uvmshim adds ("uv"); marks them as ours.
 FILTER_PRIO = 0x7576
 #: Where named network namespaces live (``ip netns``, podman's CNI, containerd).
@@ -109,7 +118,8 @@ class Plumbing:
     """A tap and the two redirects between it and ``endpoint``'s interface."""
 
     netns: str
-    endpoint: Endpoint
+    #: None until the tap is connected to an interface (a ready NIC's, :func:`make_tap`).
+    endpoint: Endpoint | None
     tap: str
     tap_index: int = 0
     #: The tap's descriptor (ours until handed to QEMU; -1 after :meth:`close_fd`).
@@ -170,26 +180,49 @@ def _is_nsfs(fd: int) -> bool:
     return int(magic) == _NSFS_MAGIC
 
 
+def preload_netlink() -> None:
+    """Import pyroute2 in a thread of its own (50-90 ms), once: for a caller that will soon
+    need it and waits meanwhile (a UVM starting)."""
+    global _preloading
+    with _preload_lock:
+        if _preloading is None:
+            _preloading = threading.Thread(target=importlib.import_module, args=("pyroute2",),
+                                           name="pyroute2-import", daemon=True)
+            _preloading.start()
+
+
+_preloading: threading.Thread | None = None
+_preload_lock = threading.Lock()
+
+
+def _with_netlink(fn: Callable[[IPRoute], T]) -> T:
+    from pyroute2 import IPRoute
+
+    ipr = IPRoute()
+    try:
+        return fn(ipr)
+    finally:
+        ipr.close()
+
+
 def _in_thread(netns: str | None, fn: Callable[[IPRoute], T]) -> concurrent.futures.Future[T]:
     """Run ``fn(ipr)`` in a new thread inside the namespace ``netns`` (None: ours), with a
     netlink socket opened there; the thread goes back to its own namespace afterwards."""
+    return _in_ns_thread(netns, functools.partial(_with_netlink, fn))
+
+
+def _in_ns_thread(netns: str | None, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    """Run ``fn()`` in a new thread inside the namespace ``netns`` (None: ours)."""
     future: concurrent.futures.Future[T] = concurrent.futures.Future()
     fd = open_netns(netns) if netns is not None else -1
 
     def work() -> None:
-        from pyroute2 import IPRoute
-
         own = -1
         try:
             if fd >= 0:
                 own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
                 _setns(fd)
-            ipr = IPRoute()
-            try:
-                result = fn(ipr)
-            finally:
-                ipr.close()
-            future.set_result(result)
+            future.set_result(fn())
         except BaseException as e:  # handed to the awaiting task
             future.set_exception(e)
         finally:
@@ -215,7 +248,11 @@ async def in_netns(netns: str | None, fn: Callable[[IPRoute], T]) -> T:
     If the caller is cancelled, this still waits for the thread (whose effects the caller may
     have to undo) before the cancellation goes on.
     """
-    future = asyncio.wrap_future(_in_thread(netns, fn))
+    return await _await_thread(_in_thread(netns, fn))
+
+
+async def _await_thread(thread: concurrent.futures.Future[T]) -> T:
+    future = asyncio.wrap_future(thread)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -236,9 +273,11 @@ def _netlink_error(what: str, e: BaseException) -> NetworkError:
 
 def _read_endpoints(ipr: IPRoute, netns: str) -> list[Endpoint]:
     endpoints: list[Endpoint] = []
+    with _ready_lock:
+        ours = {tap for ns, tap in _ready_taps if ns == os.path.realpath(netns)}
     for link in ipr.get_links():
         name = str(link.get("ifname"))
-        if link["flags"] & _IFF_LOOPBACK:
+        if link["flags"] & _IFF_LOOPBACK or name in ours:
             continue
         if name.startswith(TAP_PREFIX):
             raise NetworkError(f"network namespace {netns} is already connected to a UVM "
@@ -346,16 +385,31 @@ def _redirect(ipr: IPRoute, from_index: int, to_index: int) -> None:
 
 
 def _plumb(ipr: IPRoute, p: Plumbing, fail_after: str) -> None:
-    ep = p.endpoint
-    links = ipr.link_lookup(ifname=ep.ifname)
-    if not links or links[0] != ep.index:
-        raise NetworkError(f"interface {ep.ifname} of {p.netns} went away while the "
-                           "container was being connected")
+    _check_link(ipr, p)
     p.fd = _create_tap(p.tap)
     p.steps.append("tap")
     if fail_after == "tap":
         raise NetworkError(f"injected failure after creating {p.tap}")
-    p.tap_index = ipr.link_lookup(ifname=p.tap)[0]
+    _connect(ipr, p, fail_after)
+
+
+def _check_link(ipr: IPRoute, p: Plumbing) -> Endpoint:
+    ep = p.endpoint
+    assert ep is not None
+    links = ipr.link_lookup(ifname=ep.ifname)
+    if not links or links[0] != ep.index:
+        raise NetworkError(f"interface {ep.ifname} of {p.netns} went away while the "
+                           "container was being connected")
+    return ep
+
+
+def _connect(ipr: IPRoute, p: Plumbing, fail_after: str) -> None:
+    """The redirects between ``p``'s tap (which exists) and its endpoint's interface."""
+    ep = _check_link(ipr, p)
+    found = ipr.link_lookup(ifname=p.tap)
+    if not found:
+        raise NetworkError(f"{p.tap} in {p.netns} is gone (its VM stopped?)")
+    p.tap_index = found[0]
     ipr.link("set", index=p.tap_index, mtu=ep.mtu, state="up")
     p.steps.append("veth-redirect")  # before: a half-made redirect is undone too
     try:
@@ -377,7 +431,7 @@ def _plumb(ipr: IPRoute, p: Plumbing, fail_after: str) -> None:
 
 def _unplumb(ipr: IPRoute, p: Plumbing) -> list[str]:
     problems: list[str] = []
-    if "veth-redirect" in p.steps:
+    if "veth-redirect" in p.steps and p.endpoint is not None:
         try:
             ipr.tc("del", "ingress", p.endpoint.index, "ffff:")
         except Exception as e:
@@ -464,7 +518,84 @@ async def unplumb(p: Plumbing) -> None:
     if problems:
         raise NetworkError("; ".join(problems))
     p.steps.clear()
+    _forget_ready(p)
     _unhold(p)
+
+
+# Section: the ready NIC's tap
+
+#: ``(namespace realpath, tap)`` of the ready NICs' taps this process made: what
+#: :func:`read_endpoints` does not count as the namespace's (nor as another UVM's).
+_ready_taps: set[tuple[str, str]] = set()
+_ready_lock = threading.Lock()
+
+
+def _forget_ready(p: Plumbing) -> None:
+    with _ready_lock:
+        _ready_taps.discard((os.path.realpath(p.netns), p.tap))
+
+
+async def make_tap(netns: str, tap: str) -> Plumbing:
+    """Create tap ``tap`` in ``netns``, connected to nothing yet (:func:`connect_tap`): the
+    ready NIC's, which QEMU inherits as it starts. No netlink library: a thread enters the
+    namespace and opens ``/dev/net/tun``.
+
+    :returns: the plumbing, holding the tap's descriptor (the caller passes it to QEMU and
+        closes its own copy; the tap goes when QEMU's copy is closed too).
+    :raises NetworkError: the namespace is not one, or has a tap of ours (another UVM's).
+    """
+    p = Plumbing(netns, None, tap)
+
+    def work() -> None:
+        taps = [name for _, name in socket.if_nameindex() if name.startswith(TAP_PREFIX)]
+        if taps:
+            raise NetworkError(f"network namespace {netns} is already connected to a UVM "
+                               f"({taps[0]} exists)")
+        try:
+            p.fd = _create_tap(tap)
+        except OSError as e:
+            raise NetworkError(f"creating {tap} in {netns}: {e.strerror}") from e
+        p.steps.append("tap")
+
+    _hold(p)  # before the tap: a SIGKILL at any point leaves a record
+    try:
+        await _await_thread(_in_ns_thread(netns, work))
+    except BaseException:
+        p.close_fd()  # the tap, if made, goes with its only descriptor
+        p.steps.clear()
+        _unhold(p)
+        raise
+    with _ready_lock:
+        _ready_taps.add((os.path.realpath(netns), tap))
+    return p
+
+
+async def connect_tap(p: Plumbing, endpoint: Endpoint) -> None:
+    """Redirect between ``p``'s tap (from :func:`make_tap`) and ``endpoint``'s interface, and
+    bring the tap up with its MTU.
+
+    :raises NetworkError: the redirects that were made are undone then (the tap stays: it is
+        QEMU's, and goes with the VM or :func:`unplumb`).
+    """
+    p.endpoint = endpoint
+    fail_after = FAIL_AFTER
+
+    def work(ipr: IPRoute) -> None:
+        try:
+            _connect(ipr, p, fail_after)
+        except BaseException as e:
+            steps = [s for s in p.steps if s != "tap"]
+            problems = _unplumb(ipr, Plumbing(p.netns, endpoint, p.tap, steps=steps))
+            if problems:
+                log.warning("undoing a failed network set-up: %s", "; ".join(problems))
+            else:
+                p.steps[:] = [s for s in p.steps if s == "tap"]
+            if isinstance(e, NetworkError):
+                raise
+            raise _netlink_error(f"connecting {endpoint.ifname} of {p.netns} to {p.tap}", e) \
+                from e
+
+    await in_netns(p.netns, work)
 
 
 # Section: leftovers

@@ -128,6 +128,7 @@ class NetworkManager:
             return found
         if not callable(endpoints):
             self._check_count(endpoints, host_path or key)
+        # The first is READY_NETNS_ID, which a template's guest has made already.
         ns = _Namespace(key, f"ns{next(self._ns_counter)}", host_path)
         self._namespaces[key] = ns
         netns = asyncio.ensure_future(self._create_netns(ns))
@@ -158,19 +159,26 @@ class NetworkManager:
                 f"lo; a UVM takes at most {MAX_INTERFACES}")
 
     async def _create_netns(self, ns: _Namespace) -> None:
-        await self._guest.add_netns(ns.ns_id)
+        await self._guest.add_netns(ns.ns_id,
+                                    bind_ready=self._host.has_ready_nic(ns.host_path))
         ns.created = True
 
     async def _add_nic(self, ns: _Namespace, ep: Endpoint,
                        host_forwards: Sequence[str] | None, netns: asyncio.Future[None]) -> None:
         nic_id = f"nic{next(self._nic_counter)}"
         host, guest = self._host, self._guest
+        ready = False
+
+        async def host_add() -> None:
+            nonlocal ready
+            ready = await host.nic_add(nic_id, ep, netns=ns.host_path,
+                                       host_forwards=host_forwards)
 
         async def guest_add() -> None:
             # Sent while the guest may still be making the namespace (``netns``): the agent
             # waits for it; if making it failed, that is the error to report.
             try:
-                await guest.add_nic(ns.ns_id, nic_id, ep)
+                await guest.add_nic(ns.ns_id, nic_id, ep, ready=ready)
             except Exception:
                 await _settle(netns)
                 if not netns.cancelled() and netns.exception() is not None:
@@ -179,8 +187,7 @@ class NetworkManager:
 
         try:
             await host_then_guest(
-                lambda: host.nic_add(nic_id, ep, netns=ns.host_path,
-                                     host_forwards=host_forwards),
+                host_add,
                 guest_add,
                 lambda: host.nic_remove(nic_id),
             )
@@ -246,6 +253,17 @@ def spec_netns_path(linux: dict[str, Any] | None) -> str:
                 raise NetworkError("expected a string", where=f"linux.namespaces[{i}].path")
             return path
     return ""
+
+
+def ready_nic_netns(linux: dict[str, Any] | None) -> str:
+    """The host network namespace whose first interface a UVM started for a spec with this
+    ``linux`` section should take on its ready NIC (``start_uvm(netns=...)``); "" if none (or
+    the entry is bad: connecting reports that)."""
+    try:
+        path = spec_netns_path(linux)
+    except NetworkError:
+        return ""
+    return "" if path.startswith(CONTAINER_NS_PREFIX) else path
 
 
 def host_netns_key(path: str) -> str:

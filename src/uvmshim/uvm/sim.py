@@ -187,7 +187,7 @@ class SimulatedBackend:
         del self.pci[vmbus_guid]
 
     async def nic_add(self, nic_id: str, endpoint: Endpoint, *, netns: str = "",
-                      host_forwards: Sequence[str] | None = None) -> None:
+                      host_forwards: Sequence[str] | None = None) -> bool:
         self._record("host", "nic-add", nic_id=nic_id, mac=endpoint.mac, netns=netns,
                      ifname=endpoint.ifname,
                      **({} if host_forwards is None else {"forwards": list(host_forwards)}))
@@ -196,6 +196,10 @@ class SimulatedBackend:
         if len(self.nics) + len(self.pci) >= SIM_HOTPLUG_PORTS:
             raise BackendError(f"NIC {endpoint.ifname}: no free hot-plug root port")
         self.nics[nic_id] = {"mac": endpoint.mac, "netns": netns, "ifname": endpoint.ifname}
+        return False  # the simulated UVM has no ready NIC: every NIC is hot-added
+
+    def has_ready_nic(self, netns: str) -> bool:
+        return False
 
     async def nic_remove(self, nic_id: str) -> None:
         self._record("host", "nic-remove", nic_id=nic_id)
@@ -314,7 +318,7 @@ class SimulatedBackend:
         if vmbus_guid not in self.pci:
             raise BackendError(f"assigned device {vmbus_guid} never showed up in the guest")
 
-    async def add_netns(self, ns_id: str) -> None:
+    async def add_netns(self, ns_id: str, *, bind_ready: bool = False) -> None:
         self._record("guest", "add-netns", ns_id=ns_id)
         if ns_id in self.netns:
             raise BackendError(f"network namespace {ns_id} exists")
@@ -326,7 +330,8 @@ class SimulatedBackend:
             raise BackendError(f"no network namespace {ns_id}")
         del self.netns[ns_id]
 
-    async def add_nic(self, ns_id: str, nic_id: str, endpoint: Endpoint) -> None:
+    async def add_nic(self, ns_id: str, nic_id: str, endpoint: Endpoint, *,
+                      ready: bool = False) -> None:
         self._record("guest", "add-nic", ns_id=ns_id, nic_id=nic_id, ifname=endpoint.ifname,
                      addresses=list(endpoint.addresses), routes=list(endpoint.routes))
         if ns_id not in self.netns:

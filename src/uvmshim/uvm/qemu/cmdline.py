@@ -8,12 +8,14 @@ Device map of the q35 machine (fixed, so the guest can rely on it)::
     00:06.0  virtio-scsi-pci     scsi1
     00:07.0  virtio-scsi-pci     scsi2
     00:08.0  virtio-scsi-pci     scsi3
+    00:09.0  virtio-net-pci      nic-ready (with ``ready_nic``; its tap, if any, a passed fd)
     00:10.0+ pcie-root-port      rp0, rp1, ... spare hot-plug slots (vPMEM, VFIO)
 
 The port name, the mount tag and the SCSI and root-port slots are the guest's contract
 (:mod:`uvmshim.protocol.constants`); the agent relies on them.
 
-There is no network device, no default device (``-nodefaults``), no config file
+There is no network device (but the ready NIC, whose only possible peer is a tap passed
+in), no default device (``-nodefaults``), no config file
 (``-no-user-config``) and no host file other than the boot files on the command line.
 """
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 from uvmshim.protocol.constants import (
     AGENT_PORT_NAME,
     PLAN9_MOUNT_TAG,
+    READY_NIC_MAC,
+    READY_NIC_PCI_SLOT,
     SCSI_CONTROLLER_PCI_SLOTS,
     root_port_pci_slot,
 )
@@ -63,6 +67,7 @@ def build_argv(
     qmp_fd: int,
     agent_fd: int,
     ram_fd: int | None = None,
+    nic_fd: int | None = None,
 ) -> list[str]:
     """Build the QEMU argv for ``config``.
 
@@ -73,6 +78,9 @@ def build_argv(
     :param agent_fd: an fd QEMU inherits: a bound, listening unix socket for the agent port.
     :param ram_fd: an fd QEMU inherits: the RAM file of a template or clone (``config.ram``);
         QEMU opens it as ``/proc/self/fd/<n>`` (``memory-backend-file`` takes only a path).
+    :param nic_fd: an fd QEMU inherits: the tap of the ready NIC (``config.ready_nic``). The
+        device is the same without it (a template's is), so a clone with a tap runs its
+        template's machine; only the peer differs, and QEMU does not migrate peers.
     :return: the argv, starting with ``config.qemu_binary``.
     """
     cpu = config.cpu_model or ("host" if accel == "kvm" else "max")
@@ -112,6 +120,14 @@ def build_argv(
     for i in range(config.scsi_controllers):
         slot = SCSI_CONTROLLER_PCI_SLOTS[i]
         argv += ["-device", f"virtio-scsi-pci,id={scsi_controller_id(i)},addr={slot:#x}"]
+    if config.ready_nic:
+        nic = f"virtio-net-pci,id=nic-ready,addr={READY_NIC_PCI_SLOT:#x},mac={READY_NIC_MAC}"
+        if nic_fd is not None:
+            argv += ["-netdev", f"tap,id=net-ready,fd={nic_fd},vhost=off"]
+            nic += ",netdev=net-ready"
+        argv += ["-device", nic]
+    elif nic_fd is not None:
+        raise ValueError("a tap for the ready NIC, but the machine has none")
     for i in range(config.hotplug_ports):
         # One root port per slot; chassis/slot numbers must be unique on the machine.
         argv += [

@@ -93,6 +93,9 @@ class QemuConfig:
     :param ram: how guest RAM is backed (:data:`RamMode`); ``template`` and ``clone`` need the
         RAM file's descriptor (``QemuMachine(ram_fd=...)``), and a clone starts paused, waiting
         for its device state (``-incoming defer``).
+    :param ready_nic: a ``virtio-net-pci`` present from boot at
+        :data:`~uvmshim.protocol.constants.READY_NIC_PCI_SLOT` (the *ready NIC*); its tap, if
+        the VM gets one, is passed at launch (``QemuMachine(nic_fd=...)``).
     """
 
     kernel: Path
@@ -115,6 +118,7 @@ class QemuConfig:
     private_root: bool = True
     extra_args: tuple[str, ...] = ()
     ram: RamMode = "anonymous"
+    ready_nic: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.scsi_controllers <= MAX_SCSI_CONTROLLERS:

@@ -106,19 +106,23 @@ class AgentGuestBackend:
         """Wait for an assigned PCI device (this guest refuses: no VFIO support)."""
         await self.client.request(AddVpci(vmbus_guid=vmbus_guid))
 
-    async def add_netns(self, ns_id: str) -> None:
-        """Create the guest network namespace ``ns_id``."""
-        await self.client.request(AddNetNS(ns_id=ns_id))
+    async def add_netns(self, ns_id: str, *, bind_ready: bool = False) -> None:
+        """Create the guest network namespace ``ns_id`` (with ``bind_ready``, bind the ready
+        NIC's driver meanwhile)."""
+        await self.client.request(AddNetNS(ns_id=ns_id, bind_ready=bind_ready))
 
     async def remove_netns(self, ns_id: str) -> None:
         """Remove the guest network namespace ``ns_id``."""
         await self.client.request(RemoveNetNS(ns_id=ns_id))
 
-    async def add_nic(self, ns_id: str, nic_id: str, endpoint: Endpoint) -> None:
-        """Configure the hot-added NIC with ``endpoint``'s MAC in ``ns_id``."""
+    async def add_nic(self, ns_id: str, nic_id: str, endpoint: Endpoint, *,
+                      ready: bool = False) -> None:
+        """Configure the hot-added NIC with ``endpoint``'s MAC (or, with ``ready``, the ready
+        NIC) in ``ns_id``."""
         await self.client.request(AddNic(
             ns_id=ns_id, nic_id=nic_id, mac=endpoint.mac, ifname=endpoint.ifname,
-            mtu=endpoint.mtu, addresses=endpoint.addresses, routes=endpoint.routes))
+            mtu=endpoint.mtu, addresses=endpoint.addresses, routes=endpoint.routes,
+            ready=ready))
 
     async def remove_nic(self, ns_id: str, nic_id: str) -> None:
         """Take NIC ``nic_id`` down in ``ns_id``."""

@@ -170,10 +170,12 @@ class _Disk:
 
 @dataclass
 class _Nic:
-    """A hot-added NIC: its root port and, for a tap, the host plumbing behind it."""
+    """A hot-added NIC: its root port and, for a tap, the host plumbing behind it. The ready
+    NIC has no port (it is not hot-plugged)."""
 
     port: str
     plumbing: hostnet.Plumbing | None
+    ready: bool = False
 
 
 @dataclass
@@ -193,12 +195,17 @@ class QemuHostBackend:
         or external data file (each file of a chain must be listed; compared after resolving
         symlinks; a relative name in an image is relative to the image's directory). Empty by
         default: such images are refused. Differencing VHD/VHDX images are always refused.
+    :param ready_tap: the tap the machine's ready NIC was started with
+        (:func:`uvmshim.uvm.hostnet.make_tap`): the first NIC for an interface of its network
+        namespace uses the ready NIC instead of a hot-added one.
     """
 
     def __init__(
-        self, machine: QemuMachine, *, allowed_backing_files: Iterable[str | os.PathLike[str]] = ()
+        self, machine: QemuMachine, *, allowed_backing_files: Iterable[str | os.PathLike[str]] = (),
+        ready_tap: hostnet.Plumbing | None = None,
     ) -> None:
         self.machine = machine
+        self._ready_tap = ready_tap
         self._allowed_files = frozenset(os.path.realpath(p) for p in allowed_backing_files)
         self._tags = 0  # makes every add-fd opaque tag unique
         self._lock = asyncio.Lock()
@@ -796,7 +803,7 @@ class QemuHostBackend:
     # Section: NICs
 
     async def nic_add(self, nic_id: str, endpoint: hostnet.Endpoint, *, netns: str = "",
-                      host_forwards: Sequence[str] | None = None) -> None:
+                      host_forwards: Sequence[str] | None = None) -> bool:
         """Hot-add ``virtio-net-pci`` id ``nic-<nic_id>`` (MAC and ``host_mtu`` of
         ``endpoint``) on a free root port, behind netdev ``net-<nic_id>``.
 
@@ -806,6 +813,10 @@ class QemuHostBackend:
         netdev is QEMU's user-mode network (``10.0.2.0/24``) with ``host_forwards``.
         Whatever fails, nothing stays: not the device, the netdev, the descriptor, the tap
         nor the redirects.
+
+        The first NIC for an interface of the namespace of the ready tap (``ready_tap``) is
+        the ready NIC instead: only the redirects are made (the ready NIC then has no tap any
+        more, whatever happens). :returns: True for the ready NIC.
         """
         _check_name("NIC id", nic_id)
         if not netns and host_forwards is None:
@@ -814,6 +825,17 @@ class QemuHostBackend:
         async with self._lock:
             if nic_id in self._nics:
                 raise BackendError(f"NIC {nic_id} already exists")
+            ready = self._ready_tap
+            if ready is not None and self.has_ready_nic(netns):
+                self._ready_tap = None  # it serves one endpoint, whatever happens
+                nic = _Nic("", ready, ready=True)
+                try:
+                    await hostnet.connect_tap(ready, endpoint)
+                except BaseException:
+                    await finish_despite_cancel(self._nic_undo(nic_id, nic, device=False))
+                    raise
+                self._nics[nic_id] = nic
+                return True
             port = self._take_port(f"NIC {endpoint.ifname}")
             nic = _Nic(port, None)
             try:
@@ -822,6 +844,7 @@ class QemuHostBackend:
                 await finish_despite_cancel(self._nic_undo(nic_id, nic, device=True))
                 raise
             self._nics[nic_id] = nic
+            return False
 
     async def _nic_add(self, nic_id: str, nic: _Nic, endpoint: hostnet.Endpoint, netns: str,
                        host_forwards: Sequence[str] | None) -> None:
@@ -863,14 +886,16 @@ class QemuHostBackend:
         """Remove the device (if ``device``), the netdev and the plumbing; what is not there
         is skipped. :raises BackendError: something stayed (the first problem)."""
         problems: list[str] = []
-        if device:
+        if device and not nic.ready:
             try:
                 await self._device_del(f"nic-{nic_id}", f"NIC {nic_id}")
             except BackendError as e:
                 problems.append(str(e))
         if not problems:
+            # The ready NIC stays, without its peer: QEMU closes the tap.
+            netdev = "net-ready" if nic.ready else f"net-{nic_id}"
             try:
-                await self._execute("netdev_del", {"id": f"net-{nic_id}"}, f"NIC {nic_id}")
+                await self._execute("netdev_del", {"id": netdev}, f"NIC {nic_id}")
             except BackendError as e:
                 if qmp_error_class(e) not in ("DeviceNotFound", "GenericError"):
                     problems.append(str(e))
@@ -881,7 +906,12 @@ class QemuHostBackend:
                 problems.append(str(e))
         if problems:
             raise BackendError("; ".join(problems))
-        self._give_port(nic.port)
+        if nic.port:
+            self._give_port(nic.port)
+
+    def has_ready_nic(self, netns: str) -> bool:
+        ready = self._ready_tap
+        return ready is not None and bool(netns) and _same_file(ready.netns, netns)
 
     async def nic_remove(self, nic_id: str) -> None:
         """Hot-remove NIC ``nic_id``: ``device_del`` (waiting for the guest), ``netdev_del``
@@ -900,3 +930,12 @@ def _check_disk_kind(path: str, mode: int, block_device: bool) -> None:
         raise BackendError(f"pass-through disk {path} is not a host block device")
     if not block_device and not stat.S_ISREG(mode):
         raise BackendError(f"disk image {path} is not a regular file")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file (a network namespace, say)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

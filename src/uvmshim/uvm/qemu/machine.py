@@ -156,6 +156,8 @@ class QemuMachine:
     :param kvm_probe: resolves ``accel="auto"``; default the process-wide :func:`default_kvm_probe`.
     :param ram_fd: the RAM file of a template or clone VM (``config.ram``), inherited by QEMU;
         the caller keeps it open until :meth:`launch` returns and closes it.
+    :param nic_fd: the tap of the ready NIC (``config.ready_nic``), inherited by QEMU; the
+        caller closes its own copy once :meth:`launch` returned.
     """
 
     def __init__(
@@ -166,11 +168,15 @@ class QemuMachine:
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
         kvm_probe: KvmProbe | None = None,
         ram_fd: int | None = None,
+        nic_fd: int | None = None,
     ) -> None:
         if (ram_fd is None) != (config.ram == "anonymous"):
             raise ValueError(f"ram={config.ram} and ram_fd={ram_fd} do not go together")
+        if nic_fd is not None and not config.ready_nic:
+            raise ValueError("a tap for the ready NIC, but the machine has none")
         self.config = config
         self._ram_fd = ram_fd
+        self._nic_fd = nic_fd
         self.vm_id = vm_id or uuid.uuid4().hex[:12]
         if "/" in self.vm_id or self.vm_id in ("", ".", ".."):
             raise ValueError(f"bad vm id {self.vm_id!r}")
@@ -287,7 +293,7 @@ class QemuMachine:
             listener.listen(1)
             self._argv = build_argv(
                 cfg, paths, accel=accel, qmp_fd=theirs.fileno(), agent_fd=listener.fileno(),
-                ram_fd=self._ram_fd,
+                ram_fd=self._ram_fd, nic_fd=self._nic_fd,
             )
             if cfg.run_as is not None:
                 self._argv = setpriv_prefix(*cfg.run_as) + self._argv
@@ -308,8 +314,8 @@ class QemuMachine:
                         stdin=asyncio.subprocess.DEVNULL,
                         stdout=log,
                         stderr=log,
-                        pass_fds=(theirs.fileno(), listener.fileno())
-                        + (() if self._ram_fd is None else (self._ram_fd,)),
+                        pass_fds=(theirs.fileno(), listener.fileno(),
+                                  *(fd for fd in (self._ram_fd, self._nic_fd) if fd is not None)),
                         preexec_fn=child_preexec(die_with_parent=cfg.die_with_parent, root=root),
                         # Own session: a terminal's Ctrl-C goes to us, and we stop QEMU in order.
                         start_new_session=True,
