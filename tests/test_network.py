@@ -266,3 +266,49 @@ def test_bad_network_namespaces(tmp_path: Path, rootfs: Path,
     assert "inet6 fd99::2/64" in text and "inet " not in text
     assert host_traces(c) == []
     assert not list((runc.root / "containers").iterdir())
+
+
+# Section: the ready NIC ------------------------------------------------------------------------
+
+
+def test_first_interface_takes_the_ready_nic(netns_pair: tuple[str, str]) -> None:
+    """A UVM started for a namespace (as the runtime starts one) connects that namespace's
+    first interface to its ready NIC: no NIC is hot-added, the guest's interface has the
+    endpoint's MAC, addresses and offloads (negotiated with a tap), traffic flows both ways;
+    afterwards the tap, the redirects and the guest's interface are gone, the UVM still up."""
+    import asyncio
+
+    from uvmshim.runtime.vm import QemuUvm, start_uvm
+    from uvmshim.uvm.network import connect_network
+
+    c, _ = netns_pair
+    path = f"/run/netns/{c}"
+
+    async def guest(uvm: QemuUvm, script: str) -> str:
+        return (await uvm.agent.exec(["sh", "-c", script], timeout=60)).stdout.decode()
+
+    async def go() -> None:
+        async with start_uvm(netns=path) as uvm:
+            ns = await connect_network(uvm.vm.network, {"namespaces": [
+                {"type": "network", "path": path}]}, {})
+            assert ns is not None
+            peripherals = await uvm.machine.qmp.execute("qom-list",
+                                                        {"path": "/machine/peripheral"})
+            assert isinstance(peripherals, list)
+            names = sorted(p["name"] for p in peripherals)
+            assert "nic-ready" in names and not [n for n in names if n.startswith("nic-nic")]
+            mac = ns.endpoints[0].mac
+            out = await guest(uvm, f"nsenter --net={ns.guest_path} ip addr show c0; "
+                                   f"nsenter --net={ns.guest_path} ping -c 1 -W 10 10.99.0.1; "
+                                   "cat /sys/bus/pci/devices/0000:00:09.0/virtio*/features")
+            assert mac in out and "inet 10.99.0.2/24" in out and "inet6 fd99::2/64" in out
+            assert "1 packets received" in out, out
+            features = out.strip().splitlines()[-1]
+            assert features[0] == "1" and features[11] == "1"  # CSUM, HOST_TSO4
+            await ns.release()
+            assert host_traces(c) == []
+            out = await guest(uvm, "ls /sys/bus/pci/devices/0000:00:09.0/virtio*/")
+            assert "net" not in out.split() and "driver" not in out.split()
+            assert uvm.machine.pid is not None
+
+    asyncio.run(go())

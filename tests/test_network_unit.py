@@ -392,3 +392,94 @@ def test_pod_workloads_join_the_sandbox_network() -> None:
     assert ANNOTATION_PUBLISH not in joined.annotations  # the sandbox publishes the pod's
     alone = _annotate(workload, "container", "p", pause_spec("/r").annotations)
     assert ANNOTATION_NETWORK not in alone.annotations
+
+
+# Section: the ready NIC's tap, and the agent's netlink requests
+
+
+def test_ready_tap_is_made_before_the_endpoint_and_connected_later(
+        netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ready NIC's tap exists before the endpoints are read (QEMU inherits it as it
+    starts); reading them does not count it, nor take it for another UVM's; a failed
+    connection undoes its redirects but leaves the tap (QEMU's); unplumbing removes all."""
+    path = f"/run/netns/{netns}"
+
+    async def go() -> None:
+        p = await hostnet.make_tap(path, hostnet.READY_TAP)
+        try:
+            assert p.fd >= 0 and p.endpoint is None
+            assert hostnet.READY_TAP in _ip("-n", netns, "-o", "link")
+            eps = {e.ifname: e for e in await hostnet.read_endpoints(path)}
+            assert sorted(eps) == ["v0", "v1"]  # not the tap
+            with pytest.raises(NetworkError, match="already connected to a UVM"):
+                await hostnet.make_tap(path, "uvmtap9")  # a second UVM on the namespace
+            monkeypatch.setattr(hostnet, "FAIL_AFTER", "veth-redirect")
+            with pytest.raises(NetworkError, match="injected failure"):
+                await hostnet.connect_tap(p, eps["v0"])
+            assert [t for t in _traces(netns) if hostnet.READY_TAP not in t] == []
+            monkeypatch.setattr(hostnet, "FAIL_AFTER", "")
+            await hostnet.connect_tap(p, eps["v0"])
+            assert len(_traces(netns)) == 3  # the tap and two ingress qdiscs
+            assert "mtu 1500" in _ip("-n", netns, "link", "show", hostnet.READY_TAP)
+        finally:
+            await hostnet.unplumb(p)
+        assert _traces(netns) == []
+        # Another UVM's tap: refused before anything is made.
+        other = await hostnet.plumb(path, (await hostnet.read_endpoints(path))[0], "uvmtap0")
+        try:
+            with pytest.raises(NetworkError, match="already connected to a UVM"):
+                await hostnet.make_tap(path, hostnet.READY_TAP)
+        finally:
+            await hostnet.unplumb(other)
+        assert _traces(netns) == []
+
+    asyncio.run(go())
+
+
+def test_scratch_tap_lives_in_a_namespace_of_its_own() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root and /dev/net/tun")
+    before = _ip("-o", "link")
+    tap, ns = hostnet.scratch_tap()
+    try:
+        assert os.readlink(f"/proc/self/fd/{ns}") != os.readlink("/proc/self/ns/net")
+        links = _nsenter(f"/proc/{os.getpid()}/fd/{ns}", "ip", "-o", "link")
+        assert f"{hostnet.TAP_PREFIX}t" in links
+        assert _ip("-o", "link") == before  # nothing in the host's namespace
+    finally:
+        os.close(tap)
+        os.close(ns)
+
+
+def test_agent_configures_a_namespace_over_netlink(netns: str) -> None:
+    """The agent's netlink requests (run here in a namespace of our own): a link renamed,
+    given a MAC and MTU and brought up in one request; IPv4 and IPv6 addresses and routes; a
+    refusal comes back as the kernel's error."""
+    code = textwrap.dedent("""
+        import socket
+        from uvmshim.agent import network as n
+        sock = n._netlink()
+        i = n.link_index(sock, "v1")
+        n.set_link(sock, i, name="eth9", mtu=1400, up=True, mac="02:00:00:75:76:0a")
+        assert n.link_index(sock, "eth9") == i
+        for text in ("10.98.1.2/24", "fd98::2/64"):
+            n.add_address(sock, i, *n._prefixed(text))
+        for text in ("10.98.2.0/24 via 10.98.1.1 metric 7", "fd99::/64 via fd98::1",
+                     "10.98.3.0/24"):
+            r = n._route(text)
+            n.add_route(sock, i, r.family, r.net, r.prefix, r.gateway, r.metric)
+        try:
+            n.add_address(sock, i, *n._prefixed("10.98.1.2/24"))
+        except n.AgentError as err:
+            print("refused:", err)
+    """)
+    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code],
+                         check=True, capture_output=True, text=True).stdout
+    assert "refused: adding 10.98.1.2/24: File exists" in out
+    link = _ip("-n", netns, "link", "show", "eth9")
+    assert "mtu 1400" in link and "02:00:00:75:76:0a" in link and "UP" in link
+    addrs = _ip("-n", netns, "addr", "show", "eth9")
+    assert "inet 10.98.1.2/24" in addrs and "inet6 fd98::2/64" in addrs
+    v4 = _ip("-n", netns, "route", "show", "dev", "eth9")
+    assert "10.98.2.0/24 via 10.98.1.1 metric 7" in v4 and "10.98.3.0/24 scope link" in v4
+    assert "fd99::/64 via fd98::1" in _ip("-n", netns, "-6", "route", "show", "dev", "eth9")

@@ -228,3 +228,19 @@ def test_kvm_probe_ignores_bad_cache(tmp_path: Path) -> None:
         assert json.loads(cache.read_text())["kvm"] is True
 
     asyncio.run(main())
+
+
+def test_ready_nic_and_its_tap() -> None:
+    """The ready NIC is a fixed device; its only possible peer is the tap passed in, which
+    is not part of the device (so a template without one serves clones with one)."""
+    cfg = QemuConfig(kernel=KERNEL, initrd=INITRD, ready_nic=True)
+    bare = build_argv(cfg, PATHS, accel="tcg", qmp_fd=3, agent_fd=4)
+    nic = [a for a in bare if a.startswith("virtio-net-pci")]
+    assert nic == ["virtio-net-pci,id=nic-ready,addr=0x9,mac=52:54:00:75:76:ff"]
+    assert "-netdev" not in bare
+    tapped = build_argv(cfg, PATHS, accel="tcg", qmp_fd=3, agent_fd=4, nic_fd=7)
+    assert tapped[tapped.index("-netdev") + 1] == "tap,id=net-ready,fd=7,vhost=off"
+    assert f"{nic[0]},netdev=net-ready" in tapped
+    with pytest.raises(ValueError, match="has none"):
+        build_argv(QemuConfig(kernel=KERNEL, initrd=INITRD), PATHS, accel="tcg", qmp_fd=3,
+                   agent_fd=4, nic_fd=7)

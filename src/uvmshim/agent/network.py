@@ -59,11 +59,20 @@ from uvmshim.agent.util import AgentError, makedirs, run
 from uvmshim.protocol.constants import (
     GUEST_NETNS_DIR,
     READY_NETNS_ID,
+    READY_NIC_IFNAME,
+    READY_NIC_MAC,
     guest_netns_path,
     ready_nic_pci_address,
 )
 from uvmshim.protocol.messages import ErrorKind, ProtocolError
-from uvmshim.protocol.requests import AddNetNS, AddNic, RemoveNetNS, RemoveNic, parse_route
+from uvmshim.protocol.requests import (
+    AddNetNS,
+    AddNic,
+    ParkReadyNic,
+    RemoveNetNS,
+    RemoveNic,
+    parse_route,
+)
 
 #: How long a hot-added NIC may take to show up in the guest.
 NIC_TIMEOUT = 30.0
@@ -123,16 +132,27 @@ def move_link(index: int, netns_fd: int, name: str, *, mtu: int = 0, up: bool = 
 
     :raises AgentError: the kernel's refusal.
     """
+    with _netlink() as sock:
+        set_link(sock, index, netns_fd=netns_fd, name=name, mtu=mtu, up=up, mac=mac)
+
+
+def set_link(sock: socket.socket, index: int, *, netns_fd: int = -1, name: str = "",
+             mtu: int = 0, up: bool = False, mac: str = "") -> None:
+    """One ``RTM_NEWLINK`` over ``sock`` for link ``index`` of its namespace: into the
+    namespace of ``netns_fd`` (unless -1), named ``name``, with ``mtu`` and ``mac`` (each
+    unless empty), up (``up``)."""
     flags = _IFF_UP if up else 0
     body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, flags)
-    body += _attr(_IFLA_NET_NS_FD, struct.pack("=I", netns_fd))
-    body += _attr(_IFLA_IFNAME, name.encode() + b"\0")
+    if netns_fd >= 0:
+        body += _attr(_IFLA_NET_NS_FD, struct.pack("=I", netns_fd))
+    if name:
+        body += _attr(_IFLA_IFNAME, name.encode() + b"\0")
     if mac:
         body += _attr(_IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
     if mtu:
         body += _attr(_IFLA_MTU, struct.pack("=I", mtu))
-    with _netlink() as sock:
-        _nl_call(sock, _RTM_NEWLINK, 0, body, f"moving the NIC into its namespace as {name}")
+    what = "moving the NIC into its namespace" if netns_fd >= 0 else "setting up the NIC"
+    _nl_call(sock, _RTM_NEWLINK, 0, body, f"{what} as {name}" if name else what)
 
 
 def _netlink() -> socket.socket:
@@ -532,6 +552,8 @@ class Network:
         #: outcome: the interface ``(name, index)`` or the error.
         self._ready_bind: threading.Thread | None = None
         self._ready_link: tuple[str, int] | AgentError | None = None
+        #: Whether the bound ready NIC waits in the prepared namespace (:meth:`park_bound`).
+        self._ready_parked = False
         #: The namespace made in advance (:meth:`prepare`): its shell and netlink socket.
         self._prepared: tuple[_NsShell, socket.socket] | None = None
         #: Netlink sockets created inside namespaces (ns id -> socket): the prepared one's.
@@ -579,6 +601,49 @@ class Network:
         sock.close()
         self._drop(guest_netns_path(READY_NETNS_ID))
         return False
+
+    def park_bound(self, req: ParkReadyNic) -> None:
+        """Bind the ready NIC now and park its interface, down, in the prepared namespace as
+        :data:`READY_NIC_IFNAME` (a template whose ready NIC has a tap)."""
+        self.prepare()
+        with self._lock:
+            if self._ready_bind is not None or self._prepared is None:
+                raise AgentError("the ready NIC is taken (or there is no prepared namespace)",
+                                 ErrorKind.CONFLICT)
+            bind = self._start_ready_bind()
+        bind.join(NIC_TIMEOUT)
+        found = self._ready_link
+        if isinstance(found, AgentError):
+            raise found
+        if found is None:
+            raise AgentError("binding the ready NIC took too long", ErrorKind.TIMEOUT)
+        fd = os.open(guest_netns_path(READY_NETNS_ID), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            move_link(found[1], fd, READY_NIC_IFNAME)
+        finally:
+            os.close(fd)
+        self._ready_parked = True
+
+    def _claim_parked(self, ns_id: str, ifname: str, mtu: int, mac: str) -> None:
+        """Give the parked ready NIC its name, MAC and MTU, up, in namespace ``ns_id``."""
+        with self._lock:
+            sock = self._sockets.get(READY_NETNS_ID)
+            if sock is None and self._prepared is not None:
+                sock = self._prepared[1]
+        fd = os.open(guest_netns_path(ns_id), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if sock is None:
+                # The namespace it waited in is gone: the kernel moved it back to the UVM's.
+                link = wait_link(READY_NIC_MAC, NIC_TIMEOUT)
+                if link is None:
+                    raise AgentError("the ready NIC is gone", ErrorKind.NOT_FOUND)
+                move_link(link[1], fd, ifname, mtu=mtu, up=True, mac=mac)
+                return
+            index = link_index(sock, READY_NIC_IFNAME)
+            set_link(sock, index, netns_fd=-1 if ns_id == READY_NETNS_ID else fd, name=ifname,
+                     mtu=mtu, up=True, mac=mac)
+        finally:
+            os.close(fd)
 
     def _start_ready_bind(self) -> threading.Thread:
         """Under the lock: the thread binding the ready NIC (started once)."""
@@ -765,13 +830,16 @@ class Network:
                 with self._lock:
                     if ns_id not in self._namespaces:
                         raise AgentError(f"no network namespace {ns_id}", ErrorKind.NOT_FOUND)
-            fd = os.open(guest_netns_path(ns_id), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                # up at once: the namespace's defaults already rule out DAD and RAs
-                move_link(index, fd, ifname, mtu=req.mtu, up=True,
-                          mac=mac if req.ready else "")
-            finally:
-                os.close(fd)
+            # up at once: the namespace's defaults already rule out DAD and RAs
+            if req.ready and self._ready_parked:
+                self._claim_parked(ns_id, ifname, req.mtu, mac)
+            else:
+                fd = os.open(guest_netns_path(ns_id), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    move_link(index, fd, ifname, mtu=req.mtu, up=True,
+                              mac=mac if req.ready else "")
+                finally:
+                    os.close(fd)
             # One busybox process per command (each costs 10-40 ms under TCG): as few as can be.
             try:
                 self._configure(ns_id, ifname, req.addresses, routes)

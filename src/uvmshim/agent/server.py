@@ -146,6 +146,7 @@ class Server:
             Op.REMOVE_NETNS: net.remove_netns,
             Op.ADD_NIC: net.add_nic,
             Op.REMOVE_NIC: net.remove_nic,
+            Op.PARK_READY_NIC: net.park_bound,
         }
 
     # I/O ---------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ READY_NIC_MAC = "52:54:00:75:76:ff"
 #: and ``lo`` up): the first a UVM asks for (the host numbers them ``ns0``, ``ns1``...), so a
 #: clone's first network namespace is there already.
 READY_NETNS_ID = "ns0"
+#: The ready NIC's interface while it is parked in that namespace (``ParkReadyNic``).
+READY_NIC_IFNAME = "ready0"
 
 
 def ready_nic_pci_address() -> str:

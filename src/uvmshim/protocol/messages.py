@@ -81,6 +81,7 @@ class Op(StrEnum):
     REMOVE_NETNS = "remove_netns"
     ADD_NIC = "add_nic"
     REMOVE_NIC = "remove_nic"
+    PARK_READY_NIC = "park_ready_nic"
 
 
 class EventKind(StrEnum):

@@ -407,6 +407,16 @@ class RemoveNic(RequestBody):
     nic_id: str
 
 
+class ParkReadyNic(RequestBody):
+    """Bind the ready NIC's driver now and park its interface, down, in the network namespace
+    :data:`~uvmshim.protocol.constants.READY_NETNS_ID` (made by ``load_modules`` of ``net``)
+    as :data:`~uvmshim.protocol.constants.READY_NIC_IFNAME`: for a template whose ready NIC
+    has a tap (its features are negotiated with one), so that a clone's first interface only
+    renames it and sets its MAC."""
+
+    OP = Op.PARK_READY_NIC
+
+
 def parse_route(text: str) -> tuple[str, str, int]:
     """``"DEST/PREFIX [via GW] [metric N]"`` → ``(dest, gateway or "", metric)``.
 
@@ -453,7 +463,7 @@ REQUEST_TYPES: dict[str, type[RequestBody]] = {
         HugepagesDir,
         InstallDrivers, Exec, ContainerCreate, ContainerStart, ContainerExec, ContainerSignal,
         ContainerDelete, ContainerUpdate, ContainerStats, ProcessStdin, ProcessResize, AddNetNS,
-        RemoveNetNS, AddNic, RemoveNic,
+        RemoveNetNS, AddNic, RemoveNic, ParkReadyNic,
     )
 }
 

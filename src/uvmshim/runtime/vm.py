@@ -83,16 +83,17 @@ class QemuUvm:
 
 
 def machine_config(boot: BootFiles, options: UvmOptions, *, memory_mb: int = 512,
-                   cpus: int | None = None) -> QemuConfig:
+                   cpus: int | None = None, ready_nic: bool = False) -> QemuConfig:
     """The QEMU machine :func:`start_uvm` runs for ``options`` (``cpus`` None:
-    :func:`~uvmshim.uvm.sizing.default_cpus`)."""
+    :func:`~uvmshim.uvm.sizing.default_cpus`); ``ready_nic`` for a VM started with the tap of
+    its ready NIC (its template is another: one whose ready NIC is bound and parked)."""
     return QemuConfig(
         kernel=boot.kernel, initrd=boot.initrd, memory_mb=memory_mb,
         cpus=default_cpus() if cpus is None else cpus,
         scsi_controllers=options.scsi_controller_count,
         vpmem_slots=options.effective_vpmem_count,
         hotplug_ports=max(4, options.effective_vpmem_count),
-        ready_nic=True,
+        ready_nic=ready_nic,
     )
 
 
@@ -141,7 +142,9 @@ async def start_uvm(
     say = progress or (lambda _m: None)
     opts = options or UvmOptions()
     boot = await ensure_boot_files(progress=say)
-    config = machine_config(boot, opts, memory_mb=memory_mb, cpus=cpus)
+    tap = await _ready_tap(netns) if netns else None
+    config = machine_config(boot, opts, memory_mb=memory_mb, cpus=cpus,
+                            ready_nic=tap is not None)
     agent: AgentClient | None = None
 
     async def power_off() -> None:
@@ -155,7 +158,6 @@ async def start_uvm(
     key: str | None = None
     if template is None:
         template = not templates_disabled()
-    tap = await _ready_tap(netns) if netns else None
     try:
         if template:
             started = await _start_clone(config, boot, vm_id, power_off, say, tap)

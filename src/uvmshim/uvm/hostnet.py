@@ -535,6 +535,41 @@ def _forget_ready(p: Plumbing) -> None:
         _ready_taps.discard((os.path.realpath(p.netns), p.tap))
 
 
+def scratch_tap() -> tuple[int, int]:
+    """A tap in a new network namespace of its own, connected to nothing: a template's ready
+    NIC's (its driver binds with a tap, as its clones' will). Blocking.
+
+    :returns: the tap's descriptor and the namespace's (which keeps it alive: close it after
+        the tap's last descriptor).
+    """
+    def work() -> tuple[int, int]:
+        if _libc().unshare(_CLONE_NEWNET) != 0:  # this thread's namespace only
+            err = ctypes.get_errno()
+            raise OSError(err, f"a network namespace: {os.strerror(err)}")
+        ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _create_tap(f"{TAP_PREFIX}t"), ns
+        except BaseException:
+            os.close(ns)
+            raise
+
+    result: list[tuple[int, int]] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:  # a thread of its own, which ends in the new namespace
+        try:
+            result.append(work())
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name="uvmshim-scratch-tap", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return result[0]
+
+
 async def make_tap(netns: str, tap: str) -> Plumbing:
     """Create tap ``tap`` in ``netns``, connected to nothing yet (:func:`connect_tap`): the
     ready NIC's, which QEMU inherits as it starts. No netlink library: a thread enters the

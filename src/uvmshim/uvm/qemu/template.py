@@ -69,7 +69,8 @@ from ... import hostpath, procscan
 from ...asyncutil import finish_despite_cancel
 from ...errors import BackendError, UvmshimError
 from ...protocol.constants import BOOT_DONE_MARKER
-from ...protocol.requests import FreshStart, LoadModules
+from ...protocol.requests import FreshStart, LoadModules, ParkReadyNic
+from .. import hostnet
 from ..bootfiles import BootFiles
 from .agent_client import AgentClient
 from .cmdline import build_argv
@@ -548,9 +549,30 @@ async def _build(key: TemplateKey, boot: BootFiles, base: Path, say: Progress) -
 async def _boot_and_save(key: TemplateKey, boot: BootFiles, tmp: Path) -> dict[str, Any]:
     config = dataclasses.replace(key.config, kernel=boot.kernel, initrd=boot.initrd,
                                  ram="template")
+    if not config.ready_nic:
+        return await _boot_and_save_with(key, config, tmp, None)
+    # A ready NIC's features are negotiated with the tap it has as its driver binds: the
+    # template's gets one (in a namespace of its own), its clones a tap each, of the same kind.
+    try:
+        tap_fd, ns_fd = await asyncio.to_thread(hostnet.scratch_tap)
+    except (OSError, UvmshimError) as err:
+        raise TemplateError(f"a tap for the template's ready NIC: {err}") from err
+    try:
+        return await _boot_and_save_with(key, config, tmp, tap_fd)
+    finally:
+        # QEMU is gone, and with it the tap (our copy was closed as it started): the namespace
+        # goes too.
+        with contextlib.suppress(OSError):
+            os.close(tap_fd)
+        os.close(ns_fd)
+
+
+async def _boot_and_save_with(key: TemplateKey, config: QemuConfig, tmp: Path,
+                              tap_fd: int | None) -> dict[str, Any]:
     ram_path = tmp / RAM
     ram_fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    machine = QemuMachine(config, vm_id=f"template-{uuid.uuid4().hex[:8]}", ram_fd=ram_fd)
+    machine = QemuMachine(config, vm_id=f"template-{uuid.uuid4().hex[:8]}", ram_fd=ram_fd,
+                          nic_fd=tap_fd)
     try:
         try:
             os.ftruncate(ram_fd, config.memory_mb << 20)
@@ -572,6 +594,8 @@ async def _boot_and_save(key: TemplateKey, boot: BootFiles, tmp: Path) -> dict[s
                 raise TemplateError("the template VM did not finish its early set-up "
                                     f"({BOOT_DONE_MARKER} missing)")
             await agent.request(LoadModules(groups=PRELOAD_MODULE_GROUPS))
+            if config.ready_nic:
+                await agent.request(ParkReadyNic())
         finally:
             await agent.close()
         # Let QEMU see the host side of the agent port close before the state is saved: the
