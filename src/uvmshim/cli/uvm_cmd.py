@@ -70,11 +70,16 @@ def template_group() -> None:
               help="vCPUs. Default: what a container without a CPU limit gets (2, at most half "
                    "the host's CPUs).")
 @click.option("--rebuild", is_flag=True, help="Build even if a good template exists.")
-def template_build_command(memory_mb: int, cpus: int | None, rebuild: bool) -> None:
+@click.option("--network", is_flag=True,
+              help="The template of UVMs started for a container's network namespace (its "
+                   "ready NIC bound and waiting in the guest).")
+def template_build_command(memory_mb: int, cpus: int | None, rebuild: bool,
+                           network: bool) -> None:
     """Build the template for a UVM with these settings (if there is none yet)."""
     with err_console.status("building the UVM template") as status:
         key = run_async(build_template(memory_mb=memory_mb, cpus=cpus, rebuild=rebuild,
-                                       progress=lambda m: status.update(m)))
+                                       progress=lambda m: status.update(m),
+                                       ready_nic=network))
     click.echo(f"template {key}  {hostpath.template_dir() / key}")
 
 
@@ -92,6 +97,7 @@ def template_ls_command(as_json: bool) -> None:
     for t in found:
         d = t.as_dict()
         click.echo(f"{d['key']}  {d['memory_mb']} MiB  disk {t.disk_bytes >> 20} MiB  "
+                   f"{'network' if d['ready_nic'] else 'plain':7}  "
                    f"built {d['created']} in {d['build_seconds']} s  "
                    f"clones running: {len(t.users)}")
 

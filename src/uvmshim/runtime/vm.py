@@ -99,13 +99,16 @@ def machine_config(boot: BootFiles, options: UvmOptions, *, memory_mb: int = 512
 
 async def build_template(options: UvmOptions | None = None, *, memory_mb: int = 512,
                          cpus: int | None = None, rebuild: bool = False,
-                         progress: Callable[[str], None] | None = None) -> str:
-    """Build (or find) the template :func:`start_uvm` clones for these settings; return its key.
+                         progress: Callable[[str], None] | None = None,
+                         ready_nic: bool = False) -> str:
+    """Build (or find) the template :func:`start_uvm` clones for these settings (``ready_nic``:
+    when started with a network namespace); return its key.
 
     :raises TemplateError: it could not be built.
     """
     boot = await ensure_boot_files(progress=progress)
-    config = machine_config(boot, options or UvmOptions(), memory_mb=memory_mb, cpus=cpus)
+    config = machine_config(boot, options or UvmOptions(), memory_mb=memory_mb, cpus=cpus,
+                            ready_nic=ready_nic)
     key = await resolve_key(config, boot)
     files = await ensure_template(key, boot, progress=progress, rebuild=rebuild)
     files.close()

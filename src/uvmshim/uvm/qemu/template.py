@@ -358,6 +358,8 @@ class TemplateInfo:
             "qemu_version": m.get("qemu_version"), "created": m.get("created"),
             "build_seconds": m.get("build_seconds"), "state_bytes": m.get("state", {})
             .get("size"), "disk_bytes": self.disk_bytes, "users": self.users,
+            "ready_nic": any(str(a).startswith("virtio-net-pci,id=nic-ready")
+                             for a in m.get("material", {}).get("argv", [])),
         }  # fmt: skip
 
 
