@@ -271,11 +271,15 @@ def test_bad_network_namespaces(tmp_path: Path, rootfs: Path,
 # Section: the ready NIC ------------------------------------------------------------------------
 
 
-def test_first_interface_takes_the_ready_nic(netns_pair: tuple[str, str]) -> None:
+@pytest.mark.parametrize("template", [True, False], ids=["clone", "cold-boot"])
+def test_first_interface_takes_the_ready_nic(netns_pair: tuple[str, str],
+                                             template: bool) -> None:
     """A UVM started for a namespace (as the runtime starts one) connects that namespace's
     first interface to its ready NIC: no NIC is hot-added, the guest's interface has the
     endpoint's MAC, addresses and offloads (negotiated with a tap), traffic flows both ways;
-    afterwards the tap, the redirects and the guest's interface are gone, the UVM still up."""
+    afterwards the tap, the redirects and the guest's interface are gone, the UVM still up.
+    A clone finds the NIC bound and parked in its first namespace by its template; a cold
+    boot binds it and makes the namespace then."""
     import asyncio
 
     from uvmshim.runtime.vm import QemuUvm, start_uvm
@@ -288,7 +292,7 @@ def test_first_interface_takes_the_ready_nic(netns_pair: tuple[str, str]) -> Non
         return (await uvm.agent.exec(["sh", "-c", script], timeout=60)).stdout.decode()
 
     async def go() -> None:
-        async with start_uvm(netns=path) as uvm:
+        async with start_uvm(netns=path, template=template) as uvm:
             ns = await connect_network(uvm.vm.network, {"namespaces": [
                 {"type": "network", "path": path}]}, {})
             assert ns is not None
