@@ -17,12 +17,14 @@ The input is a :class:`ChunkStream`: chunks of the decompressed tar that a produ
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 BLOCKSIZE = 512
+_ZERO_BLOCK = bytes(BLOCKSIZE)
 
 
 class TarFormatError(Exception):
@@ -240,7 +242,15 @@ def _pax_int(value: bytes, what: str) -> int:
         raise TarFormatError(f"bad PAX {what}: {value!r}") from None
 
 
+_PAX_TIME = re.compile(rb"(-?)([0-9]{1,20})(?:\.([0-9]+))?")
+
+
 def _pax_time(value: bytes) -> int:
+    m = _PAX_TIME.fullmatch(value)
+    if m is not None:  # the usual form, without Decimal's cost (one per entry)
+        sign, sec, frac = m.groups()
+        ns = int(sec) * 1_000_000_000 + (int(frac[:9].ljust(9, b"0")) if frac else 0)
+        return -ns if sign else ns
     try:
         return int(Decimal(value.decode("ascii")) * 1_000_000_000)
     except (InvalidOperation, UnicodeDecodeError, ValueError):
@@ -303,7 +313,7 @@ class TarReader:
         typ = b""
         while True:
             hdr = self._block()
-            if hdr is None or hdr == bytes(BLOCKSIZE):
+            if hdr is None or hdr == _ZERO_BLOCK:
                 return None
             if not _checksum_ok(hdr, _num(hdr[148:156], "checksum")):
                 raise TarFormatError("bad header checksum")
@@ -355,10 +365,11 @@ class TarReader:
         gid = _pax_int(pax[b"gid"], "gid") if b"gid" in pax else _num(hdr[116:124], "gid")
         mtime = (_pax_time(pax[b"mtime"]) if b"mtime" in pax
                  else _num(hdr[136:148], "mtime") * 1_000_000_000)
+        device = typ in (b"3", b"4")  # the only entries whose device numbers mean anything
         entry = Entry(name=name, type=typ, mode=_num(hdr[100:108], "mode"), uid=uid, gid=gid,
                       size=size, mtime_ns=mtime, linkname=linkname,
-                      devmajor=_num(hdr[329:337], "devmajor"),
-                      devminor=_num(hdr[337:345], "devminor"), pax=pax)
+                      devmajor=_num(hdr[329:337], "devmajor") if device else 0,
+                      devminor=_num(hdr[337:345], "devminor") if device else 0, pax=pax)
         # Only regular files (and types we do not know, which are refused) carry data.
         if entry.isreg() or typ not in (b"1", b"2", b"3", b"4", b"5", b"6"):
             self._data_left = size
