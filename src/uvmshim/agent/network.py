@@ -1,7 +1,8 @@
 """Network namespaces and NICs in the guest (hcsshim's GCS ``AddNetNS`` / ``AddNIC``). STDLIB ONLY.
 
-The host hot-adds one ``virtio-net-pci`` per endpoint of the container's host network
-namespace, with that endpoint's MAC, and then asks for it here:
+The host gives the UVM one ``virtio-net-pci`` per endpoint of the container's host network
+namespace (the first, in a UVM started for that namespace, is the *ready NIC*; the others are
+hot-added with the endpoint's MAC) and then asks for it here:
 
 * ``add_netns``: a network namespace of our own, kept by a bind mount at
   ``GUEST_NETNS_DIR/<ns_id>`` (busybox ``unshare --net=FILE``), with ``lo`` up. The host
@@ -19,18 +20,23 @@ namespace, with that endpoint's MAC, and then asks for it here:
   for the namespace; then one ``RTM_NEWLINK`` from the UVM's own namespace moves it into the
   namespace (``IFLA_NET_NS_FD``) under the host interface's name (``IFLA_IFNAME``: the name
   never clashes in the UVM's own namespace), sets its MTU and brings it up; then its addresses
-  and routes, one busybox ``ip`` each, run by the namespace's shell (no other process).
-* ``add_nic`` with ``ready``: the NIC is the *ready NIC*, a ``virtio-net-pci`` present from
-  boot (so already probed in every template) whose driver is kept unbound
-  (:meth:`Network.park_ready_nic`, right after ``virtio_net`` is loaded: binding negotiates
-  the device's features, and a template's NIC has no tap yet, so no offloads). Binding it now
-  (~20 ms under TCG) replaces a PCI hot-plug (~150 ms: ACPI, bus scan, BARs, probe); it then
-  moves like a hot-added NIC, taking the endpoint's MAC on the way. It serves one endpoint
-  per UVM. ``add_netns`` with ``bind_ready`` binds it meanwhile, while the host still reads
-  the endpoint.
+  and routes: over the namespace's netlink socket if the agent has one there (the prepared
+  namespace's, below), else one busybox ``ip`` each, run by the namespace's shell.
+* The **ready NIC** (``add_nic`` with ``ready``) is a ``virtio-net-pci`` present from boot at
+  a fixed PCI address. Binding its driver negotiates the device's features with the tap it has
+  then, so its driver is kept unbound (:meth:`Network.park_ready_nic`, right after
+  ``virtio_net`` is loaded) until it can be bound with the tap the container's traffic will
+  use: in a *network template*, whose ready NIC got a tap when it was built, the template's
+  guest binds it and parks its interface, down, in the prepared namespace
+  (:meth:`Network.park_bound`), and a clone's ``add_nic`` only gives it its name, MAC and
+  MTU and brings it up, in one ``RTM_NEWLINK``; a cold-booted UVM binds it when
+  ``add_netns`` asks (``bind_ready``) and moves it like a hot-added NIC. It serves one
+  endpoint per UVM.
 * :meth:`Network.prepare` (a template's guest, before it is saved) makes the namespace
-  ``READY_NETNS_ID`` and its shell in advance: a clone's first ``add_netns`` finds it made
-  (a namespace, its shell and ``ip link set lo up`` cost ~150 ms of a fresh clone's CPU).
+  ``READY_NETNS_ID`` in advance, with its shell and a netlink socket made inside it (a
+  short-lived Python there sends it over): a clone's first ``add_netns`` finds it made. A new
+  namespace with its shell costs ~150 ms of a fresh clone's CPU under TCG, and each ``ip``
+  15-40 ms: code that runs for the first time in a clone is translated first.
 * ``remove_nic`` only forgets it: the hot-unplug that follows takes the device, its addresses
   and routes away (no process); the ready NIC's driver is unbound instead (the interface goes
   with its addresses and routes). ``remove_netns`` ends the shell and unmounts the namespace

@@ -35,9 +35,10 @@ SCSI_TARGET = 0
 #: device through this address.
 VPMEM_ROOT_PORT_PCI_SLOT_BASE = 0x10
 
-#: The PCI slot of the *ready NIC*: a ``virtio-net-pci`` present from boot (so in every
-#: template), whose driver the guest leaves unbound until a container's first interface claims
-#: it (``AddNic.ready``): that costs a driver bind instead of a PCI hot-plug.
+#: The PCI slot of the *ready NIC*: a ``virtio-net-pci`` present from boot in a UVM started for
+#: a container's network namespace (and in its template, which bound it and parked its
+#: interface), which that namespace's first interface takes (``AddNic.ready``) instead of a PCI
+#: hot-plug.
 READY_NIC_PCI_SLOT = 0x9
 #: Its MAC from boot (the guest gives it the endpoint's when it claims it).
 READY_NIC_MAC = "52:54:00:75:76:ff"

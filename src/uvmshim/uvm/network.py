@@ -3,10 +3,12 @@
 
 A container whose spec names a host network namespace (``linux.namespaces[type=network]
 .path``) gets a guest network namespace holding one NIC per interface of the host one: for
-each interface the host backend hot-adds a ``virtio-net-pci`` connected to it (a tap and tc
-redirects, :mod:`uvmshim.uvm.hostnet`) and the guest backend configures the NIC in the guest
-namespace (hcsshim's order: host, then guest; undone in reverse). The guest namespace itself is
-made concurrently with the host's work for the first NIC (they are independent). A second
+each interface the host backend connects a ``virtio-net-pci`` to it (a tap and tc redirects,
+:mod:`uvmshim.uvm.hostnet`): the UVM's ready NIC for the first interface of the namespace the
+UVM was started for, a hot-added one otherwise; and the guest backend configures the NIC in
+the guest namespace (hcsshim's order: host, then guest; undone in reverse). The guest
+namespace itself is made concurrently with the host's work for the first NIC (they are
+independent). A second
 container naming the same host namespace (a pod's workload container naming its sandbox's)
 shares the guest namespace and its NICs; they are removed when the last container lets go.
 """
