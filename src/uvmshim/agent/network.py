@@ -171,6 +171,9 @@ def _netlink() -> socket.socket:
 
 
 _seq = 0
+#: One request at a time: requests run in threads of their own, and a namespace's socket is
+#: shared (each request is a few kernel calls).
+_nl_lock = threading.Lock()
 
 
 def _nl_call(sock: socket.socket, kind: int, flags: int, body: bytes, what: str) -> bytes:
@@ -179,6 +182,12 @@ def _nl_call(sock: socket.socket, kind: int, flags: int, body: bytes, what: str)
     :returns: the body of the first message answering it (b"" if only the acknowledgement).
     :raises AgentError: ``what`` and the kernel's refusal.
     """
+    with _nl_lock:
+        return _nl_call_locked(sock, kind, flags, body, what)
+
+
+def _nl_call_locked(sock: socket.socket, kind: int, flags: int, body: bytes, what: str
+                    ) -> bytes:
     global _seq
     _seq += 1
     seq = _seq
