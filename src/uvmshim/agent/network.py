@@ -885,7 +885,8 @@ class Network:
         with self._lock:
             self._nics.pop(nic_id, None)
             ready = self._ready_owner == nic_id
-            self._ready_owner = ""
+            if ready:
+                self._ready_owner = ""
         device = _ready_nic_device() if ready else None
         if device is not None and _bound(device):
             _driver("unbind", device)
