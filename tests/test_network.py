@@ -316,3 +316,43 @@ def test_first_interface_takes_the_ready_nic(netns_pair: tuple[str, str],
             assert uvm.machine.pid is not None
 
     asyncio.run(go())
+
+
+def test_second_interface_is_hot_added_beside_the_ready_nic(
+        netns_pair: tuple[str, str]) -> None:
+    """A namespace with two interfaces: the first takes the ready NIC, the second is
+    hot-added; both are configured in the guest; releasing them (newest first) unbinds the
+    ready NIC's driver and leaves nothing on the host."""
+    import asyncio
+
+    from uvmshim.runtime.vm import start_uvm
+    from uvmshim.uvm.network import connect_network
+
+    c, s = netns_pair
+    path = f"/run/netns/{c}"
+    ip("-n", c, "link", "add", "d0", "type", "veth", "peer", "name", "e0", "netns", s)
+    ip("-n", c, "addr", "add", "10.98.5.2/24", "dev", "d0")
+    ip("-n", c, "link", "set", "d0", "up")
+
+    async def go() -> None:
+        async with start_uvm(netns=path) as uvm:
+            ns = await connect_network(uvm.vm.network, {"namespaces": [
+                {"type": "network", "path": path}]}, {})
+            assert ns is not None
+            peripherals = await uvm.machine.qmp.execute("qom-list",
+                                                        {"path": "/machine/peripheral"})
+            assert isinstance(peripherals, list)
+            assert len([p for p in peripherals if p["name"].startswith("nic-nic")]) == 1
+            res = await uvm.agent.exec(["nsenter", f"--net={ns.guest_path}", "ip", "-o",
+                                        "addr"], timeout=60)
+            out = res.stdout.decode()
+            assert "inet 10.99.0.2/24" in out and "inet 10.98.5.2/24" in out, out
+            await ns.release()
+            assert host_traces(c) == []
+            res = await uvm.agent.exec(["sh", "-c",
+                                        "ls /sys/bus/pci/devices/0000:00:09.0/virtio*/"],
+                                       timeout=60)
+            left = res.stdout.decode().split()
+            assert "net" not in left and "driver" not in left, left
+
+    asyncio.run(go())
