@@ -57,6 +57,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,16 +131,26 @@ def _attr(kind: int, data: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + data + b"\0" * (-length % 4)
 
 
-def move_link(index: int, netns_fd: int, name: str, *, mtu: int = 0, up: bool = False,
+def move_link(index: int, ns_id: str, name: str, *, mtu: int = 0, up: bool = False,
               mac: str = "") -> None:
-    """Move link ``index`` into the namespace of ``netns_fd`` and name it ``name`` there; set
-    its MTU (unless 0), its MAC (unless "") and bring it up (``up``) there, in the same
-    request.
+    """Move link ``index`` of the UVM's own namespace into the guest namespace ``ns_id`` and
+    name it ``name`` there; set its MTU (unless 0), its MAC (unless "") and bring it up
+    (``up``) there, in the same request.
 
     :raises AgentError: the kernel's refusal.
     """
-    with _netlink() as sock:
-        set_link(sock, index, netns_fd=netns_fd, name=name, mtu=mtu, up=up, mac=mac)
+    with _netlink() as sock, _netns_fd(ns_id) as fd:
+        set_link(sock, index, netns_fd=fd, name=name, mtu=mtu, up=up, mac=mac)
+
+
+@contextlib.contextmanager
+def _netns_fd(ns_id: str) -> Iterator[int]:
+    """An open descriptor of the guest namespace ``ns_id``."""
+    fd = os.open(guest_netns_path(ns_id), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def set_link(sock: socket.socket, index: int, *, netns_fd: int = -1, name: str = "",
@@ -161,10 +172,14 @@ def set_link(sock: socket.socket, index: int, *, netns_fd: int = -1, name: str =
     _nl_call(sock, _RTM_NEWLINK, 0, body, f"{what} as {name}" if name else what)
 
 
-def _netlink() -> socket.socket:
-    """A route netlink socket (in the calling process's network namespace)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                         socket.NETLINK_ROUTE)
+def _netlink(fileno: int | None = None) -> socket.socket:
+    """A route netlink socket, bound: a new one (in the calling process's network namespace),
+    or the one ``fileno`` (made elsewhere)."""
+    if fileno is None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             socket.NETLINK_ROUTE)
+    else:
+        sock = socket.socket(fileno=fileno)
     sock.settimeout(10)
     sock.bind((0, 0))
     return sock
@@ -332,6 +347,13 @@ def _driver(action: str, device: str) -> None:
         raise AgentError(f"{action} of the ready NIC ({device}): {err.strerror}") from None
 
 
+def _unbind_ready() -> None:
+    """Unbind the ready NIC's driver if it is bound (its interface goes)."""
+    device = _ready_nic_device()
+    if device is not None and _bound(device):
+        _driver("unbind", device)
+
+
 def _ready_link(device: str) -> tuple[str, int]:
     """``(name, index)`` of the bound ready NIC's interface."""
     try:
@@ -455,10 +477,7 @@ def _netlink_in(path: str) -> socket.socket:
         if not fds:
             out = proc.stdout.decode(errors="replace").strip()
             raise AgentError(f"a netlink socket in {path}: {out or proc_err or 'none sent'}")
-    sock = socket.socket(fileno=fds[0])
-    sock.settimeout(10)
-    sock.bind((0, 0))
-    return sock
+    return _netlink(fds[0])
 
 
 _DONE = b"@@uvmshim-done "
@@ -578,11 +597,8 @@ class Network:
         """Unbind the ready NIC's driver (bound as ``virtio_net`` was loaded) unless it is
         claimed: it binds when claimed, negotiating features with the tap it has then."""
         with self._lock:
-            if self._ready_bind is not None:
-                return
-            device = _ready_nic_device()
-            if device is not None and _bound(device):
-                _driver("unbind", device)
+            if self._ready_bind is None:
+                _unbind_ready()
 
     def prepare(self) -> None:
         """Make the namespace :data:`READY_NETNS_ID` now, for a template (see the module
@@ -626,17 +642,10 @@ class Network:
                 raise AgentError("the ready NIC is taken (or there is no prepared namespace)",
                                  ErrorKind.CONFLICT)
             bind = self._start_ready_bind()
-        bind.join(NIC_TIMEOUT)
-        found = self._ready_link
-        if isinstance(found, AgentError):
-            raise found
+        found = self._bound_link(bind)
         if found is None:
             raise AgentError("binding the ready NIC took too long", ErrorKind.TIMEOUT)
-        fd = os.open(guest_netns_path(READY_NETNS_ID), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            move_link(found[1], fd, READY_NIC_IFNAME)
-        finally:
-            os.close(fd)
+        move_link(found[1], READY_NETNS_ID, READY_NIC_IFNAME)
         self._ready_parked = True
 
     def _claim_parked(self, ns_id: str, ifname: str, mtu: int, mac: str) -> None:
@@ -645,20 +654,19 @@ class Network:
             sock = self._sockets.get(READY_NETNS_ID)
             if sock is None and self._prepared is not None:
                 sock = self._prepared[1]
-        fd = os.open(guest_netns_path(ns_id), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if sock is None:
-                # The namespace it waited in is gone: the kernel moved it back to the UVM's.
-                link = wait_link(READY_NIC_MAC, NIC_TIMEOUT)
-                if link is None:
-                    raise AgentError("the ready NIC is gone", ErrorKind.NOT_FOUND)
-                move_link(link[1], fd, ifname, mtu=mtu, up=True, mac=mac)
-                return
-            index = link_index(sock, READY_NIC_IFNAME)
-            set_link(sock, index, netns_fd=-1 if ns_id == READY_NETNS_ID else fd, name=ifname,
-                     mtu=mtu, up=True, mac=mac)
-        finally:
-            os.close(fd)
+        if sock is None:
+            # The namespace it waited in is gone: the kernel moved it back to the UVM's.
+            link = wait_link(READY_NIC_MAC, NIC_TIMEOUT)
+            if link is None:
+                raise AgentError("the ready NIC is gone", ErrorKind.NOT_FOUND)
+            move_link(link[1], ns_id, ifname, mtu=mtu, up=True, mac=mac)
+            return
+        index = link_index(sock, READY_NIC_IFNAME)
+        if ns_id == READY_NETNS_ID:
+            set_link(sock, index, name=ifname, mtu=mtu, up=True, mac=mac)
+            return
+        with _netns_fd(ns_id) as fd:
+            set_link(sock, index, netns_fd=fd, name=ifname, mtu=mtu, up=True, mac=mac)
 
     def _start_ready_bind(self) -> threading.Thread:
         """Under the lock: the thread binding the ready NIC (started once)."""
@@ -667,6 +675,15 @@ class Network:
                                                 name="ready-nic")
             self._ready_bind.start()
         return self._ready_bind
+
+    def _bound_link(self, bind: threading.Thread) -> tuple[str, int] | None:
+        """Wait for ``bind`` (:meth:`_start_ready_bind`); the ready NIC's interface, or None
+        if it took too long. :raises AgentError: the bind's error."""
+        bind.join(NIC_TIMEOUT)
+        found = self._ready_link
+        if isinstance(found, AgentError):
+            raise found
+        return found
 
     def _bind_ready(self) -> None:
         try:
@@ -828,11 +845,7 @@ class Network:
         try:
             link: tuple[str, int] | None
             if bind is not None:
-                bind.join(NIC_TIMEOUT)
-                found = self._ready_link
-                if isinstance(found, AgentError):
-                    raise found
-                link = found
+                link = self._bound_link(bind)
             else:
                 self._load_modules()
                 link = wait_link(mac, NIC_TIMEOUT)
@@ -849,12 +862,8 @@ class Network:
             if req.ready and self._ready_parked:
                 self._claim_parked(ns_id, ifname, req.mtu, mac)
             else:
-                fd = os.open(guest_netns_path(ns_id), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    move_link(index, fd, ifname, mtu=req.mtu, up=True,
-                              mac=mac if req.ready else "")
-                finally:
-                    os.close(fd)
+                move_link(index, ns_id, ifname, mtu=req.mtu, up=True,
+                          mac=mac if req.ready else "")
             # One busybox process per command (each costs 10-40 ms under TCG): as few as can be.
             try:
                 self._configure(ns_id, ifname, req.addresses, routes)
@@ -865,10 +874,9 @@ class Network:
                 self._nics.pop(nic_id, None)
                 if req.ready:
                     self._ready_owner = ""
-            device = _ready_nic_device() if req.ready else None
-            if device is not None and _bound(device):
+            if req.ready:
                 with contextlib.suppress(AgentError):  # the host takes its tap away anyway
-                    _driver("unbind", device)
+                    _unbind_ready()
             raise
         return {"ifname": ifname}
 
@@ -887,6 +895,5 @@ class Network:
             ready = self._ready_owner == nic_id
             if ready:
                 self._ready_owner = ""
-        device = _ready_nic_device() if ready else None
-        if device is not None and _bound(device):
-            _driver("unbind", device)
+        if ready:
+            _unbind_ready()

@@ -173,7 +173,7 @@ async def start_uvm(
             await machine.launch()
     except BaseException:
         if tap is not None:
-            await finish_despite_cancel(hostnet.unplumb(tap))
+            await finish_despite_cancel(_drop_ready_tap(tap))
         raise
     if tap is not None:
         tap.close_fd()  # QEMU has it

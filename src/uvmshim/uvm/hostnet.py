@@ -280,10 +280,7 @@ def _read_endpoints(ipr: IPRoute, netns: str) -> list[Endpoint]:
         if link["flags"] & _IFF_LOOPBACK or name in ours:
             continue
         if name.startswith(TAP_PREFIX):
-            raise NetworkError(f"network namespace {netns} is already connected to a UVM "
-                               f"({name} exists)",
-                               hint="each network namespace can serve one UVM: put the "
-                                    "containers that share it in one pod")
+            raise _connected_already(netns, name)
         mac = link.get("address")
         if not isinstance(mac, str) or len(mac) != 17:
             raise NetworkError(f"interface {name} of {netns} is not an Ethernet interface "
@@ -311,6 +308,12 @@ def _read_endpoints(ipr: IPRoute, netns: str) -> list[Endpoint]:
         endpoints.append(Endpoint(name, index, mac.lower(), int(link.get("mtu") or 1500),
                                   tuple(addresses), tuple(routes)))
     return endpoints
+
+
+def _connected_already(netns: str, tap: str) -> NetworkError:
+    return NetworkError(f"network namespace {netns} is already connected to a UVM ({tap} "
+                        "exists)", hint="each network namespace can serve one UVM: put the "
+                                        "containers that share it in one pod")
 
 
 async def read_endpoints(netns: str) -> list[Endpoint]:
@@ -553,21 +556,8 @@ def scratch_tap() -> tuple[int, int]:
             os.close(ns)
             raise
 
-    result: list[tuple[int, int]] = []
-    failed: list[BaseException] = []
-
-    def run() -> None:  # a thread of its own, which ends in the new namespace
-        try:
-            result.append(work())
-        except BaseException as e:
-            failed.append(e)
-
-    thread = threading.Thread(target=run, name="uvmshim-scratch-tap", daemon=True)
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
-    return result[0]
+    # A thread of its own, which ends in the new namespace.
+    return _in_ns_thread(None, work).result()
 
 
 async def make_tap(netns: str, tap: str) -> Plumbing:
@@ -584,8 +574,7 @@ async def make_tap(netns: str, tap: str) -> Plumbing:
     def work() -> None:
         taps = [name for _, name in socket.if_nameindex() if name.startswith(TAP_PREFIX)]
         if taps:
-            raise NetworkError(f"network namespace {netns} is already connected to a UVM "
-                               f"({taps[0]} exists)")
+            raise _connected_already(netns, taps[0])
         try:
             p.fd = _create_tap(tap)
         except OSError as e:

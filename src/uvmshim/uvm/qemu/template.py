@@ -564,8 +564,7 @@ async def _boot_and_save(key: TemplateKey, boot: BootFiles, tmp: Path) -> dict[s
     finally:
         # QEMU is gone, and with it the tap (our copy was closed as it started): the namespace
         # goes too.
-        with contextlib.suppress(OSError):
-            os.close(tap_fd)
+        os.close(tap_fd)
         os.close(ns_fd)
 
 
