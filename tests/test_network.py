@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from test_oci_clients import ETC_FILES, Runc, make_bundle, podman, sandbox_fixes, wait_for
+from uvmshim.runtime.vm import QemuUvm
 from uvmshim.uvm import hostnet
+from uvmshim.uvm.network import NetworkNamespace
 
 from helpers import busybox_rootfs, http_get, uvmshim_binary, veth_namespaces
 
@@ -271,6 +273,19 @@ def test_bad_network_namespaces(tmp_path: Path, rootfs: Path,
 # Section: the ready NIC ------------------------------------------------------------------------
 
 
+async def _connect_ready(uvm: QemuUvm, path: str) -> tuple[NetworkNamespace, list[str]]:
+    """Connect the namespace ``path`` to ``uvm`` (started for it); the guest namespace and
+    the names of QEMU's user-created devices (``nic-ready``, ``nic-nic<n>`` hot-added)."""
+    from uvmshim.uvm.network import connect_network
+
+    ns = await connect_network(uvm.vm.network, {"namespaces": [
+        {"type": "network", "path": path}]}, {})
+    assert ns is not None
+    peripherals = await uvm.machine.qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    assert isinstance(peripherals, list)
+    return ns, sorted(p["name"] for p in peripherals)
+
+
 @pytest.mark.parametrize("template", [True, False], ids=["clone", "cold-boot"])
 def test_first_interface_takes_the_ready_nic(netns_pair: tuple[str, str],
                                              template: bool) -> None:
@@ -282,8 +297,7 @@ def test_first_interface_takes_the_ready_nic(netns_pair: tuple[str, str],
     boot binds it and makes the namespace then."""
     import asyncio
 
-    from uvmshim.runtime.vm import QemuUvm, start_uvm
-    from uvmshim.uvm.network import connect_network
+    from uvmshim.runtime.vm import start_uvm
 
     c, _ = netns_pair
     path = f"/run/netns/{c}"
@@ -293,13 +307,7 @@ def test_first_interface_takes_the_ready_nic(netns_pair: tuple[str, str],
 
     async def go() -> None:
         async with start_uvm(netns=path, template=template) as uvm:
-            ns = await connect_network(uvm.vm.network, {"namespaces": [
-                {"type": "network", "path": path}]}, {})
-            assert ns is not None
-            peripherals = await uvm.machine.qmp.execute("qom-list",
-                                                        {"path": "/machine/peripheral"})
-            assert isinstance(peripherals, list)
-            names = sorted(p["name"] for p in peripherals)
+            ns, names = await _connect_ready(uvm, path)
             assert "nic-ready" in names and not [n for n in names if n.startswith("nic-nic")]
             mac = ns.endpoints[0].mac
             out = await guest(uvm, f"nsenter --net={ns.guest_path} ip addr show c0; "
@@ -326,7 +334,6 @@ def test_second_interface_is_hot_added_beside_the_ready_nic(
     import asyncio
 
     from uvmshim.runtime.vm import start_uvm
-    from uvmshim.uvm.network import connect_network
 
     c, s = netns_pair
     path = f"/run/netns/{c}"
@@ -336,13 +343,8 @@ def test_second_interface_is_hot_added_beside_the_ready_nic(
 
     async def go() -> None:
         async with start_uvm(netns=path) as uvm:
-            ns = await connect_network(uvm.vm.network, {"namespaces": [
-                {"type": "network", "path": path}]}, {})
-            assert ns is not None
-            peripherals = await uvm.machine.qmp.execute("qom-list",
-                                                        {"path": "/machine/peripheral"})
-            assert isinstance(peripherals, list)
-            assert len([p for p in peripherals if p["name"].startswith("nic-nic")]) == 1
+            ns, names = await _connect_ready(uvm, path)
+            assert len([n for n in names if n.startswith("nic-nic")]) == 1
             res = await uvm.agent.exec(["nsenter", f"--net={ns.guest_path}", "ip", "-o",
                                         "addr"], timeout=60)
             out = res.stdout.decode()
