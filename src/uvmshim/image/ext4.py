@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 import os
 import queue
@@ -267,6 +268,27 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), 2)
 
 
+#: A batch is written once it has this many buffers (``pwritev`` takes at most IOV_MAX,
+#: 1024 on Linux; a file adds at most a batch's worth of 1 MiB chunks and its padding).
+_IOV_FLUSH = 1024 - 32
+_ZEROS = memoryview(bytes(BLOCK))
+
+
+def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> None:
+    """Write all of ``iov`` at ``offset`` (``pwritev`` may write less than asked)."""
+    i = 0
+    while i < len(iov):
+        n = os.pwritev(fd, iov[i:i + 1024], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += n
+        while i < len(iov) and n >= len(iov[i]):
+            n -= len(iov[i])
+            i += 1
+        if n:
+            iov[i] = iov[i][n:]
+
+
 # The writer ---------------------------------------------------------------------------------
 
 
@@ -279,10 +301,12 @@ class Ext4Writer:
     size. :meth:`close` stops that thread (``finish`` does, too).
     """
 
-    def __init__(self, fd: int, *, fs_uuid: uuid.UUID, buffer_bytes: int = 8 << 20,
-                 buffers: int = 3,
+    def __init__(self, fd: int, *, fs_uuid: uuid.UUID, batch_bytes: int = 8 << 20,
+                 in_flight: int = 2,
                  on_written: Callable[[int, int], None] | None = None) -> None:
-        """:param on_written: called (in the writing thread) with the first block and the
+        """:param batch_bytes: file data is written in batches of about this size.
+        :param in_flight: batches handed to the writing thread and not yet written, at most.
+        :param on_written: called (in the writing thread) with the first block and the
             count of each run of file data blocks once written: they do not change after,
             unless :attr:`freed` lists them."""
         self.fd = fd
@@ -291,17 +315,18 @@ class Ext4Writer:
         self.root.links = 1
         self.data_start = 1 + GDT_RESERVED
         self.next_block = self.data_start
-        self._buf = bytearray(buffer_bytes)
-        self._buf_view = memoryview(self._buf)
-        self._buf_block = self.next_block  # the block at _buf[0]
-        self._fill = 0
-        #: Full buffers are written by a thread of its own (os.pwrite releases the GIL), so
-        #: that parsing the tar never waits for the page cache; these are the buffers it gave
-        #: back, and the ones it has yet to write.
-        self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(buffers - 1):
-            self._free.put(bytearray(buffer_bytes))
-        self._todo: queue.Queue[tuple[bytearray, int, int] | None] = queue.Queue()
+        if batch_bytes <= 0 or batch_bytes % BLOCK:
+            raise ValueError("batch_bytes must be a positive multiple of the block size")
+        self._batch = batch_bytes
+        #: The batch being gathered: views of the tar stream's chunks (file data, no copy)
+        #: and zero padding, to be written from block _batch_block on.
+        self._iov: list[memoryview] = []
+        self._pending = 0
+        self._batch_block = self.next_block
+        #: Batches are written by a thread of its own (os.pwritev releases the GIL), so that
+        #: parsing the tar never waits for the page cache.
+        self._todo: queue.Queue[tuple[list[memoryview], int, int] | None] = \
+            queue.Queue(in_flight)
         self._write_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._on_written = on_written
@@ -314,42 +339,35 @@ class Ext4Writer:
 
     def _write_loop(self) -> None:
         while (job := self._todo.get()) is not None:
-            buf, length, offset = job
+            iov, length, offset = job
             try:
                 if self._write_error is None:
-                    view = memoryview(buf)[:length]
-                    while view:
-                        n = os.pwrite(self.fd, view, offset)
-                        view = view[n:]
-                        offset += n
-                    start_writeback(self.fd, offset - length, length)
+                    _pwritev_all(self.fd, iov, offset)
+                    start_writeback(self.fd, offset, length)
                     if self._on_written is not None:
-                        self._on_written((offset - length) // BLOCK, length // BLOCK)
+                        self._on_written(offset // BLOCK, length // BLOCK)
             except BaseException as e:  # raised again in the parsing thread
                 self._write_error = e
-            finally:
-                self._free.put(buf)
 
     def _check_write(self) -> None:
         if self._write_error is not None:
             raise self._write_error
 
     def _flush(self) -> None:
-        """Hand the buffer to the writing thread; take a free one."""
+        """Hand the batch to the writing thread (waiting while it has ``in_flight``)."""
         self._check_write()
-        if self._fill:
+        if self._pending:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_loop, daemon=True,
                                                 name="ext4-writer")
                 self._thread.start()
-            self._todo.put((self._buf, self._fill, self._buf_block * BLOCK))
-            self._buf_block += self._fill // BLOCK
-            self._fill = 0
-            self._buf = self._free.get()
-            self._buf_view = memoryview(self._buf)
+            self._todo.put((self._iov, self._pending, self._batch_block * BLOCK))
+            self._batch_block += self._pending // BLOCK
+            self._iov = []
+            self._pending = 0
 
     def close(self) -> None:
-        """Wait for every buffer to be written (and stop the writing thread).
+        """Wait for every batch to be written (and stop the writing thread).
 
         :raises OSError: a write failed.
         """
@@ -359,28 +377,28 @@ class Ext4Writer:
             self._thread = None
         self._check_write()
 
-    def add_data(self, node: Node, size: int, readinto: Callable[[memoryview], None]) -> None:
-        """Give regular file ``node`` ``size`` bytes read with ``readinto`` (which must fill
-        what it is given, or raise)."""
+    def add_data(self, node: Node, size: int, take: Callable[[int], list[memoryview]]) -> None:
+        """Give regular file ``node`` ``size`` bytes, got with ``take(n)``: the next ``n``
+        bytes, as buffers that stay unchanged until written (or it raises)."""
         node.start = self.next_block
         node.size = size
         nblocks = -(-size // BLOCK)
         if (self.next_block + nblocks) * BLOCK > MAX_BYTES:
             raise Ext4Error(f"the layer is larger than {MAX_BYTES >> 30} GiB")
         left = size
-        cap = len(self._buf)
         while left:
-            if self._fill == cap:
-                self._flush()
-            n = min(cap - self._fill, left)
-            readinto(self._buf_view[self._fill:self._fill + n])
-            self._fill += n
+            # Whole batches of a large file keep every batch block-aligned.
+            n = min(left, self._batch)
+            self._iov += take(n)
+            self._pending += n
             left -= n
-        pad = -self._fill % BLOCK
+            if left and (self._pending >= self._batch or len(self._iov) >= _IOV_FLUSH):
+                self._flush()
+        pad = -size % BLOCK
         if pad:
-            self._buf_view[self._fill:self._fill + pad] = bytes(pad)
-            self._fill += pad
-        if self._fill == cap:
+            self._iov.append(_ZEROS[:pad])
+            self._pending += pad
+        if self._pending >= self._batch or len(self._iov) >= _IOV_FLUSH:
             self._flush()
         self.next_block += nblocks
         self._files.append(node)

@@ -11,7 +11,7 @@ with nanoseconds, and xattr records). Sparse files (GNU ``S``, PAX ``GNU.sparse.
 refused: image builders do not write them.
 
 The input is a :class:`ChunkStream`: chunks of the decompressed tar that a producer thread
-(decompression and hashing, which release the GIL) hands over through a bounded queue.
+(reading and decompression, which release the GIL) hands over through a bounded queue.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
@@ -77,14 +77,13 @@ _STOP = object()
 
 
 class ChunkStream:
-    """The consumer side of a producer thread that reads a stream in chunks.
-
-    ``produce(buf)`` fills ``buf`` (a writable memoryview) and returns the byte count, 0 at the
-    end; it runs in a thread of its own. Its exceptions are raised again in the consumer.
+    """The consumer side of a producer thread that iterates ``chunks`` (buffers that are never
+    written again once handed over). The iteration runs in a thread of its own; its exceptions
+    are raised again in the consumer. :meth:`close` stops it, and closes ``chunks`` (a
+    generator's clean-up runs).
     """
 
-    def __init__(self, produce: Callable[[memoryview], int], chunk: int = 1 << 20,
-                 depth: int = 8) -> None:
+    def __init__(self, chunks: Iterable[bytes | memoryview], depth: int = 8) -> None:
         self._q: queue.Queue[object] = queue.Queue(depth)
         self._closed = threading.Event()
         self._chunk = b""
@@ -92,7 +91,7 @@ class ChunkStream:
         self._off = 0
         self._eof = False
         self.pos = 0
-        self._thread = threading.Thread(target=self._run, args=(produce, chunk), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(chunks,), daemon=True,
                                         name="layer-reader")
         self._thread.start()
 
@@ -105,18 +104,19 @@ class ChunkStream:
                 continue
         return False
 
-    def _run(self, produce: Callable[[memoryview], int], chunk: int) -> None:
+    def _run(self, chunks: Iterable[bytes | memoryview]) -> None:
+        it = iter(chunks)
         try:
-            while not self._closed.is_set():
-                buf = bytearray(chunk)
-                n = produce(memoryview(buf))
-                if not n:
-                    break
-                if not self._put(memoryview(buf)[:n]):
+            for chunk in it:
+                if chunk and not self._put(memoryview(chunk)):
                     return
         except BaseException as e:  # handed to the consumer
             self._put(e)
             return
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
         self._put(_STOP)
 
     def _next(self) -> bool:
@@ -153,21 +153,22 @@ class ChunkStream:
         self.pos += got
         return b"".join(parts)
 
-    def fill(self, dest: memoryview) -> None:
-        """Fill ``dest`` completely.
+    def take(self, n: int) -> list[memoryview]:
+        """The next ``n`` bytes as views of the stream's chunks (no copy: chunks are never
+        written again once handed over).
 
         :raises TarFormatError: the stream ended first.
         """
-        want = len(dest)
-        got = 0
-        while got < want:
+        views = []
+        while n:
             if self._off == len(self._view) and not self._next():
                 raise TarFormatError("unexpected end of data")
-            take = min(want - got, len(self._view) - self._off)
-            dest[got:got + take] = self._view[self._off:self._off + take]
+            take = min(n, len(self._view) - self._off)
+            views.append(self._view[self._off:self._off + take])
             self._off += take
-            got += take
-        self.pos += got
+            self.pos += take
+            n -= take
+        return views
 
     def skip(self, n: int) -> int:
         """Skip ``n`` bytes (fewer at the end); return how many were skipped."""
@@ -277,12 +278,13 @@ class TarReader:
         self._data_left = 0
         self._pad = 0
 
-    def data(self, dest: memoryview) -> None:
-        """Read the next ``len(dest)`` bytes of the current entry's data."""
-        if len(dest) > self._data_left:
+    def data(self, n: int) -> list[memoryview]:
+        """The next ``n`` bytes of the current entry's data, as views (see
+        :meth:`ChunkStream.take`)."""
+        if n > self._data_left:
             raise TarFormatError("read past the end of an entry")
-        self.stream.fill(dest)
-        self._data_left -= len(dest)
+        self._data_left -= n
+        return self.stream.take(n)
 
     def _skip_data(self) -> None:
         n = self._data_left + self._pad
