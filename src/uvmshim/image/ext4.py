@@ -79,7 +79,7 @@ class Ext4Error(Exception):
     """Something the layer holds that this filesystem cannot (the caller words the error)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """One inode of the tree being built."""
 
@@ -225,6 +225,13 @@ def _extents(start: int, nblocks: int) -> list[tuple[int, int, int]]:
             for lb in range(0, nblocks, _MAX_EXTENT)]
 
 
+#: An inode: the 128-byte base and the 32 extra bytes (EXTRA_ISIZE) after it.
+_INODE = struct.Struct("<HHIIIIIHHIII60sIIIIHHHHHH" + "HHIIIIIII")
+_DIRENT = struct.Struct("<IHBB")  # inode, record length, name length, file type
+_REC_LEN = struct.Struct("<H")
+_PADS = (b"", b"\0", b"\0\0", b"\0\0\0")
+
+
 def _extent_header(entries: int, max_entries: int, depth: int) -> bytes:
     return struct.pack("<HHHHI", _EXT_MAGIC, entries, max_entries, depth, 0)
 
@@ -232,6 +239,9 @@ def _extent_header(entries: int, max_entries: int, depth: int) -> bytes:
 def _leaf(exts: list[tuple[int, int, int]]) -> bytes:
     return b"".join(struct.pack("<IHHI", lb, n, pb >> 32, pb & 0xFFFFFFFF)
                     for lb, pb, n in exts)
+
+
+_EMPTY_EXTENTS = _extent_header(0, 4, 0)
 
 
 def _set_bits(bm: bytearray, start: int, end: int) -> None:
@@ -583,89 +593,84 @@ class Ext4Writer:
         return disk
 
     def _dir_blocks(self, node: Node, parent: int) -> bytes:
+        """A linear directory's blocks: entries never cross a block, and the last entry of
+        each block stretches to its end."""
         assert node.children is not None
         out = bytearray()
-        block = bytearray()
-        last = -1  # offset in block of the last entry
-
-        def entry(ino: int, name: bytes, ftype: int) -> None:
-            nonlocal block, last
-            need = 8 + len(name) + (-len(name) % 4)
-            if len(block) + need > BLOCK:
-                # Stretch the last entry to the end of the block.
-                struct.pack_into("<H", block, last + 4, BLOCK - last)
-                block.extend(bytes(BLOCK - len(block)))
-                out.extend(block)
-                block = bytearray()
-            last = len(block)
-            block.extend(struct.pack("<IHBB", ino, need, len(name), ftype))
-            block.extend(name)
-            block.extend(bytes(-len(name) % 4))
-
-        entry(node.ino, b".", 2)
-        entry(parent, b"..", 2)
-        for name, child in node.children.items():
-            entry(child.ino, name, _FTYPE[stat.S_IFMT(child.mode)])
-        struct.pack_into("<H", block, last + 4, BLOCK - last)
-        block.extend(bytes(BLOCK - len(block)))
-        out.extend(block)
+        block = 0  # offset in out of the current block
+        last = 0  # offset in out of its last entry
+        entries = [(node.ino, b".", 2), (parent, b"..", 2)]
+        entries += [(child.ino, name, _FTYPE[child.mode & 0o170000])
+                    for name, child in node.children.items()]
+        for ino, name, ftype in entries:
+            n = len(name)
+            need = 8 + n + (-n % 4)
+            if len(out) - block + need > BLOCK:
+                _REC_LEN.pack_into(out, last + 4, block + BLOCK - last)
+                out += bytes(block + BLOCK - len(out))
+                block += BLOCK
+            last = len(out)
+            out += _DIRENT.pack(ino, need, n, ftype)
+            out += name
+            out += _PADS[-n % 4]
+        _REC_LEN.pack_into(out, last + 4, block + BLOCK - last)
+        out += bytes(block + BLOCK - len(out))
         return bytes(out)
 
     def _inode(self, table: bytearray, off: int, node: Node,
                exts: list[tuple[int, int, int]] | None, leaf: int | None, xblock: int | None,
                inline: bytearray | None) -> None:
-        kind = stat.S_IFMT(node.mode)
+        kind = node.mode & 0o170000
         flags = 0
-        iblock = bytearray(60)
+        iblock = b""  # the 60-byte i_block, zero-padded by the struct
         blocks = 0
         if exts is not None:
             flags = _EXTENTS_FL
             blocks = sum(n for _, _, n in exts)
             if leaf is None:
-                iblock[:12 + 12 * len(exts)] = _extent_header(len(exts), 4, 0) + _leaf(exts)
+                iblock = _extent_header(len(exts), 4, 0) + _leaf(exts)
             else:
                 nleaves = -(-len(exts) // 340)
-                idx = bytearray(_extent_header(nleaves, 4, 1))
-                for i in range(nleaves):
-                    idx += struct.pack("<IIHH", exts[i * 340][0], leaf + i, 0, 0)
-                iblock[:len(idx)] = idx
+                iblock = _extent_header(nleaves, 4, 1) + b"".join(
+                    struct.pack("<IIHH", exts[i * 340][0], leaf + i, 0, 0)
+                    for i in range(nleaves))
                 blocks += nleaves
         elif kind == stat.S_IFREG or kind == stat.S_IFDIR:
             flags = _EXTENTS_FL
-            iblock[:12] = _extent_header(0, 4, 0)
+            iblock = _EMPTY_EXTENTS
         elif kind == stat.S_IFLNK:
-            iblock[:len(node.target)] = node.target
-        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            iblock = node.target
+        elif kind == stat.S_IFCHR or kind == stat.S_IFBLK:
             major, minor = node.rdev
             if major < 256 and minor < 256:
-                struct.pack_into("<I", iblock, 0, (major << 8) | minor)
+                iblock = struct.pack("<I", (major << 8) | minor)
             else:
-                struct.pack_into("<I", iblock, 4,
-                                 (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12))
+                iblock = struct.pack("<II", 0,
+                                     (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12))
         if xblock is not None:
             blocks += 1
         if kind == stat.S_IFLNK:
             size = len(node.target)
-        elif kind in (stat.S_IFREG, stat.S_IFDIR):
+        elif kind == stat.S_IFREG or kind == stat.S_IFDIR:
             size = node.size
         else:
             size = 0
-        if node.is_dir:
-            assert node.children is not None
-            nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
+        if node.children is not None:
+            nlink = 2
+            for c in node.children.values():
+                if c.children is not None:
+                    nlink += 1
             if nlink > MAX_LINKS:
                 nlink = 1  # dir_nlink: "many"
         else:
             nlink = node.links
         t, tx = _time(node.mtime_ns)
-        struct.pack_into(
-            "<HHIIIIIHHIII60sIIIIHHHHHH", table, off,
-            node.mode & 0xFFFF, node.uid & 0xFFFF, size & 0xFFFFFFFF, t, t, t, 0,
-            node.gid & 0xFFFF, nlink, blocks * (BLOCK // 512), flags, 0, bytes(iblock), 0,
-            xblock or 0, size >> 32, 0, 0, 0, (node.uid >> 16) & 0xFFFF,
-            (node.gid >> 16) & 0xFFFF, 0, 0)
-        struct.pack_into("<HHIIIIIII", table, off + 128, EXTRA_ISIZE, 0, tx, tx, tx, t, tx, 0,
-                         0)
+        uid, gid = node.uid, node.gid
+        _INODE.pack_into(
+            table, off, node.mode & 0xFFFF, uid & 0xFFFF, size & 0xFFFFFFFF, t, t, t, 0,
+            gid & 0xFFFF, nlink, blocks * (BLOCK // 512), flags, 0, iblock, 0, xblock or 0,
+            size >> 32, 0, 0, 0, (uid >> 16) & 0xFFFF, (gid >> 16) & 0xFFFF, 0, 0,
+            EXTRA_ISIZE, 0, tx, tx, tx, t, tx, 0, 0)
         if inline is not None:
             table[off + 128 + EXTRA_ISIZE:off + INODE_SIZE] = inline
 

@@ -17,11 +17,12 @@ The input is a :class:`ChunkStream`: chunks of the decompressed tar that a produ
 from __future__ import annotations
 
 import queue
-import re
 import threading
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
+from typing import Generic, TypeVar
 
 BLOCKSIZE = 512
 _ZERO_BLOCK = bytes(BLOCKSIZE)
@@ -74,25 +75,21 @@ class Entry:
 
 
 _STOP = object()
+T = TypeVar("T")
 
 
-class ChunkStream:
-    """The consumer side of a producer thread that iterates ``chunks`` (buffers that are never
-    written again once handed over). The iteration runs in a thread of its own; its exceptions
-    are raised again in the consumer. :meth:`close` stops it, and closes ``chunks`` (a
-    generator's clean-up runs).
+class Pump(Generic[T]):
+    """Iterates ``items`` in a thread of its own, at most ``depth`` items ahead of the consumer
+    (:meth:`next`, or iterating the pump); the iteration's exception is raised again in the
+    consumer. :meth:`close` stops the thread and closes ``items`` (a generator's clean-up runs).
     """
 
-    def __init__(self, chunks: Iterable[bytes | memoryview], depth: int = 8) -> None:
+    def __init__(self, items: Iterable[T], depth: int, name: str) -> None:
         self._q: queue.Queue[object] = queue.Queue(depth)
         self._closed = threading.Event()
-        self._chunk = b""
-        self._view = memoryview(self._chunk)
-        self._off = 0
-        self._eof = False
-        self.pos = 0
-        self._thread = threading.Thread(target=self._run, args=(chunks,), daemon=True,
-                                        name="layer-reader")
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True,
+                                        name=name)
         self._thread.start()
 
     def _put(self, item: object) -> bool:
@@ -104,11 +101,11 @@ class ChunkStream:
                 continue
         return False
 
-    def _run(self, chunks: Iterable[bytes | memoryview]) -> None:
-        it = iter(chunks)
+    def _run(self, items: Iterable[T]) -> None:
+        it = iter(items)
         try:
-            for chunk in it:
-                if chunk and not self._put(memoryview(chunk)):
+            for item in it:
+                if not self._put(item):
                     return
         except BaseException as e:  # handed to the consumer
             self._put(e)
@@ -119,20 +116,52 @@ class ChunkStream:
                 close()
         self._put(_STOP)
 
-    def _next(self) -> bool:
-        if self._eof:
-            return False
+    def next(self) -> T | None:
+        """The next item, or ``None`` at the end."""
+        if self._done:
+            return None
         item = self._q.get()
         if item is _STOP:
-            self._eof = True
-            return False
+            self._done = True
+            return None
         if isinstance(item, BaseException):
-            self._eof = True
+            self._done = True
             raise item
-        assert isinstance(item, memoryview)
-        self._view = item
+        return item  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[T]:
+        while (item := self.next()) is not None:
+            yield item
+
+    def close(self) -> None:
+        """Stop the thread and wait for it."""
+        self._closed.set()
+        while True:
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+
+
+class ChunkStream:
+    """A byte stream read from ``chunks`` (buffers that are never written again once handed
+    over), which a thread of its own iterates (see :class:`Pump`)."""
+
+    def __init__(self, chunks: Iterable[bytes | memoryview], depth: int = 8) -> None:
+        self._pump = Pump(chunks, depth, "layer-reader")
+        self._chunk = b""
+        self._view = memoryview(self._chunk)
         self._off = 0
-        return True
+        self.pos = 0
+
+    def _next(self) -> bool:
+        while (chunk := self._pump.next()) is not None:
+            if chunk:
+                self._view = memoryview(chunk)
+                self._off = 0
+                return True
+        return False
 
     def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or fewer at the end of the stream."""
@@ -190,16 +219,14 @@ class ChunkStream:
 
     def close(self) -> None:
         """Stop the producer and wait for it."""
-        self._closed.set()
-        while True:
-            try:
-                self._q.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join()
+        self._pump.close()
 
 
 def _num(field_: bytes, what: str) -> int:
+    try:  # the usual form: octal digits, then NULs or spaces
+        return int(field_.rstrip(b"\0 "), 8)
+    except ValueError:
+        pass
     if field_ and field_[0] & 0x80:  # GNU base-256
         value = int.from_bytes(field_[1:], "big")
         if field_[0] == 0xFF:
@@ -215,24 +242,25 @@ def _num(field_: bytes, what: str) -> int:
 
 
 def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """The records (``LENGTH KEY=VALUE\\n``, LENGTH counting the whole record) of a PAX
+    header; values may hold any byte, newlines too."""
     out: dict[bytes, bytes] = {}
     pos = 0
-    while pos < len(data):
-        if data[pos] == 0:
-            break
-        sp = data.find(b" ", pos)
-        if sp < 0:
-            raise TarFormatError("malformed PAX header")
+    end = len(data)
+    while pos < end and data[pos]:
+        sp = data.find(b" ", pos, pos + 21)
         try:
+            if sp <= pos:
+                raise ValueError
             length = int(data[pos:sp])
         except ValueError:
             raise TarFormatError("malformed PAX header") from None
-        rec = data[sp + 1:pos + length]
-        if length <= sp - pos or not rec.endswith(b"\n") or b"=" not in rec:
+        nxt = pos + length
+        eq = data.find(b"=", sp + 1, nxt - 1)
+        if length <= sp - pos or nxt > end or data[nxt - 1] != 0x0A or eq < 0:
             raise TarFormatError("malformed PAX header")
-        key, _, value = rec[:-1].partition(b"=")
-        out[key] = value
-        pos += length
+        out[data[sp + 1:eq]] = data[eq + 1:nxt - 1]
+        pos = nxt
     return out
 
 
@@ -243,23 +271,36 @@ def _pax_int(value: bytes, what: str) -> int:
         raise TarFormatError(f"bad PAX {what}: {value!r}") from None
 
 
-_PAX_TIME = re.compile(rb"(-?)([0-9]{1,20})(?:\.([0-9]+))?")
+_PAX_TIME_LIMIT = Decimal(1 << 40)
 
 
 def _pax_time(value: bytes) -> int:
-    m = _PAX_TIME.fullmatch(value)
-    if m is not None:  # the usual form, without Decimal's cost (one per entry)
-        sign, sec, frac = m.groups()
-        ns = int(sec) * 1_000_000_000 + (int(frac[:9].ljust(9, b"0")) if frac else 0)
-        return -ns if sign else ns
-    try:
-        return int(Decimal(value.decode("ascii")) * 1_000_000_000)
-    except (InvalidOperation, UnicodeDecodeError, ValueError):
+    """A PAX time (decimal seconds, with a fraction) in nanoseconds."""
+    sec, _, frac = value.partition(b".")
+    digits = sec[1:] if sec[:1] == b"-" else sec
+    if digits.isdigit() and len(digits) <= 20 and (not frac or frac.isdigit()):
+        ns = int(digits) * 1_000_000_000 + (int(frac[:9].ljust(9, b"0")) if frac else 0)
+        return -ns if sec[:1] == b"-" else ns
+    try:  # other forms Decimal reads (an exponent...), rare enough for its cost
+        t = Decimal(value.decode("ascii"))
+        if not t.is_finite():
+            raise ValueError
+        # Clamped first: "1e999999" would make a million-digit int, slowly (ext4 keeps
+        # about 2**34 seconds either way of 1970 anyway).
+        return int(min(max(t, -_PAX_TIME_LIMIT), _PAX_TIME_LIMIT) * 1_000_000_000)
+    except (ArithmeticError, UnicodeDecodeError, ValueError):  # decimal's errors too
         raise TarFormatError(f"bad PAX mtime: {value!r}") from None
 
 
+def _byte_sum(block: bytes) -> int:
+    """``sum(block)`` for a 512-byte block, ten times as fast: Adler-32's low half is 1 plus
+    the byte sum modulo 65521, and 256 bytes sum to at most 65280, so each half is exact."""
+    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+
+
 def _checksum_ok(hdr: bytes, stored: int) -> bool:
-    unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 32
+    # The checksum field counts as 8 spaces.
+    unsigned = _byte_sum(hdr) - sum(hdr[148:156]) + 8 * 32
     if unsigned == stored:
         return True
     signed = unsigned - 2 * (sum(b for b in hdr[:148] if b > 127)
@@ -301,11 +342,11 @@ class TarReader:
         return hdr
 
     def _payload(self, size: int) -> bytes:
-        data = self.stream.read(size)
-        padded = -size % BLOCKSIZE
-        if len(data) < size or self.stream.skip(padded) != padded:
+        padded = size + -size % BLOCKSIZE
+        data = self.stream.read(padded)
+        if len(data) < padded:
             raise TarFormatError("unexpected end of data")
-        return data
+        return data[:size]
 
     def next(self) -> Entry | None:
         """The next entry, or ``None`` at the end-of-archive mark (or the end of the stream)."""
@@ -339,8 +380,11 @@ class TarReader:
                     longlink = value
                 continue
             break
-        if typ == b"S" or any(k.startswith(b"GNU.sparse.") for k in pax):
+        if typ == b"S":
             raise TarFormatError("sparse files are not supported in layers")
+        for key in pax:
+            if key.startswith(b"GNU.sparse."):
+                raise TarFormatError("sparse files are not supported in layers")
         if self._global:
             pax = {**self._global, **pax}
         name = hdr[0:100].split(b"\0", 1)[0]

@@ -35,7 +35,7 @@ from uvmshim import tools
 from uvmshim.errors import ToolError
 from uvmshim.image.ext4 import MAX_LINKS, Ext4Error, Ext4Writer, Node, check_xattr, new_dir
 from uvmshim.image.layout import ImageError, new_hash
-from uvmshim.image.tarstream import ChunkStream, Entry, TarFormatError, TarReader
+from uvmshim.image.tarstream import ChunkStream, Entry, Pump, TarFormatError, TarReader
 
 
 def _inflater() -> Any:
@@ -487,10 +487,10 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
 
     The compression is told by magic bytes, not media type (docker-archives say nothing):
     gzip (ISA-L when installed, else Python's zlib), zstd (the ``zstd`` program, as Python 3.11
-    has no zstd) or none. One thread reads and decompresses the blob in large chunks (both let
-    go of the GIL); the blob's digest and the diff id are each computed in a thread of their
-    own; this thread parses headers and hands the file data, as it is, to the writer (which
-    writes it in a thread of its own).
+    has no zstd) or none. One thread reads the blob in large chunks and computes its digest,
+    another decompresses them, a third computes the diff id (all of which let go of the GIL);
+    this thread parses headers and hands the file data, as it is, to the writer (which writes
+    it in a thread of its own).
 
     :param digest: the blob's digest (of the compressed bytes), if known.
     :param diff_id: the digest of the uncompressed tar, from the image config.
@@ -499,12 +499,13 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
     """
     # An uncompressed blob's digest is its diff id: hash those bytes once, not twice.
     blob_hash = new_hash(digest) if digest is not None and digest != diff_id else None
-    blob_hasher = _HashThread(blob_hash) if blob_hash is not None else None
     diff_hash = new_hash(diff_id)
     diff_hasher = _HashThread(diff_hash)
     read = _Counter()
-    stream = ChunkStream(_hashed(_decompressed(
-        _hashed(_blob_chunks(blob, stop, read, on_bytes), blob_hasher), where), diff_hasher))
+    # The blob is read, and its digest computed, a few chunks ahead by a thread of its own:
+    # the decompressing thread never waits for a read (nor for the GIL after one).
+    ahead = Pump(_hashed(_blob_chunks(blob, stop, read, on_bytes), blob_hash), 4, "layer-read")
+    stream = ChunkStream(_hashed(_decompressed(iter(ahead), where), diff_hasher))
     reader = TarReader(stream)
     builder = Builder(writer, reader, where)
     name = b""
@@ -528,9 +529,8 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
         raise ImageError(f"cannot import: {e}", where=f"{where}: {_text(name)}") from None
     finally:
         stream.close()
+        ahead.close()
         diff_hasher.close()
-        if blob_hasher is not None:
-            blob_hasher.close()
     _check_blob(read.count, blob_hash, digest, size, where)
     _check_diff_id(diff_hash, diff_id, where)
     return UnpackResult(diff_id=diff_id, tar_bytes=diff_hasher.count, entries=builder.entries)
