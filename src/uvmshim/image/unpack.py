@@ -25,36 +25,18 @@ import os
 import queue
 import stat
 import threading
-import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 from urllib.parse import unquote
+
+from isal import igzip_lib
 
 from uvmshim import tools
 from uvmshim.errors import ToolError
 from uvmshim.image.ext4 import MAX_LINKS, Ext4Error, Ext4Writer, Node, check_xattr, new_dir
 from uvmshim.image.layout import ImageError, new_hash
 from uvmshim.image.tarstream import ChunkStream, Entry, Pump, TarFormatError, TarReader
-
-
-def _inflater() -> Any:
-    """A gzip decompressor (``decompressobj``): ISA-L's (2-3x as fast as zlib) if installed."""
-    try:
-        from isal import isal_zlib
-    except ImportError:  # pragma: no cover - isal is a dependency; stay correct without it
-        return zlib.decompressobj(31)
-    return isal_zlib.decompressobj(31)
-
-
-def _gzip_errors() -> tuple[type[Exception], ...]:
-    try:
-        from isal import igzip_lib
-    except ImportError:  # pragma: no cover
-        return ()
-    err = getattr(igzip_lib, "IsalError", None)
-    return (err,) if isinstance(err, type) and issubclass(err, Exception) else ()
-
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -410,38 +392,42 @@ def _unzstd(chunks: Iterable[bytes], where: str) -> Iterator[bytes]:
 
 
 def _gunzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Decompress a gzip stream: its members one after the other, skipping zero padding after
-    a member (as ``gzip -d`` does), each call making at most :data:`_OUT_MAX` bytes.
+    """Decompress a gzip stream with ISA-L: its members one after the other, skipping zero
+    padding after a member (as ``gzip -d`` does), at most :data:`_OUT_MAX` bytes at a time.
+
+    ``IgzipDecompressor``, not ``decompressobj``: the latter grows its output as it goes and
+    takes the GIL back at each step, each time waiting for the parsing thread to let go of it
+    (measured next to a busy Python thread: 2 MiB chunks of the Debian layer inflate in 372 ms
+    with ``decompressobj``, 240 ms with this; 233 and 203 ms alone).
 
     :raises EOFError: the stream ends inside a member.
-    :raises zlib.error: (or ISA-L's error) corrupt data, or trailing bytes that are neither
-        zeros nor a member.
+    :raises _IsalError: corrupt data, a wrong checksum or length, or trailing bytes that are
+        neither zeros nor a member.
     """
-    d = _inflater()
+    d: igzip_lib.IgzipDecompressor | None = igzip_lib.IgzipDecompressor(igzip_lib.DECOMP_GZIP)
     for chunk in chunks:
         data = chunk
-        while data:
-            if d is None:
+        while True:
+            if d is None:  # between members
                 data = data.lstrip(b"\0")
                 if not data:
                     break
-                d = _inflater()
+                d = igzip_lib.IgzipDecompressor(igzip_lib.DECOMP_GZIP)
             if out := d.decompress(data, _OUT_MAX):
                 yield out
+            data = b""
             if d.eof:
                 data, d = d.unused_data, None
-            else:
-                data = d.unconsumed_tail
+            elif d.needs_input:
+                break
     if d is not None:
-        if out := d.flush():
-            yield out
-        if not d.eof:
-            raise EOFError("compressed stream ended before its end-of-stream marker")
+        raise EOFError("compressed stream ended before its end-of-stream marker")
 
 
 #: What a corrupt or truncated stream raises.
-_CORRUPT: tuple[type[Exception], ...] = (TarFormatError, EOFError, zlib.error, _ZstdError,
-                                         *_gzip_errors())
+#: ISA-L's error class (its type stubs call it an instance).
+_IsalError: type[Exception] = igzip_lib.IsalError  # type: ignore[assignment]
+_CORRUPT: tuple[type[Exception], ...] = (TarFormatError, EOFError, _ZstdError, _IsalError)
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -486,11 +472,10 @@ def unpack_layer(blob: IO[bytes], writer: Ext4Writer, *, where: str, diff_id: st
     """Read a layer tar into ``writer``'s tree and image, verifying its digests.
 
     The compression is told by magic bytes, not media type (docker-archives say nothing):
-    gzip (ISA-L when installed, else Python's zlib), zstd (the ``zstd`` program, as Python 3.11
-    has no zstd) or none. One thread reads the blob in large chunks and computes its digest,
-    another decompresses them, a third computes the diff id (all of which let go of the GIL);
-    this thread parses headers and hands the file data, as it is, to the writer (which writes
-    it in a thread of its own).
+    gzip (ISA-L), zstd (the ``zstd`` program, as Python 3.11 has no zstd) or none. One
+    thread reads the blob in large chunks and computes its digest, another decompresses them,
+    a third computes the diff id (all of which let go of the GIL); this thread parses headers
+    and hands the file data, as it is, to the writer (which writes it in a thread of its own).
 
     :param digest: the blob's digest (of the compressed bytes), if known.
     :param diff_id: the digest of the uncompressed tar, from the image config.
