@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -80,35 +81,64 @@ def _uuid_for(diff_id: str) -> uuid.UUID:
 
 #: The GIL switch interval while a layer is written (the default is 5 ms).
 SWITCH_INTERVAL = 0.0005
-_switch_lock = threading.Lock()
-_switch_users = 0
+#: glibc's malloc thresholds while a layer is written: blocks below this many bytes come from
+#: the heap, and up to this many free bytes stay there (glibc's defaults are 128 KiB for both).
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 256 << 20
+_GLIBC_DEFAULT_THRESHOLD = 128 << 10
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters
+_tuning_lock = threading.Lock()
+_tuning_users = 0
 _switch_saved = 0.0
 
 
-@contextlib.contextmanager
-def _short_switch_interval() -> Iterator[None]:
-    """Lower the interpreter's GIL switch interval while layers are written (process-wide,
-    restored when the last one is done).
+def _set_malloc(mmap_threshold: int, trim_threshold: int, *, trim: bool = False) -> None:
+    """Set glibc's malloc thresholds (nothing on another C library); with ``trim``, give the
+    free heap memory back to the system."""
+    libc = ctypes.CDLL(None)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return
+    mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    if trim and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
-    The thread parsing the tar holds the GIL most of the time; the threads that read,
-    decompress, hash and write need it back briefly after each large GIL-free call, and with
-    the default 5 ms interval they wait up to that long each time: the decompression alone was
-    measured 2-4 times slower next to a busy Python thread. At 0.5 ms the import of the Debian
-    test layer is 10-40 % faster; the cost is more frequent switches for any other thread.
+
+@contextlib.contextmanager
+def _tuned_for_writing() -> Iterator[None]:
+    """Tune the interpreter while layers are written (process-wide, restored when the last
+    one is done).
+
+    * **The GIL switch interval** goes down to 0.5 ms. The thread parsing the tar holds the
+      GIL most of the time; the threads that read, decompress, hash and write need it back
+      briefly after each large GIL-free call, and with the default 5 ms interval they wait up
+      to that long each time: the decompression alone was measured 2-4 times slower next to a
+      busy Python thread. At 0.5 ms the import of the Debian test layer is 10-40 % faster; the
+      cost is more frequent switches for any other thread.
+    * **malloc keeps and reuses the chunks' memory.** Decompression makes a new buffer of up
+      to 8 MiB for each chunk, and glibc would map each one afresh (zeroing every page in a
+      page fault) and unmap it when freed: 150 MB of page faults for the Debian layer. Served
+      from the heap, and kept there, the same memory is used again: its import takes 8 % less
+      time and CPU (measured alternately, 10 rounds). Afterwards the thresholds go back to
+      glibc's default values (fixed, no longer adjusted by glibc as it goes) and the free heap
+      memory is given back.
     """
-    global _switch_users, _switch_saved
-    with _switch_lock:
-        if _switch_users == 0:
+    global _tuning_users, _switch_saved
+    with _tuning_lock:
+        if _tuning_users == 0:
             _switch_saved = sys.getswitchinterval()
             sys.setswitchinterval(min(_switch_saved, SWITCH_INTERVAL))
-        _switch_users += 1
+            _set_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+        _tuning_users += 1
     try:
         yield
     finally:
-        with _switch_lock:
-            _switch_users -= 1
-            if _switch_users == 0:
+        with _tuning_lock:
+            _tuning_users -= 1
+            if _tuning_users == 0:
                 sys.setswitchinterval(_switch_saved)
+                _set_malloc(_GLIBC_DEFAULT_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD, trim=True)
 
 
 def write_layer(blob: IO[bytes], image: Path, *, diff_id: str, digest: str | None,
@@ -120,7 +150,7 @@ def write_layer(blob: IO[bytes], image: Path, *, diff_id: str, digest: str | Non
 
     :return: what was read, the disk size in bytes (CHS-exact) and the verity parameters.
     """
-    with _short_switch_interval():
+    with _tuned_for_writing():
         return _write_layer(blob, image, diff_id=diff_id, digest=digest, size=size,
                             where=where, stop=stop, on_bytes=on_bytes, verity=verity)
 
