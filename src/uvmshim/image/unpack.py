@@ -344,7 +344,7 @@ class _ZstdError(Exception):
     """``zstd -d`` failed: corrupt or truncated input."""
 
 
-def _unzstd(chunks: Iterable[bytes], where: str) -> Iterator[bytes]:
+def _unzstd(chunks: Iterable[bytes], where: str) -> Generator[bytes, None, None]:
     """Decompress zstd through the ``zstd`` program (Python 3.11 has no zstd module).
 
     A feeder thread copies ``chunks`` into the child; this generator yields its stdout. Closing
