@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import os
@@ -358,6 +359,8 @@ def _unzstd(chunks: Iterable[bytes], where: str) -> Generator[bytes, None, None]
                          hint="install it (Debian: apt-get install zstd)") from None
     stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
     assert stdin is not None and stdout is not None and stderr is not None  # all pipes
+    with contextlib.suppress(OSError):  # reads of up to 1 MiB, not 64 KiB (best effort)
+        fcntl.fcntl(stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
     feed_error: list[BaseException] = []
 
     def feed() -> None:
