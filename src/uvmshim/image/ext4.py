@@ -423,7 +423,7 @@ class Ext4Writer:
             yield d
             assert d.children is not None
             for child in d.children.values():
-                if child.is_dir:
+                if child.children is not None:
                     stack.append(child)
                 elif child.ino == 0:
                     child.ino = -1  # seen
@@ -443,7 +443,7 @@ class Ext4Writer:
         for i, node in enumerate(nodes[1:]):
             node.ino = FIRST_INO + i
         max_ino = FIRST_INO + len(nodes) - 2
-        used_files = {id(n) for n in nodes if stat.S_ISREG(n.mode)}
+        used_files = {id(n) for n in nodes if n.mode & 0o170000 == stat.S_IFREG}
         freed = [(n.start, -(-n.size // BLOCK)) for n in self._files
                  if id(n) not in used_files and n.size]
         for start, count in freed:
@@ -468,18 +468,18 @@ class Ext4Writer:
 
         parent_ino: dict[int, int] = {id(nodes[0]): ROOT_INO}
         for node in nodes:
-            if node.is_dir:
-                assert node.children is not None
+            kind = node.mode & 0o170000
+            if node.children is not None:
                 for child in node.children.values():
-                    if child.is_dir:
+                    if child.children is not None:
                         parent_ino[id(child)] = node.ino
                 data = self._dir_blocks(node, parent_ino[id(node)])
                 b = put(data)
                 node.size = len(data)
                 block_of[id(node)] = _extents(b, len(data) // BLOCK)
-            elif stat.S_ISREG(node.mode):
+            elif kind == stat.S_IFREG:
                 block_of[id(node)] = _extents(node.start, -(-node.size // BLOCK))
-            elif stat.S_ISLNK(node.mode) and len(node.target) > _FAST_SYMLINK_MAX:
+            elif kind == stat.S_IFLNK and len(node.target) > _FAST_SYMLINK_MAX:
                 b = put(node.target)
                 block_of[id(node)] = _extents(b, 1)
             if node.xattrs:
@@ -497,14 +497,13 @@ class Ext4Writer:
         shared_refs: dict[int, int] = {}
         for b in xblock.values():
             shared_refs[b] = shared_refs.get(b, 0) + 1
-        for node in nodes:
-            exts = block_of.get(id(node))
-            if exts is not None and len(exts) > 4:
+        for key, exts in block_of.items():  # in the nodes' order
+            if len(exts) > 4:
                 first = meta_start + len(meta) // BLOCK
                 for i in range(0, len(exts), 340):
                     chunk = exts[i:i + 340]
                     put(_extent_header(len(chunk), 340, 0) + _leaf(chunk))
-                leaves[id(node)] = first
+                leaves[key] = first
                 if (len(exts) + 339) // 340 > 4:
                     raise Ext4Error("file too large for a one-level extent tree")
         # Shared xattr blocks count their references.
@@ -546,11 +545,11 @@ class Ext4Writer:
         itable = bytearray(groups * ipg * INODE_SIZE)
         dirs_per_group = [0] * groups
         for node in nodes:
-            g = (node.ino - 1) // ipg
-            if node.is_dir:
-                dirs_per_group[g] += 1
-            self._inode(itable, (node.ino - 1) * INODE_SIZE, node, block_of.get(id(node)),
-                        leaves.get(id(node)), xblock.get(id(node)), inline_x.get(id(node)))
+            key = id(node)
+            if node.children is not None:
+                dirs_per_group[(node.ino - 1) // ipg] += 1
+            self._inode(itable, (node.ino - 1) * INODE_SIZE, node, block_of.get(key),
+                        leaves.get(key), xblock.get(key), inline_x.get(key))
 
         # Block bitmap (all groups in one) and counts.
         bitmap = bytearray(groups * BLOCK)
