@@ -305,10 +305,11 @@ def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> None:
 class Ext4Writer:
     """Builds an ext4 image in the open file ``fd`` (positioned writes only).
 
-    Regular file data goes through :meth:`add_data` as it arrives, into large buffers that a
-    thread of the writer writes (and starts writing back to disk, so that the final ``fsync``
-    has little left to do); :meth:`finish` lays out everything else and returns the filesystem
-    size. :meth:`close` stops that thread (``finish`` does, too).
+    Regular file data goes through :meth:`add_data` as it arrives: views of the caller's
+    buffers, gathered into batches of about 8 MiB that a thread of the writer writes with
+    ``pwritev`` (and starts writing back to disk, so that the final ``fsync`` has little left
+    to do); :meth:`finish` lays out everything else and returns the filesystem size.
+    :meth:`close` stops that thread (``finish`` does, too).
     """
 
     def __init__(self, fd: int, *, fs_uuid: uuid.UUID, batch_bytes: int = 8 << 20,

@@ -1,8 +1,9 @@
 """Read one layer tar, stream by stream, into an :class:`~uvmshim.image.ext4.Ext4Writer`.
 
-This runs in a worker thread, in one pass: file data is copied from the (decompressed) tar
-straight into the layer image in large blocks, and the tree, modes, owners, xattrs, link
-targets and nanosecond mtimes are kept in memory until the writer lays out the filesystem.
+This runs in a worker thread, in one pass: file data goes from the decompressed chunks of the
+tar straight into the layer image (the writer takes views of them, no copy), and the tree,
+modes, owners, xattrs, link targets and nanosecond mtimes are kept in memory until the writer
+lays out the filesystem.
 Nothing is written to the host by name, so no entry can reach outside the image. OCI whiteouts
 become overlay whiteouts: ``.wh.NAME`` → a 0/0 character device ``NAME``; ``.wh..wh..opq`` →
 ``trusted.overlay.opaque=y`` on the directory.
