@@ -149,9 +149,8 @@ class ChunkStream:
     over), which a thread of its own iterates (see :class:`Pump`)."""
 
     def __init__(self, chunks: Iterable[bytes | memoryview], depth: int = 8) -> None:
-        self._pump = Pump(chunks, depth, "layer-reader")
-        self._chunk = b""
-        self._view = memoryview(self._chunk)
+        self._pump = Pump(chunks, depth, "layer-decompress")
+        self._view = memoryview(b"")
         self._off = 0
         self.pos = 0
 
