@@ -278,8 +278,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), 2)
 
 
-#: A batch is written once it has this many buffers (``pwritev`` takes at most IOV_MAX,
-#: 1024 on Linux; a file adds at most a batch's worth of 1 MiB chunks and its padding).
+#: A batch is also written once it holds this many buffers (small files, small chunks): one
+#: ``pwritev`` takes at most IOV_MAX (1024 on Linux) of them; :func:`_pwritev_all` writes a
+#: longer list in several calls.
 _IOV_FLUSH = 1024 - 32
 _ZEROS = memoryview(bytes(BLOCK))
 
