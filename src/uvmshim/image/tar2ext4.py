@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import IO
 
 from uvmshim.image import vhd
+from uvmshim.image.blockhash import VerityStopped
 from uvmshim.image.ext4 import BLOCK, Ext4Error, Ext4Writer
 from uvmshim.image.layout import ImageError
 from uvmshim.image.unpack import Stopped, UnpackResult, unpack_layer
-from uvmshim.image.verity import DataHasher, VerityStopped, append_hash_tree, salt_for
+from uvmshim.image.verity import DataHasher, append_hash_tree, salt_for
 from uvmshim.protocol.verity import VERITY_FILE, Verity
 from uvmshim.tools import run_tool as _run_tool
 

@@ -33,73 +33,17 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from uvmshim.image import blockhash
+from uvmshim.image.blockhash import ALGORITHM, BLOCK, CHUNK_BLOCKS, file_digests, hash_blocks
 from uvmshim.protocol.verity import DIGEST_SIZES, Verity, superblock
 
-BLOCK = 4096
-ALGORITHM = "sha256"
-_CHUNK_BLOCKS = 1024  # 4 MiB per read
 #: Threads hashing the data blocks (the machine may have fewer CPUs: never more than it has).
 HASH_THREADS = 2
-
-
-class VerityStopped(Exception):
-    """The caller asked the hashing to stop."""
 
 
 def salt_for(diff_id: str) -> bytes:
     """The layer's salt: 32 bytes derived from its diff id."""
     return hashlib.sha256(b"uvmshim dm-verity salt\0" + diff_id.encode()).digest()
-
-
-def _digests(fd: int, first: int, count: int, salt: bytes, stop: threading.Event | None) -> bytes:
-    """The concatenated digests of data blocks ``first .. first+count-1`` of ``fd``."""
-    base = hashlib.new(ALGORITHM, salt)
-    out = bytearray()
-    buf = bytearray(_CHUNK_BLOCKS * BLOCK)
-    view = memoryview(buf)
-    block = first
-    end = first + count
-    while block < end:
-        if stop is not None and stop.is_set():
-            raise VerityStopped
-        n = min(_CHUNK_BLOCKS, end - block)
-        want = n * BLOCK
-        got = os.preadv(fd, [view[:want]], block * BLOCK)
-        if got < want:  # past the end of the file: the blocks read as zeros
-            view[got:want] = bytes(want - got)
-        for off in range(0, want, BLOCK):
-            h = base.copy()
-            h.update(view[off:off + BLOCK])
-            out += h.digest()
-        block += n
-    return bytes(out)
-
-
-#: The child of :class:`DataHasher`: reads "first count" lines, hashes those blocks of the
-#: inherited fd ``argv[1]`` with the salt ``argv[2]`` (hex), writes all the digests at the end.
-_CHILD = """
-import hashlib, os, sys
-fd, salt = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
-base = hashlib.new("sha256", salt)
-buf = bytearray(4 << 20)
-view = memoryview(buf)
-out = bytearray()
-for line in sys.stdin.buffer:
-    first, count = map(int, line.split())
-    block, end = first, first + count
-    while block < end:
-        want = min(1024, end - block) * 4096
-        got = os.preadv(fd, [view[:want]], block * 4096)
-        if got < want:
-            view[got:want] = bytes(want - got)
-        for off in range(0, want, 4096):
-            h = base.copy()
-            h.update(view[off:off + 4096])
-            out += h.digest()
-        block += want // 4096
-sys.stdout.buffer.write(out)
-sys.stdout.buffer.flush()
-"""
 
 
 class DataHasher:
@@ -115,7 +59,7 @@ class DataHasher:
         self._proc: subprocess.Popen[bytes] | None = None
         with contextlib.suppress(OSError):
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _CHILD, str(fd), salt.hex()],
+                [sys.executable, "-I", "-S", blockhash.__file__, str(fd), salt.hex()],  # see there
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 pass_fds=(fd,))
 
@@ -169,28 +113,16 @@ class DataHasher:
                     f.close()
 
 
-def _hash_blocks(level: bytes, salt: bytes) -> bytes:
-    """The digests of each ``BLOCK``-sized block of ``level`` (already padded)."""
-    base = hashlib.new(ALGORITHM, salt)
-    out = bytearray()
-    view = memoryview(level)
-    for off in range(0, len(level), BLOCK):
-        h = base.copy()
-        h.update(view[off:off + BLOCK])
-        out += h.digest()
-    return bytes(out)
-
-
 def _level0(fd: int, data_blocks: int, salt: bytes, stop: threading.Event | None) -> bytes:
     """The digests of the first ``data_blocks`` blocks of ``fd``."""
-    threads = max(1, min(HASH_THREADS, os.cpu_count() or 1, data_blocks // _CHUNK_BLOCKS))
+    threads = max(1, min(HASH_THREADS, os.cpu_count() or 1, data_blocks // CHUNK_BLOCKS))
     if threads == 1:
-        return _digests(fd, 0, data_blocks, salt, stop)
+        return file_digests(fd, 0, data_blocks, salt, stop)
     # Split on chunk boundaries so that each thread reads whole chunks.
-    per = -(-data_blocks // threads // _CHUNK_BLOCKS) * _CHUNK_BLOCKS
+    per = -(-data_blocks // threads // CHUNK_BLOCKS) * CHUNK_BLOCKS
     ranges = [(s, min(per, data_blocks - s)) for s in range(0, data_blocks, per)]
     with ThreadPoolExecutor(len(ranges), thread_name_prefix="verity") as pool:
-        parts = list(pool.map(lambda r: _digests(fd, r[0], r[1], salt, stop), ranges))
+        parts = list(pool.map(lambda r: file_digests(fd, r[0], r[1], salt, stop), ranges))
     return b"".join(parts)
 
 
@@ -228,7 +160,7 @@ def build_tree(fd: int, data_blocks: int, salt: bytes, *,
             end = done.find(1, block)
             end = data_blocks if end < 0 else end
             level0[block * digest_size:end * digest_size] = \
-                _digests(fd, block, end - block, salt, stop)
+                file_digests(fd, block, end - block, salt, stop)
             block = end
         cur = bytes(level0)
     levels: list[bytes] = []
@@ -236,7 +168,7 @@ def build_tree(fd: int, data_blocks: int, salt: bytes, *,
         count = len(cur) // digest_size
         padded = cur + bytes(-count % per_block * digest_size)
         levels.append(padded)
-        cur = _hash_blocks(padded, salt)
+        cur = hash_blocks(padded, salt)
     return cur, levels
 
 
