@@ -56,13 +56,16 @@ def med(xs: list[float]) -> str:
 # Section: set-up time
 
 
-async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], list[float]]]:
+async def setup_times(n: int, fresh: int = 0
+                      ) -> tuple[dict[str, tuple[list[float], list[float]]],
+                                 dict[str, list[float]]]:
     """Connect and release times of one interface, per kind: ``tap`` (a namespace of our own
     with a veth, the engines' case) and ``user`` (``--network=nat``: QEMU's user-mode
     network with one published port), alternately on one UVM; and ``tap first``, the first
     ``tap`` connection on each of ``fresh`` new UVMs (started with the namespace, as the
-    runtime starts them), with ``start+connect`` (the UVM's start and that connection) and
-    ``start alone`` (new UVMs without a network, alternately)."""
+    runtime starts them). Then, with ``fresh``, start times: ``start+connect`` (the UVM's
+    start and that connection) and ``start alone`` (new UVMs without a network,
+    alternately)."""
     from uvmshim.runtime.vm import start_uvm
     from uvmshim.uvm.network import connect_network, network_annotations
 
@@ -73,10 +76,12 @@ async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], li
                      network_annotations("nat", ["127.0.0.1:18399:80"])),
         }
         times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in kinds}
-        first = times.setdefault("tap first", ([], []))
-        together = times.setdefault("start+connect", ([], []))
-        alone = times.setdefault("start alone", ([], []))
+        together: list[float] = []
+        alone: list[float] = []
+        starts = {"start+connect": together, "start alone": alone} if fresh else {}
         if fresh:  # not timed: builds the templates of both kinds if they are missing
+            first: tuple[list[float], list[float]] = ([], [])
+            times["tap first"] = first
             async with start_uvm(netns=f"/run/netns/{c}"):
                 pass
             async with start_uvm():
@@ -91,10 +96,10 @@ async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], li
                 await ns.release()
                 first[0].append(t1 - t0)
                 first[1].append(time.perf_counter() - t1)
-                together[0].append(t1 - t)
+                together.append(t1 - t)
             t = time.perf_counter()
             async with start_uvm():
-                alone[0].append(time.perf_counter() - t)
+                alone.append(time.perf_counter() - t)
         async with start_uvm() as uvm:
             for _ in range(n):
                 for kind, (linux, annotations) in kinds.items():
@@ -106,7 +111,7 @@ async def setup_times(n: int, fresh: int = 0) -> dict[str, tuple[list[float], li
                     t2 = time.perf_counter()
                     times[kind][0].append(t1 - t0)
                     times[kind][1].append(t2 - t1)
-        return times
+        return times, starts
 
 
 # Section: podman
@@ -169,16 +174,15 @@ def main() -> None:
     ap.add_argument("--setup-only", action="store_true", help="only the set-up times")
     args = ap.parse_args()
     print("network set-up of one interface on a running UVM")
-    times = asyncio.run(setup_times(args.setups, args.fresh))
+    times, starts = asyncio.run(setup_times(args.setups, args.fresh))
     for kind, (add, remove) in times.items():
-        if kind in ("start+connect", "start alone"):
-            print(f"  {kind:13s}  {med(add)}")
-            continue
         print(f"  {kind:9s} connect  {med(add)}")
         print(f"  {kind:9s} release  {med(remove)}")
-    if args.fresh:
-        added = (statistics.median(times["start+connect"][0])
-                 - statistics.median(times["start alone"][0]))
+    for kind, took in starts.items():
+        print(f"  {kind:13s}  {med(took)}")
+    if starts:
+        added = (statistics.median(starts["start+connect"])
+                 - statistics.median(starts["start alone"]))
         print(f"  a network adds to a new UVM's start: {added * 1000:.1f} ms "
               "(difference of the medians)")
     if args.setup_only:
