@@ -143,7 +143,7 @@ def resolve_size(linux: Mapping[str, Any] | None, annotations: Mapping[str, str]
         memory_from = "given"
         limit = _memory_limit(linux)
         if limit:
-            need = -(-limit >> 20) + GUEST_OVERHEAD_MB
+            need = _need_mb(limit)
             if memory_mb < need:
                 hint = f"give --memory {need} or more, or leave it out"
                 with contextlib.suppress(SizingError):
@@ -151,8 +151,9 @@ def resolve_size(linux: Mapping[str, Any] | None, annotations: Mapping[str, str]
                              f"({_memory(linux, annotations, host_mb)[0]} MiB)")
                 raise SizingError(
                     f"a utility VM of {memory_mb} MiB cannot hold the container's memory "
-                    f"limit of {-(-limit >> 20)} MiB and the guest's own {GUEST_OVERHEAD_MB} "
-                    f"MiB: it needs at least {need} MiB", where="--memory", hint=hint)
+                    f"limit of {need - GUEST_OVERHEAD_MB} MiB and the guest's own "
+                    f"{GUEST_OVERHEAD_MB} MiB: it needs at least {need} MiB", where="--memory",
+                    hint=hint)
     if cpus is None:
         cpus, cpus_from = _cpus(linux, annotations, host_cpus)
     else:
@@ -172,26 +173,28 @@ def _memory_limit(linux: Mapping[str, Any] | None) -> int:
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
 
 
+def _need_mb(limit: int) -> int:
+    """MiB a UVM needs for a container memory limit of ``limit`` bytes and the guest itself."""
+    return -(-limit >> 20) + GUEST_OVERHEAD_MB
+
+
 def _memory(linux: Mapping[str, Any] | None, annotations: Mapping[str, str],
             host_mb: int | None) -> tuple[int, str]:
     host_mb = host_memory_mb() if host_mb is None else host_mb
-    memory = _resources(linux, "memory")
     memory_mb, memory_from = DEFAULT_MEMORY_MB, "default"
-    limit = memory.get("limit") if isinstance(memory, dict) else None
+    limit = _memory_limit(linux)
     sandbox = _annotation(annotations, ANNOTATION_SANDBOX_MEMORY)
-    if isinstance(limit, int) and limit > 0:
-        need = math.ceil(limit / (1 << 20)) + GUEST_OVERHEAD_MB
-        memory_mb, memory_from = memory_class(max(need, MIN_MEMORY_MB)), "limit"
+    if limit:
+        memory_mb, memory_from = memory_class(max(_need_mb(limit), MIN_MEMORY_MB)), "limit"
     elif sandbox is not None and sandbox > 0:
-        need = math.ceil(sandbox / (1 << 20)) + GUEST_OVERHEAD_MB
-        memory_mb, memory_from = memory_class(max(need, MIN_MEMORY_MB)), "sandbox"
+        memory_mb, memory_from = memory_class(max(_need_mb(sandbox), MIN_MEMORY_MB)), "sandbox"
     given = _annotation(annotations, ANNOTATION_MEMORY_MB)
     if given is not None:
         memory_mb, memory_from = given, "annotation"
         if given < MIN_MEMORY_MB:
             raise SizingError(f"a UVM needs at least {MIN_MEMORY_MB} MiB, not {given}",
                               where=f"annotations[{ANNOTATION_MEMORY_MB!r}]")
-        if isinstance(limit, int) and limit > 0 and given << 20 < limit:
+        if limit and given << 20 < limit:
             raise SizingError(f"the UVM ({given} MiB) is smaller than the container's memory "
                               f"limit ({limit >> 20} MiB)",
                               where=f"annotations[{ANNOTATION_MEMORY_MB!r}]")
