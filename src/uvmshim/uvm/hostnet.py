@@ -388,12 +388,12 @@ def _redirect(ipr: IPRoute, from_index: int, to_index: int) -> None:
 
 
 def _plumb(ipr: IPRoute, p: Plumbing, fail_after: str) -> None:
-    _check_link(ipr, p)
+    ep = _check_link(ipr, p)
     p.fd = _create_tap(p.tap)
     p.steps.append("tap")
     if fail_after == "tap":
         raise NetworkError(f"injected failure after creating {p.tap}")
-    _connect(ipr, p, fail_after)
+    _connect(ipr, p, ep, fail_after)
 
 
 def _check_link(ipr: IPRoute, p: Plumbing) -> Endpoint:
@@ -406,9 +406,9 @@ def _check_link(ipr: IPRoute, p: Plumbing) -> Endpoint:
     return ep
 
 
-def _connect(ipr: IPRoute, p: Plumbing, fail_after: str) -> None:
-    """The redirects between ``p``'s tap (which exists) and its endpoint's interface."""
-    ep = _check_link(ipr, p)
+def _connect(ipr: IPRoute, p: Plumbing, ep: Endpoint, fail_after: str) -> None:
+    """The redirects between ``p``'s tap (which exists) and its endpoint's interface ``ep``
+    (checked by :func:`_check_link`)."""
     found = ipr.link_lookup(ifname=p.tap)
     if not found:
         raise NetworkError(f"{p.tap} in {p.netns} is gone (its VM stopped?)")
@@ -432,7 +432,7 @@ def _connect(ipr: IPRoute, p: Plumbing, fail_after: str) -> None:
     p.steps.append("tap-redirect")
 
 
-def _unplumb(ipr: IPRoute, p: Plumbing) -> list[str]:
+def _unplumb(ipr: IPRoute, p: Plumbing, *, keep_tap: bool = False) -> list[str]:
     problems: list[str] = []
     if "veth-redirect" in p.steps and p.endpoint is not None:
         try:
@@ -441,7 +441,7 @@ def _unplumb(ipr: IPRoute, p: Plumbing) -> list[str]:
             code = getattr(e, "code", None)
             if code not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
                 problems.append(f"removing the redirect of {p.endpoint.ifname}: {e}")
-    if "tap" in p.steps:
+    if "tap" in p.steps and not keep_tap:
         try:
             found = ipr.link_lookup(ifname=p.tap)
             if found:
@@ -451,6 +451,16 @@ def _unplumb(ipr: IPRoute, p: Plumbing) -> list[str]:
             if code != errno.ENODEV:
                 problems.append(f"removing {p.tap}: {e}")
     return problems
+
+
+def _undo_failed(ipr: IPRoute, p: Plumbing, *, keep_tap: bool = False) -> None:
+    """Undo what a failed set-up made of ``p`` (all but its tap with ``keep_tap``). What could
+    not be undone stays in ``p.steps`` (and so in the journal), with a warning."""
+    problems = _unplumb(ipr, p, keep_tap=keep_tap)
+    if problems:
+        log.warning("undoing a failed network set-up: %s", "; ".join(problems))
+    else:
+        p.steps[:] = [s for s in p.steps if keep_tap and s == "tap"]
 
 
 #: Test hook: make :func:`plumb` fail right after this step (``tap``, ``veth-redirect``).
@@ -471,12 +481,8 @@ async def plumb(netns: str, endpoint: Endpoint, tap: str) -> Plumbing:
         try:
             _plumb(ipr, p, fail_after)
         except BaseException as e:
-            problems = _unplumb(ipr, p)
+            _undo_failed(ipr, p)
             p.close_fd()
-            if problems:
-                log.warning("undoing a failed network set-up: %s", "; ".join(problems))
-            else:
-                p.steps.clear()
             if isinstance(e, NetworkError):
                 raise
             if isinstance(e, OSError):
@@ -606,14 +612,9 @@ async def connect_tap(p: Plumbing, endpoint: Endpoint) -> None:
 
     def work(ipr: IPRoute) -> None:
         try:
-            _connect(ipr, p, fail_after)
+            _connect(ipr, p, _check_link(ipr, p), fail_after)
         except BaseException as e:
-            steps = [s for s in p.steps if s != "tap"]
-            problems = _unplumb(ipr, Plumbing(p.netns, endpoint, p.tap, steps=steps))
-            if problems:
-                log.warning("undoing a failed network set-up: %s", "; ".join(problems))
-            else:
-                p.steps[:] = [s for s in p.steps if s == "tap"]
+            _undo_failed(ipr, p, keep_tap=True)
             if isinstance(e, NetworkError):
                 raise
             raise _netlink_error(f"connecting {endpoint.ifname} of {p.netns} to {p.tap}", e) \
