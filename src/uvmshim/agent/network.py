@@ -172,16 +172,16 @@ def set_link(sock: socket.socket, index: int, *, netns_fd: int = -1, name: str =
     _nl_call(sock, _RTM_NEWLINK, 0, body, f"{what} as {name}" if name else what)
 
 
-def _netlink(fileno: int | None = None) -> socket.socket:
-    """A route netlink socket, bound: a new one (in the calling process's network namespace),
-    or the one ``fileno`` (made elsewhere)."""
+def _netlink(fileno: int | None = None, groups: int = 0) -> socket.socket:
+    """A route netlink socket, bound (to the multicast ``groups``): a new one (in the calling
+    process's network namespace), or the one ``fileno`` (made elsewhere)."""
     if fileno is None:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                              socket.NETLINK_ROUTE)
     else:
         sock = socket.socket(fileno=fileno)
     sock.settimeout(10)
-    sock.bind((0, 0))
+    sock.bind((0, groups))
     return sock
 
 
@@ -294,17 +294,7 @@ def wait_link(mac: str, timeout: float) -> tuple[str, int] | None:
     instead of polling sysfs, which under TCG costs the CPU the probe needs.
     """
     deadline = time.monotonic() + timeout
-    try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                             socket.NETLINK_ROUTE)
-    except OSError:  # no netlink: poll
-        link = _link_by_mac(mac)
-        while link is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-            link = _link_by_mac(mac)
-        return link
-    with sock:
-        sock.bind((0, _RTMGRP_LINK))
+    with _netlink(groups=_RTMGRP_LINK) as sock:
         found = _link_by_mac(mac)  # subscribed first: no announcement is missed
         while found is None:
             left = deadline - time.monotonic()
@@ -366,7 +356,7 @@ def _ready_link(device: str) -> tuple[str, int]:
 
 # Addresses are checked and normalised with inet_pton/inet_ntop: importing ipaddress costs
 # 100-300 ms under TCG, paid by the first NIC of every UVM.
-_FAMILIES = ((socket.AF_INET, 4, 32), (socket.AF_INET6, 6, 128))
+_FAMILIES = ((socket.AF_INET, 32), (socket.AF_INET6, 128))  # (family, bits)
 
 
 def _prefixed(text: str) -> tuple[int, bytes, int]:
@@ -385,7 +375,7 @@ def _prefixed(text: str) -> tuple[int, bytes, int]:
 
 def _ip(text: str) -> tuple[int, bytes, int]:
     """An IPv4 or IPv6 address → (family, packed, bits). :raises ValueError: not one."""
-    for family, _version, bits in _FAMILIES:
+    for family, bits in _FAMILIES:
         try:
             return family, socket.inet_pton(family, text), bits
         except (OSError, ValueError):

@@ -175,7 +175,11 @@ class _Nic:
 
     port: str
     plumbing: hostnet.Plumbing | None
-    ready: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """The ready NIC (the one without a port)."""
+        return not self.port
 
 
 @dataclass
@@ -828,7 +832,7 @@ class QemuHostBackend:
             ready = self._ready_tap
             if ready is not None and self.has_ready_nic(netns):
                 self._ready_tap = None  # it serves one endpoint, whatever happens
-                nic = _Nic("", ready, ready=True)
+                nic = _Nic("", ready)
                 try:
                     await hostnet.connect_tap(ready, endpoint)
                 except BaseException:
@@ -906,7 +910,7 @@ class QemuHostBackend:
                 problems.append(str(e))
         if problems:
             raise BackendError("; ".join(problems))
-        if nic.port:
+        if not nic.ready:
             self._give_port(nic.port)
 
     def has_ready_nic(self, netns: str) -> bool:
